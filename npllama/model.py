@@ -1,0 +1,255 @@
+"""The Llama 3 transformer: weights, KV cache, and the forward pass read top to bottom.
+
+tokens -> embedding -> n_layers x [rms_norm -> attention with RoPE -> residual
+-> rms_norm -> SwiGLU -> residual] -> rms_norm -> logits
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from .config import ModelArgs
+from .errors import PromptTooLongError
+from .layers import (apply_rope, attention, causal_mask, embed, feed_forward, keep, linear,
+                     rms_norm, rope_frequencies, rope_tables)
+
+DTYPES = ("float32", "bfloat16")
+
+# Every intermediate a trace records, in the order the forward pass computes it.
+# Per-layer names are prefixed "layers.{i}." in the trace.
+LAYER_TRACE_NAMES = (
+    "attention_norm",  # [T, D]      rms_norm(x) * attention_norm.weight
+    "q", "k", "v",     # [H|KV, T, hd] projections split into heads
+    "q_rot", "k_rot",  # [H|KV, T, hd] after RoPE
+    "scores",          # [H, T, S]   q.k / sqrt(hd)
+    "masked_scores",   # [H, T, S]   scores + causal mask (-inf above the diagonal)
+    "probs",           # [H, T, S]   softmax over keys
+    "attention",       # [T, H*hd]   probs @ v, heads concatenated
+    "attention_out",   # [T, D]      after wo
+    "residual",        # [T, D]      x + attention_out
+    "ffn_norm",        # [T, D]
+    "gate", "up",      # [T, F]      w1 x, w3 x
+    "silu_gate",       # [T, F]      silu(gate)
+    "hidden",          # [T, F]      silu_gate * up
+    "ffn_out",         # [T, D]      w2 (gate * up)
+    "out",             # [T, D]      residual + ffn_out: the layer's output
+)
+# The notebook rotates q and k in float32 and never casts them back, so the scores, the masked
+# scores (and the cached keys) stay float32 in its bf16 flow; softmax's output is cast to bf16.
+FLOAT32_IN_BF16_MODE = ("q_rot", "k_rot", "scores", "masked_scores")
+# The notebook rotates q and k in float32 and never casts them back, so the scores, the masked
+# scores (and the cached keys) stay float32 in its bf16 flow; softmax's output is cast to bf16.
+FLOAT32_IN_BF16_MODE = ("q_rot", "k_rot", "scores", "masked_scores")
+TRACE_NAMES = ("embedding", *(f"layers.{{i}}.{n}" for n in LAYER_TRACE_NAMES), "norm", "logits")
+
+
+@dataclass
+class LayerWeights:
+    attention_norm: np.ndarray  # [D]
+    wq: np.ndarray  # [H*hd, D]
+    wk: np.ndarray  # [KV*hd, D]
+    wv: np.ndarray  # [KV*hd, D]
+    wo: np.ndarray  # [D, H*hd]
+    ffn_norm: np.ndarray  # [D]
+    w1: np.ndarray  # [F, D]
+    w2: np.ndarray  # [D, F]
+    w3: np.ndarray  # [F, D]
+
+    @classmethod
+    def from_checkpoint(cls, weights: Mapping[str, np.ndarray], i: int, convert) -> LayerWeights:
+        p = f"layers.{i}."
+        return cls(
+            attention_norm=convert(weights[p + "attention_norm.weight"]),
+            wq=convert(weights[p + "attention.wq.weight"]),
+            wk=convert(weights[p + "attention.wk.weight"]),
+            wv=convert(weights[p + "attention.wv.weight"]),
+            wo=convert(weights[p + "attention.wo.weight"]),
+            ffn_norm=convert(weights[p + "ffn_norm.weight"]),
+            w1=convert(weights[p + "feed_forward.w1.weight"]),
+            w2=convert(weights[p + "feed_forward.w2.weight"]),
+            w3=convert(weights[p + "feed_forward.w3.weight"]),
+        )
+
+
+class KVCache:
+    """Keys and values of every position seen so far, preallocated for max_seq_len.
+
+    Heads-first [KV, max_seq_len, hd] so that one head's keys are contiguous and the
+    attention matmul reads them without a copy.
+    """
+
+    def __init__(self, args: ModelArgs, max_seq_len: int):
+        shape = (args.n_kv_heads, max_seq_len, args.head_dim)
+        self.max_seq_len = max_seq_len
+        self.k = [np.zeros(shape, np.float32) for _ in range(args.n_layers)]  # n_layers x [KV, P, hd]
+        self.v = [np.zeros(shape, np.float32) for _ in range(args.n_layers)]  # n_layers x [KV, P, hd]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k + self.v)
+
+
+def to_float32(w: np.ndarray) -> np.ndarray:
+    """A C-contiguous float32 copy (bf16 -> f32 is exact: a bf16 is the top half of a float32)."""
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def round_to_bf16(w: np.ndarray) -> np.ndarray:
+    """Round to the nearest bf16 value, kept in a float32 array (the notebook's bf16 precision)."""
+    return w.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def float32_bytes(weights: Mapping[str, np.ndarray]) -> int:
+    return sum(4 * w.size for w in weights.values())
+
+
+def default_weights_budget() -> int:
+    """Keep a float32 copy of the weights only when it takes under half the machine's RAM."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+class Llama:
+    """A loaded model: configuration, weights, tokenizer and the forward pass.
+
+    Weights arrive as they are stored (bf16 memory maps for Meta checkpoints). If their float32
+    copy fits `weights_budget` bytes they are upcast once here, otherwise each layer is upcast
+    when it is used and dropped after, so an 8B model runs from its 16 GB of mapped bf16.
+    """
+
+    def __init__(self, args: ModelArgs, weights: Mapping[str, np.ndarray], tokenizer=None,
+                 dtype: str = "float32", weights_budget: int | None = None, source: str = ""):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        self.args, self.tokenizer, self.dtype, self.source = args, tokenizer, dtype, source
+        self.weights = weights  # as stored: memory maps, never modified
+        # In bf16 mode weights are rounded to bf16 too: a float32 checkpoint then behaves like the
+        # notebook's bf16 one (and bf16 ones are unchanged, the round trip is exact).
+        self._convert = round_to_bf16 if dtype == "bfloat16" else to_float32
+        budget = default_weights_budget() if weights_budget is None else weights_budget
+        self.resident = float32_bytes(weights) <= budget
+        if self.resident:
+            self._layers = [self._layer_weights(i) for i in range(args.n_layers)]
+        self.norm = self._convert(weights["norm.weight"])  # [D]
+        self._output = self._convert(self._output_weight()) if self.resident else None
+        cos, sin = rope_tables(rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling),
+                               args.max_seq_len)
+        self.rope_cos, self.rope_sin = cos, sin  # [max_seq_len, hd/2] each
+
+    def _output_weight(self) -> np.ndarray:
+        return self.weights["tok_embeddings.weight" if self.args.tie_embeddings else "output.weight"]
+
+    def _layer_weights(self, i: int) -> LayerWeights:
+        return LayerWeights.from_checkpoint(self.weights, i, self._convert)
+
+    def layer(self, i: int) -> LayerWeights:
+        """Layer i's weights in float32 (kept from load, or upcast now from the memory map)."""
+        return self._layers[i] if self.resident else self._layer_weights(i)
+
+    def output_weight(self) -> np.ndarray:
+        return self._output if self.resident else self._convert(self._output_weight())  # [V, D]
+
+    def new_cache(self, max_seq_len: int | None = None) -> KVCache:
+        return KVCache(self.args, max_seq_len or self.args.max_seq_len)
+
+    def _step(self, trace: dict | None):
+        """The hook each named intermediate passes through: rounds to bf16 in the notebook's
+        dtype flow, records into `trace` when asked, and otherwise costs one function call."""
+        if self.dtype == "bfloat16":
+            def step(name, x):
+                if name.rsplit(".", 1)[-1] not in FLOAT32_IN_BF16_MODE:
+                    x = round_to_bf16(x)
+                if trace is not None:
+                    trace[name] = x
+                return x
+        elif trace is not None:
+            def step(name, x):
+                trace[name] = x
+                return x
+        else:
+            step = keep
+        return step
+
+    def forward(self, tokens, start_pos: int = 0, cache: KVCache | None = None,
+                trace: dict | None = None, last_only: bool = False) -> np.ndarray:
+        """Logits [T, vocab_size] (float32) for T new tokens at positions start_pos.. start_pos+T-1.
+
+        With a cache, keys and values of earlier positions come from it and this call's are
+        written into it; without one the tokens are the whole sequence. `trace`, a dict, receives
+        every intermediate of TRACE_NAMES. `last_only` computes logits of the last position only.
+        """
+        tokens = self._check_tokens(tokens, start_pos, cache)
+        args, n_new = self.args, len(tokens)
+        cache = cache or self.new_cache(n_new)
+        step = self._step(trace)
+        cos = self.rope_cos[start_pos:start_pos + n_new]  # [T, hd/2]
+        sin = self.rope_sin[start_pos:start_pos + n_new]  # [T, hd/2]
+        mask = causal_mask(n_new, start_pos)  # [T, S]
+
+        h = step("embedding", embed(tokens, self.weights["tok_embeddings.weight"]))  # [T, D]
+        for i in range(args.n_layers):
+            layer_step = prefixed(step, f"layers.{i}.")
+            h = transformer_block(h, self.layer(i), args, cos, sin, mask,
+                                  cache.k[i], cache.v[i], start_pos, layer_step)  # [T, D]
+        if last_only:
+            h = h[-1:]  # [1, D]
+        h = step("norm", rms_norm(h, self.norm, args.norm_eps))  # [T, D]
+        # Logits stay float32 in both modes, as in Meta's reference (`self.output(h).float()`).
+        return step("logits", linear(h, self.output_weight())).astype(np.float32)  # [T, V]
+
+    def _check_tokens(self, tokens, start_pos: int, cache: KVCache | None) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or len(tokens) == 0 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be a non-empty 1-D sequence of ints, got shape {tokens.shape} "
+                             f"of {tokens.dtype}")
+        if tokens.min() < 0 or tokens.max() >= self.args.vocab_size:
+            bad = tokens[(tokens < 0) | (tokens >= self.args.vocab_size)][0]
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.args.vocab_size})")
+        if cache is None and start_pos != 0:
+            raise ValueError("start_pos > 0 needs the cache that holds positions 0..start_pos-1")
+        limit = min(self.args.max_seq_len, cache.max_seq_len if cache else self.args.max_seq_len)
+        if start_pos + len(tokens) > limit:
+            raise PromptTooLongError(
+                f"{start_pos + len(tokens)} positions do not fit in max_seq_len={limit}: "
+                "shorten the prompt or load the model with a larger max_seq_len")
+        return tokens
+
+
+def prefixed(step, prefix: str):
+    if step is keep:
+        return keep
+    return lambda name, x: step(prefix + name, x)
+
+
+def split_heads(x: np.ndarray, n_heads: int) -> np.ndarray:
+    n_new, width = x.shape
+    return x.reshape(n_new, n_heads, width // n_heads).transpose(1, 0, 2)  # [T, H*hd] -> [H, T, hd]
+
+
+def transformer_block(x, w: LayerWeights, args: ModelArgs, cos, sin, mask,
+                      cache_k, cache_v, start_pos: int, step=keep) -> np.ndarray:
+    """One layer: x + attention(norm(x)), then + feed_forward(norm(.)). x: [T, D] -> [T, D]."""
+    n_new = x.shape[0]
+    xn = step("attention_norm", rms_norm(x, w.attention_norm, args.norm_eps))  # [T, D]
+    q = step("q", split_heads(linear(xn, w.wq), args.n_heads))  # [T, D] -> [H, T, hd]
+    k = step("k", split_heads(linear(xn, w.wk), args.n_kv_heads))  # [T, D] -> [KV, T, hd]
+    v = step("v", split_heads(linear(xn, w.wv), args.n_kv_heads))  # [T, D] -> [KV, T, hd]
+    q = step("q_rot", apply_rope(q, cos, sin))  # [H, T, hd]
+    k = step("k_rot", apply_rope(k, cos, sin))  # [KV, T, hd]
+
+    # Attend over every position so far, [0, start_pos + T): earlier ones from the cache.
+    cache_k[:, start_pos:start_pos + n_new] = k  # [KV, T, hd] into [KV, P, hd]
+    cache_v[:, start_pos:start_pos + n_new] = v
+    keys, values = cache_k[:, :start_pos + n_new], cache_v[:, :start_pos + n_new]  # [KV, S, hd]
+    attn = step("attention", attention(q, keys, values, mask, step))  # [T, H*hd]
+    h = step("residual", x + step("attention_out", linear(attn, w.wo)))  # [T, D]
+
+    hn = step("ffn_norm", rms_norm(h, w.ffn_norm, args.norm_eps))  # [T, D]
+    return step("out", h + step("ffn_out", feed_forward(hn, w.w1, w.w2, w.w3, step)))  # [T, D]

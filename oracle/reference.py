@@ -1,0 +1,188 @@
+"""The torch oracle: the same Llama 3 math, formulated the way the notebook and Meta write it.
+
+It mirrors npllama/layers.py and npllama/model.py function by function (same names, so the two
+can be read side by side) but is an independent formulation: RoPE by complex multiplication
+(torch.polar / view_as_complex) instead of cos/sin of interleaved pairs, GQA by repeating key
+heads (Meta's repeat_kv) instead of grouping query heads, torch's own softmax and silu, the
+token-major [T, H, hd] layout. Trace arrays are returned in npllama's layouts for comparison.
+
+dtype=torch.bfloat16 follows the notebook's dtype flow: bf16 weights, activations and matmul
+outputs; norms computed in float32 and cast back; q and k rotated in float32 and left there, so
+scores, mask and softmax are float32; probabilities cast to bf16 before they weight the values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from npllama.config import ModelArgs, RopeScaling
+
+
+def embed(tokens: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return F.embedding(tokens, table)  # [T] -> [T, D]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).type_as(x)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)  # [T, in] -> [T, out]
+
+
+def scale_rope_frequencies(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Meta's apply_scaling (llama_models/llama3/model.py), with the factors as parameters."""
+    low_freq_wavelen = s.original_max_seq_len / s.low_freq_factor
+    high_freq_wavelen = s.original_max_seq_len / s.high_freq_factor
+    wavelen = 2 * torch.pi / freqs
+    new_freqs = torch.where(wavelen > low_freq_wavelen, freqs / s.factor, freqs)
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    return torch.where((wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen),
+                       (1 - smooth) * new_freqs / s.factor + smooth * new_freqs, new_freqs)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    return freqs if scaling is None else scale_rope_frequencies(freqs, scaling)  # [hd/2]
+
+
+def rope_tables(freqs: torch.Tensor, n_positions: int) -> torch.Tensor:
+    """The notebook's freqs_cis: e^(i * pos * freq) as complex64."""
+    angles = torch.outer(torch.arange(n_positions, dtype=torch.float32), freqs)  # [P, hd/2]
+    return torch.polar(torch.ones_like(angles), angles)  # [P, hd/2] complex
+
+
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Adjacent dims as (real, imag) of a complex number, multiplied by e^(i*angle)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [T, H, hd/2] complex
+    # Stays float32, as in the notebook: scores and their softmax are computed in float32.
+    return torch.view_as_real(pairs * freqs_cis[:, None, :]).flatten(-2)  # [T, H, hd]
+
+
+def causal_mask(n_new: int, start_pos: int) -> torch.Tensor:
+    """Meta's mask: -inf above the diagonal of the new block, zeros for the cached prefix."""
+    mask = torch.triu(torch.full((n_new, n_new), float("-inf")), diagonal=1)
+    return torch.hstack([torch.zeros((n_new, start_pos)), mask])  # [T, S]
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    return torch.repeat_interleave(x, n_rep, dim=1)  # [S, KV, hd] -> [S, H, hd]
+
+
+def attention_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    n_rep = q.shape[1] // k.shape[1]
+    keys = repeat_kv(k, n_rep)  # [S, H, hd]
+    return torch.matmul(q.transpose(0, 1), keys.permute(1, 2, 0)) / math.sqrt(q.shape[-1])  # [H, T, S]
+
+
+def softmax(x: torch.Tensor, dtype) -> torch.Tensor:
+    return F.softmax(x.float(), dim=-1).to(dtype)
+
+
+def attention_output(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    values = repeat_kv(v, probs.shape[0] // v.shape[1]).transpose(0, 1)  # [H, S, hd]
+    out = torch.matmul(probs, values)  # [H, T, hd]
+    return out.transpose(0, 1).reshape(probs.shape[1], -1)  # [T, H*hd]
+
+
+def attention(q, k, v, mask, record):
+    scores = record("scores", attention_scores(q, k))
+    masked = record("masked_scores", scores + mask)
+    probs = record("probs", softmax(masked, v.dtype))
+    return attention_output(probs, v)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x)
+
+
+def feed_forward(x, w1, w2, w3, record):
+    gate = record("gate", linear(x, w1))
+    up = record("up", linear(x, w3))
+    hidden = record("hidden", record("silu_gate", silu(gate)) * up)
+    return linear(hidden, w2)
+
+
+def transformer_block(x, w: dict, args: ModelArgs, freqs_cis, mask, cache_k, cache_v, start_pos, record):
+    n_new = x.shape[0]
+    xn = record("attention_norm", rms_norm(x, w["attention_norm.weight"], args.norm_eps))
+    q = record("q", linear(xn, w["attention.wq.weight"]).view(n_new, args.n_heads, args.head_dim))
+    k = record("k", linear(xn, w["attention.wk.weight"]).view(n_new, args.n_kv_heads, args.head_dim))
+    v = record("v", linear(xn, w["attention.wv.weight"]).view(n_new, args.n_kv_heads, args.head_dim))
+    q = record("q_rot", apply_rope(q, freqs_cis))
+    k = record("k_rot", apply_rope(k, freqs_cis))
+    cache_k[start_pos:start_pos + n_new] = k
+    cache_v[start_pos:start_pos + n_new] = v
+    attn = record("attention", attention(q, cache_k[:start_pos + n_new], cache_v[:start_pos + n_new],
+                                         mask, record))
+    h = record("residual", x + record("attention_out", linear(attn, w["attention.wo.weight"])))
+    hn = record("ffn_norm", rms_norm(h, w["ffn_norm.weight"], args.norm_eps))
+    ffn = feed_forward(hn, w["feed_forward.w1.weight"], w["feed_forward.w2.weight"],
+                       w["feed_forward.w3.weight"], record)
+    return record("out", h + record("ffn_out", ffn))
+
+
+# Names whose torch layout is token-major [T, H, hd]; npllama keeps them heads-first.
+HEAD_MAJOR = ("q", "k", "v", "q_rot", "k_rot")
+
+
+class Oracle:
+    """Meta-named torch weights plus the cache and rope table a forward pass needs."""
+
+    def __init__(self, args: ModelArgs, state_dict: dict[str, torch.Tensor], dtype=torch.float32,
+                 max_seq_len: int | None = None):
+        self.args, self.dtype = args, dtype
+        self.weights = {name: t.to(dtype) for name, t in state_dict.items()}
+        if "output.weight" not in self.weights:  # tied embeddings (Llama 3.2)
+            self.weights["output.weight"] = self.weights["tok_embeddings.weight"]
+        self.max_seq_len = max_seq_len or args.max_seq_len
+        self.freqs_cis = rope_tables(rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling),
+                                     self.max_seq_len)
+        self.reset()
+
+    def reset(self):
+        shape = (self.max_seq_len, self.args.n_kv_heads, self.args.head_dim)
+        # Keys are cached after RoPE, which the notebook's flow leaves in float32.
+        self.cache_k = [torch.zeros(shape) for _ in range(self.args.n_layers)]
+        self.cache_v = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.args.n_layers)]
+
+    @torch.inference_mode()
+    def forward(self, tokens, start_pos: int = 0, trace: dict | None = None) -> np.ndarray:
+        """float32 logits [T, V]; `trace` receives every intermediate as a float32 NumPy array
+        in npllama's layout and names."""
+        args, w = self.args, self.weights
+        tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+        n_new = len(tokens)
+        freqs_cis = self.freqs_cis[start_pos:start_pos + n_new]
+        mask = causal_mask(n_new, start_pos)
+
+        def recorder(prefix):
+            def record(name, x):
+                if trace is not None:
+                    a = x.float()
+                    trace[prefix + name] = (a.transpose(0, 1) if name in HEAD_MAJOR else a).numpy().copy()
+                return x
+            return record
+
+        h = recorder("")("embedding", embed(tokens, w["tok_embeddings.weight"]))
+        for i in range(args.n_layers):
+            layer = {name[len(f"layers.{i}."):]: t for name, t in w.items() if name.startswith(f"layers.{i}.")}
+            h = transformer_block(h, layer, args, freqs_cis, mask, self.cache_k[i], self.cache_v[i],
+                                  start_pos, recorder(f"layers.{i}."))
+        h = recorder("")("norm", rms_norm(h, w["norm.weight"], args.norm_eps))
+        return recorder("")("logits", linear(h, w["output.weight"])).float().numpy()
+
+    def greedy(self, prompt: list[int], n_new: int) -> list[int]:
+        """Greedy decoding with the KV cache: prefill the prompt, then one token per step."""
+        self.reset()
+        logits = self.forward(prompt)
+        out = []
+        for _ in range(n_new):
+            out.append(int(np.argmax(logits[-1])))
+            logits = self.forward([out[-1]], start_pos=len(prompt) + len(out) - 1)
+        return out
