@@ -159,6 +159,11 @@ class Llama:
     def new_cache(self, max_seq_len: int | None = None) -> KVCache:
         return KVCache(self.args, max_seq_len or self.args.max_seq_len)
 
+    def generate(self, prompt, max_new_tokens: int = 256, sampler=None, **kwargs):
+        """An iterator of new token ids: see npllama.generate.generate."""
+        from .generate import generate
+        return generate(self, prompt, max_new_tokens, sampler, **kwargs)
+
     def _step(self, trace: dict | None):
         """The hook each named intermediate passes through: rounds to bf16 in the notebook's
         dtype flow, records into `trace` when asked, and otherwise costs one function call."""

@@ -1,0 +1,151 @@
+"""Turning logits into text: samplers and the token-by-token generation loop.
+
+The sampler knows nothing of the model and the model nothing of sampling (as in llama2.c):
+`generate` prefills the prompt in one forward pass, then feeds back one token per step
+through the KV cache, and yields each token as soon as it is chosen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import PromptTooLongError
+
+
+def softmax64(logits: np.ndarray) -> np.ndarray:
+    """Probabilities in float64: the tail of a 128k-way distribution underflows in float32."""
+    z = logits.astype(np.float64)  # [V]
+    e = np.exp(z - z.max())  # [V]
+    return e / e.sum()  # [V]
+
+
+def top_k_filter(probs: np.ndarray, k: int) -> np.ndarray:
+    """Zero all but the k most probable tokens (ties at the boundary broken by token id)."""
+    if k <= 0 or k >= len(probs):
+        return probs
+    keep = np.argsort(-probs, kind="stable")[:k]  # [k]
+    out = np.zeros_like(probs)  # [V]
+    out[keep] = probs[keep]
+    return out
+
+
+def top_p_filter(probs: np.ndarray, p: float) -> np.ndarray:
+    """Nucleus filtering: keep the smallest set of most probable tokens whose mass reaches p."""
+    if p >= 1.0:
+        return probs
+    order = np.argsort(-probs, kind="stable")  # [V] most probable first
+    mass_before = np.cumsum(probs[order]) - probs[order]  # [V] mass of the tokens ranked above
+    keep = order[mass_before < p]  # the first token always stays (its mass_before is 0)
+    out = np.zeros_like(probs)  # [V]
+    out[keep] = probs[keep]
+    return out
+
+
+@dataclass
+class Sampler:
+    """temperature 0 is greedy (argmax); otherwise softmax(logits / temperature), then top-k,
+    then top-p, then one draw from the seeded generator (never NumPy's global state)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        self.rng = np.random.default_rng(self.seed)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution a token is drawn from, after temperature, top-k and top-p."""
+        probs = softmax64(logits / self.temperature)  # [V]
+        probs = top_p_filter(top_k_filter(probs, self.top_k), self.top_p)  # [V]
+        return probs / probs.sum()  # [V]
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.temperature == 0:
+            return int(np.argmax(logits))
+        probs = self.probabilities(logits)  # [V]
+        # Inverse-CDF draw: one uniform number per token, so a seed fixes the whole run.
+        return int(min(np.searchsorted(np.cumsum(probs), self.rng.random(), side="right"),
+                       len(probs) - 1))
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    stop_reason: str = ""  # "stop_token", "max_new_tokens", "max_seq_len" or "interrupted"
+    cached_positions: int = 0  # positions now in the KV cache: where a follow-up call starts
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # The first new token comes from the prefill's logits; each later one costs a decode step.
+        steps = max(self.new_tokens - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.prompt_tokens} prompt tokens at {self.prefill_tok_s:.1f} tok/s, "
+                f"{self.new_tokens} new tokens at {self.decode_tok_s:.1f} tok/s "
+                f"(stopped: {self.stop_reason})")
+
+
+def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: Sampler | None = None,
+             stop_ids: Iterable[int] | None = None, stats: GenerationStats | None = None,
+             cache=None, start_pos: int = 0) -> Iterator[int]:
+    """Yield up to max_new_tokens tokens continuing `prompt`, stopping after a stop token
+    (which is yielded, so a caller can tell why it stopped) or when the context is full.
+
+    To continue a conversation, pass the previous call's `cache` and, as `start_pos`, its
+    `stats.cached_positions`; `prompt` is then only the tokens not yet in the cache.
+    """
+    prompt = [int(t) for t in prompt]
+    sampler = sampler or Sampler()
+    stats = stats if stats is not None else GenerationStats()
+    stop_ids = set(model.tokenizer.stop_ids if stop_ids is None else stop_ids)
+    if cache is None:
+        cache = model.new_cache()
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token (e.g. the BOS token)")
+    if start_pos + len(prompt) >= cache.max_seq_len:
+        raise PromptTooLongError(
+            f"the prompt has {len(prompt)} tokens{f' after {start_pos} cached ones' if start_pos else ''}"
+            f"; max_seq_len is {cache.max_seq_len}, which leaves no room to generate: shorten the "
+            "prompt, raise --max-seq-len, or pass --truncate to keep only its end")
+    stats.prompt_tokens = len(prompt)
+
+    t0 = time.perf_counter()
+    logits = model.forward(prompt, start_pos, cache, last_only=True)[-1]  # [V]
+    stats.prefill_seconds = time.perf_counter() - t0
+    pos = stats.cached_positions = start_pos + len(prompt)
+    stats.stop_reason = "max_new_tokens"
+    t0 = time.perf_counter()
+    for i in range(max_new_tokens):
+        token = sampler(logits)
+        stats.new_tokens += 1
+        yield token
+        if token in stop_ids:
+            stats.stop_reason = "stop_token"
+            break
+        if pos >= cache.max_seq_len:
+            stats.stop_reason = "max_seq_len"
+            break
+        if i + 1 < max_new_tokens:
+            logits = model.forward([token], pos, cache, last_only=True)[-1]  # [V]
+            pos = stats.cached_positions = pos + 1
+            stats.decode_seconds = time.perf_counter() - t0
