@@ -1,0 +1,357 @@
+"""Text <-> token ids: Llama 3's byte-level BPE, run by tiktoken.
+
+Text is first split by a regex (`pat_str`: words, 1-3 digit numbers, punctuation,
+whitespace runs), each piece's UTF-8 bytes are then merged greedily by rank
+(`mergeable_ranks`: bytes -> id, lower rank merges first), and a few hundred
+special tokens (`<|begin_of_text|>`, `<|eot_id|>`...) sit above the BPE ids.
+A token is therefore a run of *bytes*, not of characters: an emoji or a rare CJK
+character may be split over several tokens, none of which is valid UTF-8 alone.
+`decode` replaces such fragments with U+FFFD; `StreamDecoder` holds them back
+until the character is complete, which is what printing token by token needs.
+
+`Tokenizer` takes the vocabulary as plain data so that every checkpoint format
+can build one: `from_llama3_model` reads Meta's tokenizer.model, other
+constructors (GGUF, Hugging Face) pass their own pat_str, ranks and specials.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import difflib
+import operator
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import tiktoken
+
+from .errors import ModelNotFoundError, TokenizerError
+
+# Meta's split regex, verbatim from llama_models/llama3/tokenizer.py. `\p{N}{1,3}`
+# makes numbers tokenize in groups of at most three digits.
+LLAMA3_PAT_STR = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
+
+# Llama 3 places 256 special tokens right after the BPE ranks (ids 128000..128255).
+# These are Meta's current names; the rest are <|reserved_special_token_2|> onwards.
+LLAMA3_NUM_SPECIAL_TOKENS = 256
+LLAMA3_NAMED_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",  # end of message: the model wants a tool's answer
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",
+    "<|image|>",
+)
+# A Llama 3 model stops at the end of the text, of a message or of a turn.
+LLAMA3_STOP_TOKENS = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
+
+# Meta's limits. tiktoken can panic on inputs of more than about 400k characters...
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+# ...and BPE time grows faster than linearly with the length of one regex piece, so a
+# long run of non-whitespace ("a" * 100_000) or of whitespace is cut into pieces
+# (https://github.com/openai/tiktoken/issues/195). Cutting changes the ids there, so
+# npllama cuts exactly where Meta does.
+MAX_NO_WHITESPACES_CHARS = 25_000
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def llama3_special_tokens(num_base_tokens: int) -> dict[str, int]:
+    """Llama 3's 256 special tokens, name -> id, numbered from `num_base_tokens` (128000)."""
+    reserved = [f"<|reserved_special_token_{2 + i}|>"
+                for i in range(LLAMA3_NUM_SPECIAL_TOKENS - len(LLAMA3_NAMED_SPECIAL_TOKENS))]
+    names = list(LLAMA3_NAMED_SPECIAL_TOKENS) + reserved
+    return {name: num_base_tokens + i for i, name in enumerate(names)}
+
+
+def load_bpe_ranks(path: str | Path) -> dict[bytes, int]:
+    """Token bytes -> rank, from a tiktoken BPE file such as Llama 3's tokenizer.model.
+
+    Each line is "<base64 of the token's bytes> <rank>", ranks 0, 1, 2... in file
+    order (as Meta and tiktoken write them); blank lines are skipped. The file is
+    read on every call: tiktoken's own `load_tiktoken_bpe` caches by path and would
+    return the old ranks after the file is rewritten.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ModelNotFoundError(f"{path} is a directory; pass the tokenizer.model file inside it")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelNotFoundError(
+            f"{path} not found: Meta's Llama 3 downloads ship tokenizer.model next to params.json "
+            "(Hugging Face repos keep it in original/tokenizer.model)"
+        ) from None
+
+    def bad_line(lineno: int, problem: str) -> TokenizerError:
+        return TokenizerError(
+            f"{path}, line {lineno}: {problem}. A Llama 3 tokenizer.model holds one "
+            "'<base64 token> <rank>' pair per line, ranks 0, 1, 2... in order "
+            "(Llama 2's SentencePiece tokenizer.model is a different, unsupported format)"
+        )
+
+    ranks: dict[bytes, int] = {}
+    line_of_rank: list[int] = []
+    for lineno, line in enumerate(data.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or not fields[1].isdigit():
+            raise bad_line(lineno, f"expected a token and a rank, got {line[:80]!r}")
+        try:
+            token = base64.b64decode(fields[0], validate=True)
+        except binascii.Error as e:
+            raise bad_line(lineno, f"{fields[0][:80]!r} is not valid base64 ({e})") from None
+        rank = int(fields[1])
+        if token in ranks:
+            raise bad_line(lineno, f"token {token!r} already has rank {ranks[token]} "
+                                   f"(line {line_of_rank[ranks[token]]})")
+        if rank < len(ranks):
+            raise bad_line(lineno, f"rank {rank} was already given on line {line_of_rank[rank]}")
+        if rank > len(ranks):
+            raise bad_line(lineno, f"rank {rank} skips rank {len(ranks)}")
+        ranks[token] = rank
+        line_of_rank.append(lineno)
+    if not ranks:
+        raise TokenizerError(f"{path} holds no tokens: is it a Llama 3 tokenizer.model?")
+    return ranks
+
+
+def _check_vocabulary(name: str, mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int]) -> None:
+    """Refuse vocabularies tiktoken would accept but then panic or misbehave on."""
+    # Byte-level BPE starts from single bytes; tiktoken panics ("no entry found for
+    # key") when the text holds a byte that has no token of its own.
+    missing = [f"0x{b:02x}" for b in range(256) if bytes([b]) not in mergeable_ranks]
+    if missing:
+        raise TokenizerError(
+            f"{name}: no token for the single byte(s) {', '.join(missing[:8])}"
+            f"{' ...' if len(missing) > 8 else ''}; a byte-level BPE needs all 256 "
+            "to encode arbitrary text"
+        )
+    ids = set(mergeable_ranks.values())
+    if len(ids) != len(mergeable_ranks):
+        raise TokenizerError(f"{name}: two BPE tokens share a rank; every token needs its own id")
+    for token, i in special_tokens.items():
+        if i in ids:
+            raise TokenizerError(f"{name}: special token {token!r} has id {i}, which is already taken")
+        ids.add(i)
+    # Ids index the embedding matrix's rows, so each row must decode to something.
+    n_words = len(ids)
+    if ids != set(range(n_words)):
+        unused = min(set(range(n_words)) - ids)
+        raise TokenizerError(f"{name}: token ids must be 0..{n_words - 1} without gaps; id {unused} is unused")
+
+
+class Tokenizer:
+    """A byte-level BPE vocabulary and its special tokens; text in, token ids out.
+
+    `mergeable_ranks` maps each BPE token's bytes to its id (which is also its merge
+    priority); `special_tokens` maps names like "<|eot_id|>" to ids. Together the ids
+    must be exactly 0..n_words-1, and every single byte must be a token.
+    `bos_id` is None for vocabularies without a begin-of-text token; `add_bos` says
+    whether `encode` prepends it by default (Llama 3 does).
+    """
+
+    def __init__(self, name: str, pat_str: str, mergeable_ranks: dict[bytes, int],
+                 special_tokens: dict[str, int], bos_id: int | None, eos_id: int,
+                 stop_ids: Iterable[int], add_bos: bool = True):
+        _check_vocabulary(name, mergeable_ranks, special_tokens)
+        self.name = name
+        self._n_words = len(mergeable_ranks) + len(special_tokens)
+        self._special_tokens = dict(special_tokens)
+        self._special_ids = frozenset(special_tokens.values())
+        try:
+            self._encoding = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
+                                               special_tokens=self._special_tokens)
+        except ValueError as e:  # the regex engine rejected pat_str
+            raise TokenizerError(f"{name}: the split pattern does not compile: {e}") from None
+        if add_bos and bos_id is None:
+            raise TokenizerError(f"{name}: add_bos=True needs a bos_id")
+        self._bos_id = None if bos_id is None else self._checked_id(bos_id)
+        self._eos_id = self._checked_id(eos_id)
+        self._stop_ids = frozenset(self._checked_id(i) for i in stop_ids)
+        self._add_bos = add_bos
+
+    @classmethod
+    def from_llama3_model(cls, path: str | Path) -> Tokenizer:
+        """Meta's Llama 3 / 3.1 / 3.2 / 3.3 tokenizer.model: 128000 BPE ranks + 256 special tokens."""
+        ranks = load_bpe_ranks(path)
+        specials = llama3_special_tokens(len(ranks))
+        return cls(
+            name=str(path),
+            pat_str=LLAMA3_PAT_STR,
+            mergeable_ranks=ranks,
+            special_tokens=specials,
+            bos_id=specials["<|begin_of_text|>"],
+            eos_id=specials["<|end_of_text|>"],
+            stop_ids={specials[token] for token in LLAMA3_STOP_TOKENS},
+        )
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, n_words={self._n_words})"
+
+    @property
+    def n_words(self) -> int:
+        """Vocabulary size, special tokens included: the embedding matrix's row count."""
+        return self._n_words
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special token name -> id (a copy)."""
+        return dict(self._special_tokens)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Ids at which generation ends (Llama 3: end of text, end of message, end of turn)."""
+        return self._stop_ids
+
+    @property
+    def add_bos(self) -> bool:
+        return self._add_bos
+
+    def id_of(self, special_name: str) -> int:
+        """The id of a special token, e.g. id_of("<|eot_id|>") == 128009."""
+        try:
+            return self._special_tokens[special_name]
+        except KeyError:
+            close = difflib.get_close_matches(str(special_name), self._special_tokens, n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise TokenizerError(f"{self.name} has no special token {special_name!r}{hint}") from None
+
+    def is_special(self, token_id: int) -> bool:
+        return self._checked_id(token_id) in self._special_ids
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False,
+               allow_special: bool = False) -> list[int]:
+        """Token ids of `text`, with begin-of-text first if `bos` (None: the add_bos default).
+
+        Special-token text inside `text` ("<|eot_id|>" typed by a user, or pasted from a
+        web page) is encoded as the plain characters it is made of, so it cannot end a
+        turn or forge a system header: that would be prompt injection. Code that builds
+        a chat template itself passes allow_special=True, or inserts `id_of(...)` ids.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}"
+                            + ("; decode bytes first, e.g. data.decode('utf-8')"
+                               if isinstance(text, (bytes, bytearray)) else ""))
+        if (surrogate := _SURROGATE.search(text)) is not None:
+            # tiktoken would silently turn it into U+FFFD, so decode(encode(text)) != text.
+            i = surrogate.start()
+            raise TokenizerError(
+                f"cannot encode text[{i}] = U+{ord(text[i]):04X}, a surrogate code point, which UTF-8 "
+                "cannot represent (such text comes from errors='surrogateescape' or a JSON '\\ud83e' "
+                "escape split from its pair). Repair it first: "
+                "text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace') rejoins split pairs "
+                "and replaces lone halves with U+FFFD"
+            )
+        allowed_special = "all" if allow_special else set()
+        ids = []
+        for chunk in _chunks(text):
+            ids.extend(self._encoding.encode(chunk, allowed_special=allowed_special, disallowed_special=()))
+        if bos is None:
+            bos = self._add_bos
+        if bos:
+            if self._bos_id is None:
+                raise TokenizerError(f"{self.name} has no begin-of-text token; call encode with bos=False")
+            ids.insert(0, self._bos_id)
+        if eos:
+            ids.append(self._eos_id)
+        return ids
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes the tokens stand for, concatenated; special tokens give their names."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TypeError(f"expected a sequence of token ids, got {type(ids).__name__}; "
+                            "for one id use decode([id]) or piece(id)")
+        return self._encoding.decode_bytes([self._checked_id(i) for i in ids])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of the tokens; bytes that are not valid UTF-8 (a character cut off at
+        either end of `ids`) become U+FFFD, as in tiktoken. Stream with StreamDecoder."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def piece(self, token_id: int) -> str:
+        """Display text of one token, e.g. for printing a prompt token by token: a special
+        token's name, or the token's bytes with incomplete UTF-8 shown as U+FFFD."""
+        return self._encoding.decode_single_token_bytes(self._checked_id(token_id)).decode("utf-8", errors="replace")
+
+    def _checked_id(self, token_id: int) -> int:
+        try:
+            token_id = operator.index(token_id)  # ints and NumPy integers; not floats
+        except TypeError:
+            raise TypeError(f"token ids must be integers, got {type(token_id).__name__} {token_id!r}") from None
+        if not 0 <= token_id < self._n_words:
+            raise TokenizerError(f"token id {token_id} is out of range: {self.name} has ids 0..{self._n_words - 1}")
+        return token_id
+
+
+def _chunks(text: str) -> Iterator[str]:
+    """Pieces of `text` tiktoken can encode safely (Meta's chunking, so ids match Meta's)."""
+    for start in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
+        yield from _split_long_runs(text[start:start + TIKTOKEN_MAX_ENCODE_CHARS], MAX_NO_WHITESPACES_CHARS)
+
+
+def _split_long_runs(s: str, max_run: int) -> Iterator[str]:
+    """Cut `s` so that no piece holds more than `max_run` consecutive whitespace or
+    non-whitespace characters (Meta's `_split_whitespaces_or_nonwhitespaces`)."""
+    if len(s) <= max_run:  # no run can be too long: skip the per-character loop
+        yield s
+        return
+    run_len = 0
+    run_is_space = s[0].isspace()
+    piece_start = 0
+    for i, char in enumerate(s):
+        is_space = char.isspace()
+        if run_is_space != is_space:
+            run_len = 1
+            run_is_space = is_space
+        else:
+            run_len += 1
+            if run_len > max_run:
+                yield s[piece_start:i]
+                piece_start = i
+                run_len = 1
+    yield s[piece_start:]
+
+
+class StreamDecoder:
+    """Turns token ids into text one at a time, for printing while generating.
+
+    `push` returns only complete characters: when a character's UTF-8 bytes are split
+    over several tokens (emoji, rare CJK), the first tokens return "" and the last one
+    returns the whole character, never a U+FFFD. `flush` returns what is still held
+    (U+FFFD for bytes that never completed) and readies the decoder for a new stream.
+    Pushing every token and flushing gives exactly `tokenizer.decode(ids)`, unless
+    `skip_special` drops special tokens (whose names decode would include).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        if self.skip_special and self.tokenizer.is_special(token_id):
+            return ""
+        return self._utf8.decode(self.tokenizer.decode_bytes([token_id]))
+
+    def flush(self) -> str:
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
