@@ -140,6 +140,8 @@ class Oracle:
         self.weights = {name: t.to(dtype) for name, t in state_dict.items()}
         if "output.weight" not in self.weights:  # tied embeddings (Llama 3.2)
             self.weights["output.weight"] = self.weights["tok_embeddings.weight"]
+        self.layers = [{name[len(f"layers.{i}."):]: t for name, t in self.weights.items()
+                        if name.startswith(f"layers.{i}.")} for i in range(args.n_layers)]
         self.max_seq_len = max_seq_len or args.max_seq_len
         self.freqs_cis = rope_tables(rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling),
                                      self.max_seq_len)
@@ -170,8 +172,7 @@ class Oracle:
             return record
 
         h = recorder("")("embedding", embed(tokens, w["tok_embeddings.weight"]))
-        for i in range(args.n_layers):
-            layer = {name[len(f"layers.{i}."):]: t for name, t in w.items() if name.startswith(f"layers.{i}.")}
+        for i, layer in enumerate(self.layers):
             h = transformer_block(h, layer, args, freqs_cis, mask, self.cache_k[i], self.cache_v[i],
                                   start_pos, recorder(f"layers.{i}."))
         h = recorder("")("norm", rms_norm(h, w["norm.weight"], args.norm_eps))

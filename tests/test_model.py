@@ -1,0 +1,178 @@
+"""The forward pass against the torch oracle, step by step, on real Meta-format checkpoints."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import npllama
+from npllama.config import ModelArgs, load_params
+from npllama.layers import keep
+from npllama.model import LAYER_TRACE_NAMES
+from oracle.checkpoints import tiny_args, write_random_checkpoint
+from oracle.compare import BFLOAT16_BOUND, FLOAT32_BOUND, compare_traces, format_table
+from oracle.reference import Oracle
+
+PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
+
+CONFIGS = {
+    "gqa-4to1": tiny_args(),
+    "mha": tiny_args(n_kv_heads=8),
+    "odd-dims": tiny_args(dim=72, n_heads=6, n_kv_heads=3, ffn_dim_multiplier=None, multiple_of=7),
+    "gqa-3to1-multiplier": tiny_args(dim=96, n_heads=12, n_kv_heads=4, n_layers=3,
+                                     ffn_dim_multiplier=1.5, multiple_of=64),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp(request.param), CONFIGS[request.param], seed=7)
+
+
+def oracle_for(directory, dtype=torch.float32, max_seq_len=64):
+    args = load_params(directory / "params.json")
+    state = torch.load(directory / "consolidated.00.pth", mmap=True, weights_only=True)
+    return Oracle(args, state, dtype=dtype, max_seq_len=max_seq_len)
+
+
+def traces(directory, dtype):
+    model = npllama.load(directory, dtype=dtype)
+    tokens = model.tokenizer.encode(PROMPT)
+    ours, theirs = {}, {}
+    logits = model.forward(tokens, trace=ours)
+    oracle_logits = oracle_for(directory, torch.bfloat16 if dtype == "bfloat16" else torch.float32).forward(
+        tokens, trace=theirs)
+    return model, logits, oracle_logits, ours, theirs
+
+
+def test_float32_every_step_matches_oracle(checkpoint):
+    model, logits, oracle_logits, ours, theirs = traces(checkpoint, "float32")
+    rows = compare_traces(ours, theirs, FLOAT32_BOUND)
+    print("\n" + format_table(rows))
+    assert all(r.ok for r in rows), format_table([r for r in rows if not r.ok])
+    assert np.argmax(logits[-1]) == np.argmax(oracle_logits[-1])
+
+
+def test_bfloat16_flow_matches_oracle_bit_for_bit_mostly(checkpoint):
+    """Both sides round to bf16 at the same points: measured >= 99.9% of the elements of each
+    early step and >= 94% of the logits are bit-identical; the rest differ by a bf16 ulp that
+    then propagates, bounded by BFLOAT16_BOUND of each step's largest magnitude."""
+    _, logits, oracle_logits, ours, theirs = traces(checkpoint, "bfloat16")
+    rows = compare_traces(ours, theirs, BFLOAT16_BOUND)
+    print("\n" + format_table(rows))
+    assert all(r.ok for r in rows), format_table([r for r in rows if not r.ok])
+    by_name = {r.name: r for r in rows}
+    for name in ("embedding", "layers.0.attention_norm", "layers.0.q", "layers.0.probs",
+                 "layers.0.attention_out", "layers.0.residual"):
+        assert by_name[name].identical >= 0.999, by_name[name]
+    assert by_name["logits"].identical >= 0.9, by_name["logits"]
+    # bf16 really is a different computation from float32: it must not silently run float32.
+    f32 = npllama.load(checkpoint).forward(npllama.load(checkpoint).tokenizer.encode(PROMPT))
+    assert not np.array_equal(f32, logits)
+
+
+def test_trace_records_every_documented_step(checkpoint):
+    model = npllama.load(checkpoint)
+    trace = {}
+    tokens = model.tokenizer.encode(PROMPT)
+    logits = model.forward(tokens, trace=trace)
+    a, T = model.args, len(tokens)
+    expected = ["embedding"] + [f"layers.{i}.{n}" for i in range(a.n_layers) for n in LAYER_TRACE_NAMES]
+    assert sorted(trace) == sorted(expected + ["norm", "logits"])
+    assert trace["layers.0.q"].shape == (a.n_heads, T, a.head_dim)
+    assert trace["layers.0.k_rot"].shape == (a.n_kv_heads, T, a.head_dim)
+    assert trace["layers.0.probs"].shape == (a.n_heads, T, T)
+    assert trace["layers.0.gate"].shape == (T, a.hidden_dim)
+    np.testing.assert_array_equal(trace["logits"], logits)
+    # Tracing changes nothing, and is not even a dict write when off.
+    np.testing.assert_array_equal(model.forward(tokens), logits)
+    assert model._step(None) is keep
+
+
+def test_hidden_dim_follows_meta_formula():
+    """Meta's published sizes: 8B 14336, 70B 28672, 3.2-1B 8192, 3.2-3B 8192."""
+    assert ModelArgs(4096, 32, 32, 8, 128256, 1e-5, 5e5, 1024, 1.3).hidden_dim == 14336
+    assert ModelArgs(8192, 80, 64, 8, 128256, 1e-5, 5e5, 4096, 1.3).hidden_dim == 28672
+    assert ModelArgs(2048, 16, 32, 8, 128256, 1e-5, 5e5, 256, 1.5).hidden_dim == 8192
+    assert ModelArgs(3072, 28, 24, 8, 128256, 1e-5, 5e5, 256, 1.0).hidden_dim == 8192
+
+
+def test_params_come_from_params_json(tmp_path):
+    """eps and theta are read, never defaulted: a Llama 2-era 1e-6 / 10000 would change the model."""
+    args = tiny_args(norm_eps=3e-5, rope_theta=12345.0)
+    write_random_checkpoint(tmp_path, args)
+    model = npllama.load(tmp_path)
+    assert model.args.norm_eps == 3e-5 and model.args.rope_theta == 12345.0
+    # The RoPE table's first non-trivial frequency is theta^(-2/hd).
+    np.testing.assert_allclose(model.rope_sin[1, 1], np.sin(12345.0 ** (-2 / args.head_dim)), rtol=1e-6)
+    tokens = model.tokenizer.encode(PROMPT)
+    oracle = oracle_for(tmp_path).forward(tokens)
+    np.testing.assert_allclose(model.forward(tokens), oracle, atol=FLOAT32_BOUND * np.abs(oracle).max())
+
+
+def test_forward_pass_never_imports_torch(tmp_path):
+    write_random_checkpoint(tmp_path, tiny_args())
+    code = ("import sys, npllama; m = npllama.load(sys.argv[1]); "
+            "m.forward(m.tokenizer.encode('hello')); list(m.generate(m.tokenizer.encode('hi'), 3)); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+
+
+def test_memory_mapped_weights_give_the_same_logits(tmp_path):
+    """weights_budget=0 keeps every weight memory-mapped bf16 and upcasts layer by layer."""
+    write_random_checkpoint(tmp_path, tiny_args())
+    resident, mapped = npllama.load(tmp_path), npllama.load(tmp_path, weights_budget=0)
+    assert resident.resident and not mapped.resident
+    tokens = resident.tokenizer.encode(PROMPT)
+    np.testing.assert_array_equal(resident.forward(tokens), mapped.forward(tokens))
+
+
+# --- bad input: a clear error that names the file, tensor or argument -------------------------
+
+def test_missing_model_directory(tmp_path):
+    with pytest.raises(npllama.ModelNotFoundError, match="does not exist"):
+        npllama.load(tmp_path / "nope")
+    with pytest.raises(npllama.ModelNotFoundError, match="params.json"):
+        npllama.load(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["rope_theta", "norm_eps", "dim"])
+def test_params_without_a_required_key(tmp_path, key):
+    write_random_checkpoint(tmp_path, tiny_args())
+    params = json.loads((tmp_path / "params.json").read_text())
+    del params[key]
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    with pytest.raises(npllama.ConfigError, match=f"params.json has no {key}"):
+        npllama.load(tmp_path)
+
+
+def test_params_that_disagree_with_the_weights(tmp_path):
+    write_random_checkpoint(tmp_path, tiny_args())
+    params = json.loads((tmp_path / "params.json").read_text())
+    params["ffn_dim_multiplier"] = 2.0
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    with pytest.raises(npllama.CheckpointError, match=r"layers\.0\.feed_forward\.w1\.weight"):
+        npllama.load(tmp_path)
+
+
+def test_missing_tokenizer(tmp_path):
+    write_random_checkpoint(tmp_path, tiny_args())
+    (tmp_path / "tokenizer.model").unlink()
+    with pytest.raises(npllama.ModelNotFoundError, match="tokenizer.model"):
+        npllama.load(tmp_path)
+
+
+def test_bad_tokens_and_too_long_prompts(tmp_path):
+    write_random_checkpoint(tmp_path, tiny_args())
+    model = npllama.load(tmp_path, max_seq_len=16)
+    with pytest.raises(npllama.PromptTooLongError, match="max_seq_len=16"):
+        model.forward(list(range(17)))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.forward([model.args.vocab_size])
+    with pytest.raises(ValueError, match="start_pos"):
+        model.forward([1, 2], start_pos=3)
+    with pytest.raises(ValueError, match="dtype"):
+        npllama.load(tmp_path, dtype="float16")
