@@ -6,17 +6,16 @@ tokens -> embedding -> n_layers x [rms_norm -> attention with RoPE -> residual
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 
 from .config import ModelArgs
 from .errors import PromptTooLongError
 from .layers import (apply_rope, attention, causal_mask, embed, feed_forward, keep, linear,
                      rms_norm, rope_frequencies, rope_tables)
+from .weights import (BF16, LayerWeights, StreamedWeight, TilePool, default_weights_budget,
+                      float32_bytes, round_to_bf16, to_float32)
 
 DTYPES = ("float32", "bfloat16")
 
@@ -42,38 +41,7 @@ LAYER_TRACE_NAMES = (
 # The notebook rotates q and k in float32 and never casts them back, so the scores, the masked
 # scores (and the cached keys) stay float32 in its bf16 flow; softmax's output is cast to bf16.
 FLOAT32_IN_BF16_MODE = ("q_rot", "k_rot", "scores", "masked_scores")
-# The notebook rotates q and k in float32 and never casts them back, so the scores, the masked
-# scores (and the cached keys) stay float32 in its bf16 flow; softmax's output is cast to bf16.
-FLOAT32_IN_BF16_MODE = ("q_rot", "k_rot", "scores", "masked_scores")
 TRACE_NAMES = ("embedding", *(f"layers.{{i}}.{n}" for n in LAYER_TRACE_NAMES), "norm", "logits")
-
-
-@dataclass
-class LayerWeights:
-    attention_norm: np.ndarray  # [D]
-    wq: np.ndarray  # [H*hd, D]
-    wk: np.ndarray  # [KV*hd, D]
-    wv: np.ndarray  # [KV*hd, D]
-    wo: np.ndarray  # [D, H*hd]
-    ffn_norm: np.ndarray  # [D]
-    w1: np.ndarray  # [F, D]
-    w2: np.ndarray  # [D, F]
-    w3: np.ndarray  # [F, D]
-
-    @classmethod
-    def from_checkpoint(cls, weights: Mapping[str, np.ndarray], i: int, convert) -> LayerWeights:
-        p = f"layers.{i}."
-        return cls(
-            attention_norm=convert(weights[p + "attention_norm.weight"]),
-            wq=convert(weights[p + "attention.wq.weight"]),
-            wk=convert(weights[p + "attention.wk.weight"]),
-            wv=convert(weights[p + "attention.wv.weight"]),
-            wo=convert(weights[p + "attention.wo.weight"]),
-            ffn_norm=convert(weights[p + "ffn_norm.weight"]),
-            w1=convert(weights[p + "feed_forward.w1.weight"]),
-            w2=convert(weights[p + "feed_forward.w2.weight"]),
-            w3=convert(weights[p + "feed_forward.w3.weight"]),
-        )
 
 
 class KVCache:
@@ -94,34 +62,13 @@ class KVCache:
         return sum(a.nbytes for a in self.k + self.v)
 
 
-def to_float32(w: np.ndarray) -> np.ndarray:
-    """A C-contiguous float32 copy (bf16 -> f32 is exact: a bf16 is the top half of a float32)."""
-    return np.ascontiguousarray(w, dtype=np.float32)
-
-
-def round_to_bf16(w: np.ndarray) -> np.ndarray:
-    """Round to the nearest bf16 value, kept in a float32 array (the notebook's bf16 precision)."""
-    return w.astype(ml_dtypes.bfloat16).astype(np.float32)
-
-
-def float32_bytes(weights: Mapping[str, np.ndarray]) -> int:
-    return sum(4 * w.size for w in weights.values())
-
-
-def default_weights_budget() -> int:
-    """Keep a float32 copy of the weights only when it takes under half the machine's RAM."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
-
-
 class Llama:
     """A loaded model: configuration, weights, tokenizer and the forward pass.
 
     Weights arrive as they are stored (bf16 memory maps for Meta checkpoints). If their float32
-    copy fits `weights_budget` bytes they are upcast once here, otherwise each layer is upcast
-    when it is used and dropped after, so an 8B model runs from its 16 GB of mapped bf16.
+    copy fits `weights_budget` bytes they are upcast once here (`resident`); otherwise matrices
+    stay mapped and are streamed through the matmul in float32 tiles (npllama/weights.py), so an
+    8B model runs from its 16 GB of mapped bf16 with little more RAM than its KV cache.
     """
 
     def __init__(self, args: ModelArgs, weights: Mapping[str, np.ndarray], tokenizer=None,
@@ -132,29 +79,24 @@ class Llama:
         self.weights = weights  # as stored: memory maps, never modified
         # In bf16 mode weights are rounded to bf16 too: a float32 checkpoint then behaves like the
         # notebook's bf16 one (and bf16 ones are unchanged, the round trip is exact).
-        self._convert = round_to_bf16 if dtype == "bfloat16" else to_float32
+        vector = round_to_bf16 if dtype == "bfloat16" else to_float32
         budget = default_weights_budget() if weights_budget is None else weights_budget
         self.resident = float32_bytes(weights) <= budget
         if self.resident:
-            self._layers = [self._layer_weights(i) for i in range(args.n_layers)]
-        self.norm = self._convert(weights["norm.weight"])  # [D]
-        self._output = self._convert(self._output_weight()) if self.resident else None
+            matrix = vector
+        else:
+            pool = TilePool()
+
+            def matrix(w):
+                # Streaming upcasts exactly; a non-bf16 matrix in bf16 mode must be rounded first.
+                return round_to_bf16(w) if dtype == "bfloat16" and w.dtype != BF16 else StreamedWeight(w, pool)
+        self.layers = [LayerWeights.from_checkpoint(weights, i, matrix, vector) for i in range(args.n_layers)]
+        self.norm = vector(weights["norm.weight"])  # [D]
+        output = weights["tok_embeddings.weight" if args.tie_embeddings else "output.weight"]
+        self.output = matrix(output)  # [V, D]
         cos, sin = rope_tables(rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling),
                                args.max_seq_len)
         self.rope_cos, self.rope_sin = cos, sin  # [max_seq_len, hd/2] each
-
-    def _output_weight(self) -> np.ndarray:
-        return self.weights["tok_embeddings.weight" if self.args.tie_embeddings else "output.weight"]
-
-    def _layer_weights(self, i: int) -> LayerWeights:
-        return LayerWeights.from_checkpoint(self.weights, i, self._convert)
-
-    def layer(self, i: int) -> LayerWeights:
-        """Layer i's weights in float32 (kept from load, or upcast now from the memory map)."""
-        return self._layers[i] if self.resident else self._layer_weights(i)
-
-    def output_weight(self) -> np.ndarray:
-        return self._output if self.resident else self._convert(self._output_weight())  # [V, D]
 
     def new_cache(self, max_seq_len: int | None = None) -> KVCache:
         return KVCache(self.args, max_seq_len or self.args.max_seq_len)
@@ -199,15 +141,15 @@ class Llama:
         mask = causal_mask(n_new, start_pos)  # [T, S]
 
         h = step("embedding", embed(tokens, self.weights["tok_embeddings.weight"]))  # [T, D]
-        for i in range(args.n_layers):
+        for i, layer in enumerate(self.layers):
             layer_step = prefixed(step, f"layers.{i}.")
-            h = transformer_block(h, self.layer(i), args, cos, sin, mask,
+            h = transformer_block(h, layer, args, cos, sin, mask,
                                   cache.k[i], cache.v[i], start_pos, layer_step)  # [T, D]
         if last_only:
             h = h[-1:]  # [1, D]
         h = step("norm", rms_norm(h, self.norm, args.norm_eps))  # [T, D]
         # Logits stay float32 in both modes, as in Meta's reference (`self.output(h).float()`).
-        return step("logits", linear(h, self.output_weight())).astype(np.float32)  # [T, V]
+        return step("logits", linear(h, self.output)).astype(np.float32)  # [T, V]
 
     def _check_tokens(self, tokens, start_pos: int, cache: KVCache | None) -> np.ndarray:
         tokens = np.asarray(tokens)

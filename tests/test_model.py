@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -12,6 +13,7 @@ import npllama
 from npllama.config import ModelArgs, load_params
 from npllama.layers import keep
 from npllama.model import LAYER_TRACE_NAMES
+from npllama.weights import StreamedWeight, TilePool
 from oracle.checkpoints import tiny_args, write_random_checkpoint
 from oracle.compare import BFLOAT16_BOUND, FLOAT32_BOUND, compare_traces, format_table
 from oracle.reference import Oracle
@@ -121,13 +123,34 @@ def test_forward_pass_never_imports_torch(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
 
 
-def test_memory_mapped_weights_give_the_same_logits(tmp_path):
-    """weights_budget=0 keeps every weight memory-mapped bf16 and upcasts layer by layer."""
-    write_random_checkpoint(tmp_path, tiny_args())
-    resident, mapped = npllama.load(tmp_path), npllama.load(tmp_path, weights_budget=0)
-    assert resident.resident and not mapped.resident
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_weights_equal_resident_weights(tmp_path, dtype):
+    """weights_budget=0 keeps every matrix a bf16 memory map, streamed through the matmul in float32
+    tiles. Same math, but BLAS sums tiles in its own order: equal to float32 rounding."""
+    write_random_checkpoint(tmp_path, tiny_args(n_layers=3))
+    resident = npllama.load(tmp_path, dtype=dtype)
+    streamed = npllama.load(tmp_path, dtype=dtype, weights_budget=0)
+    assert resident.resident and not streamed.resident
+    assert isinstance(streamed.layers[0].w1, StreamedWeight)
     tokens = resident.tokenizer.encode(PROMPT)
-    np.testing.assert_array_equal(resident.forward(tokens), mapped.forward(tokens))
+    expected = resident.forward(tokens)
+    atol = (1e-5 if dtype == "float32" else BFLOAT16_BOUND) * np.abs(expected).max()
+    np.testing.assert_allclose(streamed.forward(tokens), expected, rtol=0, atol=atol)
+    # Decoding through the KV cache, one token at a time.
+    cache = streamed.new_cache(len(tokens))
+    for pos, t in enumerate(tokens):
+        step_logits = streamed.forward([t], pos, cache)
+    np.testing.assert_allclose(step_logits[-1], expected[-1], rtol=0, atol=atol)
+
+
+def test_streamed_matmul_upcasts_exactly():
+    """The uint16-into-high-halves upcast equals ml_dtypes' conversion, for any tile split."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((1000, 40)).astype(ml_dtypes.bfloat16)
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    streamed = StreamedWeight(w, TilePool(2))
+    streamed.tile_rows = 7  # many tiles, a ragged last one
+    np.testing.assert_allclose(x @ streamed.T, x @ w.astype(np.float32).T, rtol=1e-6, atol=1e-6)
 
 
 # --- bad input: a clear error that names the file, tensor or argument -------------------------

@@ -1,0 +1,140 @@
+"""How weights reach the matmul: a float32 copy kept in RAM, or streamed from the memory map.
+
+A decode step reads every weight once, so its speed is set by memory bandwidth. When the float32
+copy of a model fits the RAM budget it is made once at load (`resident`). When it does not (an 8B
+model is 32 GB in float32, 16 GB as stored bf16), each matrix stays a bf16 memory map and is
+upcast in cache-sized tiles into reused float32 buffers, each tile consumed by BLAS while it is
+still in cache, tiles spread over the cores (NumPy releases the GIL in both steps).
+
+Either way the forward pass is the same code: `linear(x, w)` computes `x @ w.T`, and a
+`StreamedWeight` answers that expression by tiles.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+TILE_BYTES = 1 << 20  # float32 bytes of one tile: fits in L2 with room for the input rows
+
+
+def to_float32(w: np.ndarray) -> np.ndarray:
+    """A C-contiguous float32 copy (bf16 -> f32 is exact: a bf16 is the top half of a float32)."""
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def round_to_bf16(w: np.ndarray) -> np.ndarray:
+    """Round to the nearest bf16 value, kept in a float32 array (the notebook's bf16 precision)."""
+    return w.astype(BF16).astype(np.float32)
+
+
+def upcast_into(out: np.ndarray, w: np.ndarray) -> None:
+    """out[...] = float32(w), for bf16 without arithmetic: a bf16 is the high 16 bits of the
+    float32 with the same value, so copying the uint16s into the high halves of a buffer whose
+    low halves are zero is the whole conversion (little-endian: the high half is the second)."""
+    if w.dtype == BF16:
+        out.view(np.uint16)[..., 1::2] = w.view(np.uint16)
+    else:
+        out[...] = w
+
+
+def float32_bytes(weights: Mapping[str, np.ndarray]) -> int:
+    return sum(4 * w.size for w in weights.values())
+
+
+def default_weights_budget() -> int:
+    """Keep a float32 copy of the weights only when it takes under half the machine's RAM."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+class TilePool:
+    """Worker threads, each with its own zeroed float32 tile buffer, shared by all weights."""
+
+    def __init__(self, n_threads: int | None = None):
+        self.n_threads = n_threads or min(os.cpu_count() or 1, 8)
+        self.executor = ThreadPoolExecutor(self.n_threads, thread_name_prefix="npllama-tiles")
+        self.local = threading.local()
+
+    def buffer(self, n_floats: int) -> np.ndarray:
+        buf = getattr(self.local, "buf", None)
+        if buf is None or buf.size < n_floats:
+            # Zeroed once: upcast_into only ever writes the high halves of a bf16 tile.
+            buf = self.local.buf = np.zeros(n_floats, np.float32)
+        return buf[:n_floats]
+
+
+class StreamedWeight:
+    """A stored [out, in] matrix used as `x @ w.T` without ever materialising it in float32."""
+
+    # Makes NumPy hand `x @ w.T` to __rmatmul__ instead of converting this object to an array.
+    __array_ufunc__ = None
+
+    def __init__(self, stored: np.ndarray, pool: TilePool):
+        self.stored, self.pool = stored, pool
+        self.shape, self.ndim = stored.shape, 2
+        self.tile_rows = max(1, TILE_BYTES // (4 * stored.shape[1]))
+
+    @property
+    def T(self) -> _Transposed:
+        return _Transposed(self)
+
+    def matmul_transposed(self, x: np.ndarray) -> np.ndarray:
+        n_out, n_in = self.shape
+        y = np.empty((x.shape[0], n_out), np.float32)  # [T, out]
+
+        def tile(r0: int) -> None:
+            rows = self.stored[r0:r0 + self.tile_rows]  # [r, in] as stored
+            w = self.pool.buffer(rows.size).reshape(rows.shape)  # [r, in] float32
+            upcast_into(w, rows)
+            np.matmul(x, w.T, out=y[:, r0:r0 + len(rows)])  # [T, in] @ [in, r] -> [T, r]
+
+        list(self.pool.executor.map(tile, range(0, n_out, self.tile_rows)))
+        return y
+
+
+class _Transposed:
+    __array_ufunc__ = None
+
+    def __init__(self, weight: StreamedWeight):
+        self.weight = weight
+
+    def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
+        return self.weight.matmul_transposed(np.ascontiguousarray(x, dtype=np.float32))
+
+
+@dataclass
+class LayerWeights:
+    attention_norm: np.ndarray  # [D]
+    wq: np.ndarray  # [H*hd, D]
+    wk: np.ndarray  # [KV*hd, D]
+    wv: np.ndarray  # [KV*hd, D]
+    wo: np.ndarray  # [D, H*hd]
+    ffn_norm: np.ndarray  # [D]
+    w1: np.ndarray  # [F, D]
+    w2: np.ndarray  # [D, F]
+    w3: np.ndarray  # [F, D]
+
+    @classmethod
+    def from_checkpoint(cls, weights: Mapping[str, np.ndarray], i: int, matrix, vector) -> LayerWeights:
+        p = f"layers.{i}."
+        return cls(
+            attention_norm=vector(weights[p + "attention_norm.weight"]),
+            wq=matrix(weights[p + "attention.wq.weight"]),
+            wk=matrix(weights[p + "attention.wk.weight"]),
+            wv=matrix(weights[p + "attention.wv.weight"]),
+            wo=matrix(weights[p + "attention.wo.weight"]),
+            ffn_norm=vector(weights[p + "ffn_norm.weight"]),
+            w1=matrix(weights[p + "feed_forward.w1.weight"]),
+            w2=matrix(weights[p + "feed_forward.w2.weight"]),
+            w3=matrix(weights[p + "feed_forward.w3.weight"]),
+        )
