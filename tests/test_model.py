@@ -199,3 +199,18 @@ def test_bad_tokens_and_too_long_prompts(tmp_path):
         model.forward([1, 2], start_pos=3)
     with pytest.raises(ValueError, match="dtype"):
         npllama.load(tmp_path, dtype="float16")
+
+
+@pytest.mark.parametrize("n_shards", [2, 4])
+def test_sharded_checkpoint_gives_identical_logits(tmp_path, n_shards):
+    """A model-parallel checkpoint (consolidated.00..0N.pth) loads to the same model."""
+    from tests.test_checkpoint import write_shards
+
+    whole = write_random_checkpoint(tmp_path / "whole", tiny_args())
+    sharded = tmp_path / "sharded"
+    write_shards(sharded, torch.load(whole / "consolidated.00.pth", weights_only=True), n_shards)
+    for name in ("params.json", "tokenizer.model"):
+        (sharded / name).write_bytes((whole / name).read_bytes())
+    a, b = npllama.load(whole), npllama.load(sharded)
+    tokens = a.tokenizer.encode(PROMPT)
+    np.testing.assert_array_equal(a.forward(tokens), b.forward(tokens))
