@@ -9,6 +9,8 @@ their own turn or impersonate the assistant.
 
 from __future__ import annotations
 
+import re
+
 from .errors import TokenizerError
 
 ROLES = ("system", "user", "assistant", "ipython")
@@ -74,12 +76,35 @@ class ChatML:
         return tokens + [self.tokenizer.id_of("<|im_start|>"), *self.tokenizer.encode("assistant\n", bos=False)]
 
 
+# A ChatML template's hard-coded system turn, e.g. SmolLM2's
+# {{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, ...<|im_end|>\n' }}
+# (the newline is a real one in some templates and the two characters \n in others).
+_CHATML_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)(.+?)<\|im_end\|>", re.DOTALL)
+
+
+def default_system_prompt(chat_template: str | None) -> str | None:
+    """The system message a ChatML chat template inserts when the dialog has none, if any.
+
+    npllama does not run Jinja templates; it only reads this one string out of them, because
+    a model fine-tuned with a default system message answers best when it gets it."""
+    if not chat_template:
+        return None
+    match = _CHATML_SYSTEM.search(chat_template)
+    # Text built from template variables ("system\n' + message['content'] + '") is not a default.
+    if match is None or any(code in match[1] for code in ("{{", "{%", "' +", "\" +", "message[")):
+        return None
+    return match[1].replace("\\n", "\n")
+
+
 def chat_format_for(tokenizer, default_system: str | None = None):
-    """The chat format the tokenizer's special tokens belong to."""
+    """The chat format the tokenizer's special tokens belong to. A ChatML model's default system
+    message, unless given, comes from its chat template (tokenizer.chat_template)."""
     specials = tokenizer.special_tokens
     if "<|start_header_id|>" in specials and "<|eot_id|>" in specials:
         return Llama3Chat(tokenizer)
     if "<|im_start|>" in specials and "<|im_end|>" in specials:
+        if default_system is None:
+            default_system = default_system_prompt(getattr(tokenizer, "chat_template", None))
         return ChatML(tokenizer, default_system)
     raise TokenizerError("this model's tokenizer has neither Llama 3's <|start_header_id|> nor ChatML's "
                          "<|im_start|>: it is not a chat model; run it without --chat")

@@ -10,8 +10,9 @@ character may be split over several tokens, none of which is valid UTF-8 alone.
 until the character is complete, which is what printing token by token needs.
 
 `Tokenizer` takes the vocabulary as plain data so that every checkpoint format
-can build one: `from_llama3_model` reads Meta's tokenizer.model, other
-constructors (GGUF, Hugging Face) pass their own pat_str, ranks and specials.
+can build one: `from_llama3_model` reads Meta's tokenizer.model, and
+`from_byte_level_bpe` takes the GPT-2-style token strings that GGUF files and
+Hugging Face's tokenizer.json store (SmolLM2, Llama 3 converted by llama.cpp).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import codecs
 import difflib
 import operator
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import tiktoken
@@ -32,6 +33,22 @@ from .errors import ModelNotFoundError, TokenizerError
 # Meta's split regex, verbatim from llama_models/llama3/tokenizer.py. `\p{N}{1,3}`
 # makes numbers tokenize in groups of at most three digits.
 LLAMA3_PAT_STR = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
+
+# GPT-2's split regex (also Hugging Face's ByteLevel pre-tokenizer with use_regex=True):
+# contractions, letters, numbers, punctuation, each with at most one leading space.
+GPT2_PAT_STR = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# SmolLM2 (llama.cpp's pre "smollm"; tokenizer.json: Digits(individual_digits) then ByteLevel):
+# every digit is a piece of its own, and GPT-2's regex splits the text between digits. As one
+# regex: `\p{N}` comes first, and GPT-2's `\s+(?!\S)` becomes `\s+(?![^\s\p{N}])` because a
+# digit ends the piece the whitespace is in ("a  1" splits as "a", "  ", "1", not "a", " ", " ", "1").
+SMOLLM_PAT_STR = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
+# llama.cpp's names for split regexes (GGUF tokenizer.ggml.pre) -> pat_str.
+PRE_TOKENIZERS = {"llama-bpe": LLAMA3_PAT_STR, "smollm": SMOLLM_PAT_STR, "gpt2": GPT2_PAT_STR}
+
+# llama.cpp's token types (GGUF tokenizer.ggml.token_type, gguf.TokenType).
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+# Types whose token is a name matched as a whole ("<|im_end|>"), not BPE bytes.
+SPECIAL_TOKEN_TYPES = (TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED)
 
 # Llama 3 places 256 special tokens right after the BPE ranks (ids 128000..128255).
 # These are Meta's current names; the rest are <|reserved_special_token_2|> onwards.
@@ -125,17 +142,37 @@ def load_bpe_ranks(path: str | Path) -> dict[bytes, int]:
     return ranks
 
 
+def gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, used by every byte-level BPE vocabulary file.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, 0x7f-0xa0,
+    0xad) are moved to U+0100 onwards, so the space byte is written "Ġ" and newline "Ċ"."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + n)
+    return dict(sorted(table.items()))
+
+
+# str.translate table: each of GPT-2's characters -> the Latin-1 character of its byte, every
+# other character below U+0100 -> U+FFFF, so that .encode("latin-1") refuses anything else.
+_BYTES_OF_CHARS = {**{b: 0xFFFF for b in range(256)},
+                   **{ord(char): byte for byte, char in gpt2_bytes_to_unicode().items()}}
+
+
+def byte_level_token_bytes(token: str) -> bytes:
+    """The bytes a byte-level BPE token string stands for ("Ġthe" -> b" the")."""
+    try:
+        return token.translate(_BYTES_OF_CHARS).encode("latin-1")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{token[e.start]!r} is not one of GPT-2's 256 byte characters") from None
+
+
 def _check_vocabulary(name: str, mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int]) -> None:
-    """Refuse vocabularies tiktoken would accept but then panic or misbehave on."""
-    # Byte-level BPE starts from single bytes; tiktoken panics ("no entry found for
-    # key") when the text holds a byte that has no token of its own.
-    missing = [f"0x{b:02x}" for b in range(256) if bytes([b]) not in mergeable_ranks]
-    if missing:
-        raise TokenizerError(
-            f"{name}: no token for the single byte(s) {', '.join(missing[:8])}"
-            f"{' ...' if len(missing) > 8 else ''}; a byte-level BPE needs all 256 "
-            "to encode arbitrary text"
-        )
+    """Refuse vocabularies tiktoken would accept but then panic or misbehave on.
+
+    A vocabulary may lack single bytes (SmolLM2 has no token for 0x04, 0x06, 0xc0...): such
+    text cannot be encoded at all, and `encode` says so instead of letting tiktoken panic."""
     ids = set(mergeable_ranks.values())
     if len(ids) != len(mergeable_ranks):
         raise TokenizerError(f"{name}: two BPE tokens share a rank; every token needs its own id")
@@ -150,21 +187,50 @@ def _check_vocabulary(name: str, mergeable_ranks: dict[bytes, int], special_toke
         raise TokenizerError(f"{name}: token ids must be 0..{n_words - 1} without gaps; id {unused} is unused")
 
 
+def _check_merge_order(name: str, ids: dict[str, int], merges: Iterable[str]) -> None:
+    """tiktoken merges the adjacent pair whose concatenation has the lowest id, so ids are merge
+    priorities: each merge "a b" must join two tokens into a third, and later merges must make
+    tokens with higher (or, for vocabularies converted from tiktoken, equal) ids than earlier
+    ones, or tiktoken would merge in another order than the BPE the vocabulary was trained with
+    and its ids would differ from llama.cpp's and HF's.
+    `ids` maps the normal tokens' byte-level strings to ids (strings concatenate like bytes)."""
+    previous = -1
+    for index, merge in enumerate(merges):
+        left, space, right = merge.partition(" ")
+        result = ids.get(left + right)
+        if not space or " " in right or result is None or left not in ids or right not in ids:
+            raise TokenizerError(f"{name}: merge {index} ({merge!r}) is not two tokens of the "
+                                 "vocabulary, separated by one space, that join into a third")
+        if result < previous:
+            raise TokenizerError(
+                f"{name}: merge {index} ({merge!r}) makes token id {result}, lower than the "
+                f"{previous} an earlier merge made; ids must follow the merge order (tiktoken uses "
+                "them as merge priorities), so this vocabulary cannot be run by tiktoken")
+        previous = result
+
+
 class Tokenizer:
     """A byte-level BPE vocabulary and its special tokens; text in, token ids out.
 
     `mergeable_ranks` maps each BPE token's bytes to its id (which is also its merge
     priority); `special_tokens` maps names like "<|eot_id|>" to ids. Together the ids
-    must be exactly 0..n_words-1, and every single byte must be a token.
+    must be exactly 0..n_words-1. Single bytes without a token make text holding them
+    unencodable (`encode` raises TokenizerError naming the character).
     `bos_id` is None for vocabularies without a begin-of-text token; `add_bos` says
-    whether `encode` prepends it by default (Llama 3 does).
+    whether `encode` prepends it by default (Llama 3 does, SmolLM2 does not).
+    `chat_template` is the model's Jinja chat template when its files ship one (GGUF,
+    tokenizer_config.json); npllama does not run it, chat.py reads its default system prompt.
     """
 
     def __init__(self, name: str, pat_str: str, mergeable_ranks: dict[bytes, int],
                  special_tokens: dict[str, int], bos_id: int | None, eos_id: int,
-                 stop_ids: Iterable[int], add_bos: bool = True):
+                 stop_ids: Iterable[int], add_bos: bool = True, chat_template: str | None = None):
         _check_vocabulary(name, mergeable_ranks, special_tokens)
         self.name = name
+        self.chat_template = chat_template
+        missing = bytes(b for b in range(256) if bytes([b]) not in mergeable_ranks)
+        self._missing_bytes = missing
+        self._unencodable = re.compile(b"[" + re.escape(missing) + b"]") if missing else None
         self._n_words = len(mergeable_ranks) + len(special_tokens)
         self._special_tokens = dict(special_tokens)
         self._special_ids = frozenset(special_tokens.values())
@@ -194,6 +260,54 @@ class Tokenizer:
             eos_id=specials["<|end_of_text|>"],
             stop_ids={specials[token] for token in LLAMA3_STOP_TOKENS},
         )
+
+    @classmethod
+    def from_byte_level_bpe(cls, name: str, tokens: Sequence[str], token_types: Sequence[int] | None,
+                            pre: str, bos_id: int | None, eos_id: int, stop_ids: Iterable[int],
+                            add_bos: bool, merges: Iterable[str] | None = None,
+                            chat_template: str | None = None) -> Tokenizer:
+        """A GPT-2-style byte-level BPE vocabulary, as GGUF (tokenizer.ggml.*) and Hugging Face's
+        tokenizer.json store it.
+
+        tokens[i] is token i's string: for normal tokens GPT-2's printable stand-ins for bytes
+        ("Ġthe" is b" the"), for special ones (token_types CONTROL, USER_DEFINED, UNKNOWN, UNUSED;
+        None means all normal) the name itself. The ids of normal tokens become tiktoken's ranks,
+        which is right only if they follow the merge order: given `merges` ("Ġ t", ...) that is
+        checked. `pre` names the split regex the way llama.cpp does (PRE_TOKENIZERS).
+        """
+        if pre not in PRE_TOKENIZERS:
+            raise TokenizerError(
+                f"{name}: pre-tokenizer {pre!r} is not supported; npllama knows "
+                f"{', '.join(PRE_TOKENIZERS)} (Llama 3, SmolLM2, GPT-2), so this model's text would be "
+                "split differently from how it was trained")
+        if token_types is not None and len(token_types) != len(tokens):
+            raise TokenizerError(f"{name}: {len(tokens)} tokens but {len(token_types)} token types")
+        ranks: dict[bytes, int] = {}
+        specials: dict[str, int] = {}
+        normal: dict[str, int] = {}
+        for i, token in enumerate(tokens):
+            kind = TOKEN_NORMAL if token_types is None else int(token_types[i])
+            if kind in SPECIAL_TOKEN_TYPES:
+                if token in specials:
+                    raise TokenizerError(f"{name}: special token {token!r} appears twice "
+                                         f"(ids {specials[token]} and {i})")
+                specials[token] = i
+                continue
+            if kind == TOKEN_BYTE:
+                raise TokenizerError(f"{name}: token {i} ({token!r}) is a SentencePiece byte token; "
+                                     "npllama reads byte-level BPE (GPT-2 style) vocabularies only")
+            try:
+                data = byte_level_token_bytes(token)
+            except ValueError as e:
+                raise TokenizerError(f"{name}: token {i} ({token!r}) is not a byte-level BPE token: {e}; "
+                                     "is this a SentencePiece vocabulary (Llama 2)?") from None
+            if data in ranks:
+                raise TokenizerError(f"{name}: tokens {ranks[data]} and {i} both stand for {data!r}")
+            ranks[data] = normal[token] = i
+        if merges is not None:
+            _check_merge_order(name, normal, merges)
+        return cls(name, PRE_TOKENIZERS[pre], ranks, specials, bos_id, eos_id, stop_ids,
+                   add_bos=add_bos, chat_template=chat_template)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, n_words={self._n_words})"
@@ -260,6 +374,8 @@ class Tokenizer:
                 "text.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace') rejoins split pairs "
                 "and replaces lone halves with U+FFFD"
             )
+        if self._unencodable is not None:
+            self._check_representable(text)
         allowed_special = "all" if allow_special else set()
         ids = []
         for chunk in _chunks(text):
@@ -273,6 +389,22 @@ class Tokenizer:
         if eos:
             ids.append(self._eos_id)
         return ids
+
+    def _check_representable(self, text: str) -> None:
+        """Raise if the text holds a byte the vocabulary has no token for (tiktoken would panic)."""
+        data = text.encode("utf-8")
+        found = self._unencodable.search(data)
+        if found is None:
+            return
+        index = len(data[:found.start()].decode("utf-8", errors="ignore"))  # the character holding it
+        char = text[index]
+        missing = ", ".join(f"0x{b:02x}" for b in self._missing_bytes[:8])
+        more = " ..." if len(self._missing_bytes) > 8 else ""
+        raise TokenizerError(
+            f"cannot encode text[{index}] = {char!r} (U+{ord(char):04X}): its UTF-8 byte "
+            f"0x{data[found.start()]:02x} has no token in {self.name}, whose vocabulary lacks "
+            f"{len(self._missing_bytes)} of the 256 bytes ({missing}{more}), so the model has never "
+            f"seen it. Remove or replace such characters first, e.g. text.replace({char!r}, ' ')")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """The bytes the tokens stand for, concatenated; special tokens give their names."""

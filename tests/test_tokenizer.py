@@ -230,11 +230,18 @@ def test_not_a_tiktoken_file(tmp_path):
         Tokenizer.from_llama3_model(path)
 
 
-def test_missing_single_bytes_refused(tmp_path):
+def test_missing_single_bytes_make_text_unencodable(tmp_path):
+    """A vocabulary may lack single bytes (SmolLM2 has no token for 0x04); text holding one is
+    refused by encode with the character named, never a tiktoken panic."""
     path = tmp_path / "tokenizer.model"
-    path.write_bytes(b"YQ== 0\nYg== 1\n")
-    with pytest.raises(TokenizerError, match="no token for the single byte.*0x00"):
-        Tokenizer.from_llama3_model(path)
+    path.write_bytes(b"YQ== 0\nYg== 1\n")  # only "a" and "b"
+    tok = Tokenizer.from_llama3_model(path)
+    assert tok.encode("abba", bos=False) == [0, 1, 1, 0]
+    with pytest.raises(TokenizerError, match=r"text\[2\] = 'c' \(U\+0063\): its UTF-8 byte 0x63 has no "
+                                             r"token in .*lacks 254 of the 256 bytes \(0x00, 0x01"):
+        tok.encode("abc")
+    with pytest.raises(TokenizerError, match=r"text\[1\] = 'é' \(U\+00E9\): its UTF-8 byte 0xc3"):
+        tok.encode("aé")
 
 
 @pytest.mark.parametrize("text, index, code", [("ab\ud800c", 2, "D800"), ("x\ud83e\udd99", 1, "D83E")])

@@ -1,0 +1,590 @@
+"""GGUF files (llama.cpp's format): configuration, tokenizer and weights in one memory-mapped file.
+
+Layout, all little-endian:
+
+    "GGUF", version (2 or 3), tensor count, metadata count
+    metadata     key -> typed value: numbers, strings, arrays (the vocabulary is one array
+                 of 49152 strings); llama.embedding_length, tokenizer.ggml.tokens, ...
+    tensor infos name, dims innermost first (ne[0] is the length of a row), ggml type, offset
+    padding to general.alignment (32 bytes), then every tensor's data
+
+A GGUF shape lists dimensions innermost first, so the [out, in] matrix Meta stores as
+(4096, 14336) is written ne = [14336, 4096]; reversed, it is NumPy's C-order shape.
+Quantized types store each row as blocks (Q8_0: 32 int8 and one float16 scale, 34 bytes);
+blocks never straddle rows, so one row can be decoded without the others.
+
+llama.cpp's converter writes q and k in Meta's layout (it undoes the row permutation of
+Hugging Face checkpoints), so they need no change here; tests/test_gguf.py checks it on
+SmolLM2 by perplexity.
+
+The header is parsed here rather than with gguf-py's GGUFReader, which builds one NumPy view
+per metadata string and takes ~6 s to open SmolLM2 (98k vocabulary and merge strings); this
+parser takes ~0.1 s. F32/F16/BF16, Q8_0, Q4_0 and Q4_1 are decoded here too, so the default
+model needs nothing beyond NumPy; gguf-py (pip install gguf) is imported only to dequantize
+other types (K-quants, IQ*, Q5_*).
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import ml_dtypes
+import numpy as np
+
+from .checkpoint import check_weights
+from .config import ModelArgs, RopeScaling
+from .errors import CheckpointError, ConfigError, ModelNotFoundError, TokenizerError
+from .layers import rope_frequencies, scale_rope_frequencies
+from .tokenizer import SPECIAL_TOKEN_TYPES, Tokenizer
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+
+# --- The header --------------------------------------------------------------------------
+
+# Metadata value types -> struct format; 8 is a string, 9 an array.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_NUMPY_SCALARS = {k: np.dtype(v) for k, v in _SCALARS.items()}
+
+
+class GGMLType(NamedTuple):
+    id: int
+    name: str
+    block_size: int  # values per block (1 for plain floats)
+    type_size: int  # bytes per block
+
+
+# ggml's tensor types (ggml.h; gguf-py's GGML_QUANT_SIZES, which a test checks this against).
+GGML_TYPES = {t.id: t for t in (GGMLType(*fields) for fields in [
+    (0, "F32", 1, 4), (1, "F16", 1, 2), (2, "Q4_0", 32, 18), (3, "Q4_1", 32, 20), (6, "Q5_0", 32, 22),
+    (7, "Q5_1", 32, 24), (8, "Q8_0", 32, 34), (9, "Q8_1", 32, 40), (10, "Q2_K", 256, 84),
+    (11, "Q3_K", 256, 110), (12, "Q4_K", 256, 144), (13, "Q5_K", 256, 176), (14, "Q6_K", 256, 210),
+    (15, "Q8_K", 256, 292), (16, "IQ2_XXS", 256, 66), (17, "IQ2_XS", 256, 74), (18, "IQ3_XXS", 256, 98),
+    (19, "IQ1_S", 256, 50), (20, "IQ4_NL", 32, 18), (21, "IQ3_S", 256, 110), (22, "IQ2_S", 256, 82),
+    (23, "IQ4_XS", 256, 136), (24, "I8", 1, 1), (25, "I16", 1, 2), (26, "I32", 1, 4), (27, "I64", 1, 8),
+    (28, "F64", 1, 8), (29, "IQ1_M", 256, 56), (30, "BF16", 1, 2), (34, "TQ1_0", 256, 54),
+    (35, "TQ2_0", 256, 66), (39, "MXFP4", 32, 17), (40, "NVFP4", 64, 36), (41, "Q1_0", 128, 18),
+])}
+# Stored as plain floats: read as views of the file, never decoded.
+FLOAT_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+                "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64)}
+
+
+def ggml_type(type_id: int) -> GGMLType:
+    """The ggml type with this id; types newer than this table come from gguf-py if installed."""
+    if type_id in GGML_TYPES:
+        return GGML_TYPES[type_id]
+    try:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        qtype = GGMLQuantizationType(type_id)
+        return GGMLType(type_id, qtype.name, *GGML_QUANT_SIZES[qtype])
+    except (ImportError, ValueError, KeyError):
+        raise KeyError(type_id) from None
+
+
+class _Truncated(Exception):
+    """The header claims more bytes than the file holds."""
+
+
+class _HeaderReader:
+    """Reads GGUF header values one after another from a bytes-like buffer."""
+
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> int:
+        """Advance by n bytes; returns where they start."""
+        start = self.pos
+        if n < 0 or start + n > len(self.buf):
+            raise _Truncated
+        self.pos = start + n
+        return start
+
+    def scalar(self, fmt: str):
+        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        start = self.take(n)
+        try:
+            return self.buf[start:start + n].decode("utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.path}: a metadata string at byte {start} is not UTF-8; "
+                                  "the file is corrupt") from None
+
+    def strings(self, count: int) -> list[str]:
+        """An array of strings, in one tight loop: a vocabulary has 10^5 of them."""
+        buf, pos, size = self.buf, self.pos, len(self.buf)
+        unpack = struct.Struct("<Q").unpack_from
+        raw = []
+        for _ in range(count):
+            if pos + 8 > size:
+                raise _Truncated
+            n = unpack(buf, pos)[0]
+            pos += 8
+            raw.append(buf[pos:pos + n])
+            pos += n
+        if pos > size:
+            raise _Truncated
+        self.pos = pos
+        try:
+            return [b.decode("utf-8") for b in raw]
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.path}: a metadata string array holds text that is not UTF-8; "
+                                  "the file is corrupt") from None
+
+    def value(self, kind: int, key: str):
+        if kind in _SCALARS:
+            return self.scalar(_SCALARS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item_kind, count = self.scalar("<I"), self.scalar("<Q")
+            if item_kind in _NUMPY_SCALARS:  # one read for the whole array (token types: 49152 ints)
+                dtype = _NUMPY_SCALARS[item_kind]
+                start = self.take(count * dtype.itemsize)
+                return np.frombuffer(self.buf, dtype, count, start).tolist()
+            if count > len(self.buf) - self.pos:  # every item takes at least one byte
+                raise _Truncated
+            if item_kind == _STRING:
+                return self.strings(count)
+            return [self.value(item_kind, key) for _ in range(count)]
+        raise CheckpointError(f"{self.path}: metadata {key} has unknown value type {kind}; "
+                              "the file is corrupt or from a newer GGUF version")
+
+
+class TensorInfo(NamedTuple):
+    name: str  # llama.cpp's name, e.g. "blk.0.attn_q.weight"
+    shape: tuple[int, ...]  # NumPy (C-order) shape: GGUF's ne reversed, so [out, in]
+    qtype: GGMLType
+    start: int  # absolute file offset of the first byte
+    nbytes: int
+
+
+@dataclass
+class GGUFFile:
+    """A parsed GGUF header and the memory map its tensors live in."""
+
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    buffer: Any  # read-only mmap of the whole file
+
+    def array(self, info: TensorInfo) -> np.ndarray:
+        """The tensor's stored bytes as a read-only view: float arrays for F32/F16/BF16,
+        uint8 rows of blocks [rows, bytes_per_row] for quantized types."""
+        if info.qtype.name in FLOAT_DTYPES:
+            dtype = FLOAT_DTYPES[info.qtype.name]
+            return np.frombuffer(self.buffer, dtype, info.nbytes // dtype.itemsize,
+                                 info.start).reshape(info.shape)
+        rows = info.shape[:-1]
+        row_bytes = info.shape[-1] // info.qtype.block_size * info.qtype.type_size
+        return np.frombuffer(self.buffer, np.uint8, info.nbytes, info.start).reshape(*rows, row_bytes)
+
+
+def read_gguf_file(path: str | Path) -> GGUFFile:
+    """Parse a GGUF file's header and map the file; no tensor data is read."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} not found: expected a .gguf file")
+    size = path.stat().st_size
+    if size < 24:
+        raise CheckpointError(f"{path} is {size} bytes, too short for a GGUF header: the download "
+                              "was interrupted; download it again")
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if buf[:4] != GGUF_MAGIC:
+        raise CheckpointError(f"{path} is not a GGUF file (it starts with {buf[:4]!r}, not b'GGUF')")
+    r = _HeaderReader(buf, path)
+    r.take(4)
+    key = "the header"
+    try:
+        version = r.scalar("<I")
+        if version not in (2, 3):
+            hint = (" (it looks big-endian; npllama reads little-endian files)" if version > 0xFFFF
+                    else "; re-convert the model with a current llama.cpp")
+            raise CheckpointError(f"{path} is GGUF version {version}, npllama reads versions 2 and 3{hint}")
+        n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
+        metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = r.string()
+            metadata[key] = r.value(r.scalar("<I"), key)
+        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment % 8:
+            raise CheckpointError(f"{path}: general.alignment is {alignment!r}; it must be a "
+                                  "positive multiple of 8")
+        raw = []
+        for i in range(n_tensors):
+            key = f"tensor info {i}"
+            name = r.string()
+            key = f"tensor info of {name}"
+            n_dims = r.scalar("<I")
+            if not 1 <= n_dims <= 4:
+                raise CheckpointError(f"{path}: tensor {name} has {n_dims} dimensions; GGUF allows 1 to 4")
+            ne = [r.scalar("<Q") for _ in range(n_dims)]
+            raw.append((name, ne, r.scalar("<I"), r.scalar("<Q")))
+    except _Truncated:
+        raise CheckpointError(f"{path} is truncated: it ends inside {key}; download it again") from None
+    data_start = -(-r.pos // alignment) * alignment
+
+    tensors = {}
+    for name, ne, type_id, offset in raw:
+        try:
+            qtype = ggml_type(type_id)
+        except KeyError:
+            raise CheckpointError(f"{path}: tensor {name} has ggml type {type_id}, which npllama does not "
+                                  "know (nor gguf-py, if installed: pip install -U gguf)") from None
+        if ne[0] % qtype.block_size:
+            raise CheckpointError(f"{path}: tensor {name} has rows of {ne[0]} values, not a multiple of "
+                                  f"{qtype.name}'s block of {qtype.block_size}; the file is corrupt")
+        nbytes = math.prod(ne) // qtype.block_size * qtype.type_size
+        start = data_start + offset
+        if start + nbytes > size:
+            raise CheckpointError(f"{path} is truncated: tensor {name} ends {start + nbytes - size} bytes "
+                                  "past the end of the file; download it again")
+        if name in tensors:
+            raise CheckpointError(f"{path} holds two tensors named {name}; the file is corrupt")
+        tensors[name] = TensorInfo(name, tuple(int(d) for d in reversed(ne)), qtype, start, nbytes)
+    return GGUFFile(path, version, metadata, tensors, buf)
+
+
+# --- Dequantization ----------------------------------------------------------------------
+
+# The legacy block formats, written out because gguf-py's generic kernels take ~3x longer (most
+# of a GGUF model's load time); the results are bit-identical (tests/test_gguf.py).
+# Each block holds 32 values: a float16 scale d (and for Q4_1 a float16 minimum m), then the
+# quants. Q4 packs two per byte: the low nibbles are values 0..15, the high nibbles 16..31.
+
+def _scales(b: np.ndarray, start: int) -> np.ndarray:
+    return b[:, start:start + 2].view(np.float16).astype(np.float32)  # [N, 1]
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    q = np.empty((len(qs), 32), np.float32)  # [N, 32]
+    np.bitwise_and(qs, 15, out=q[:, :16], casting="unsafe")
+    np.right_shift(qs, 4, out=q[:, 16:], casting="unsafe")
+    return q
+
+
+def _q8_0(b: np.ndarray) -> np.ndarray:  # [N, 34] -> [N, 32]: d * q
+    q = b[:, 2:].view(np.int8).astype(np.float32)
+    q *= _scales(b, 0)
+    return q
+
+
+def _q4_0(b: np.ndarray) -> np.ndarray:  # [N, 18] -> [N, 32]: d * (q - 8)
+    q = _nibbles(b[:, 2:])
+    q -= 8
+    q *= _scales(b, 0)
+    return q
+
+
+def _q4_1(b: np.ndarray) -> np.ndarray:  # [N, 20] -> [N, 32]: d * q + m
+    q = _nibbles(b[:, 4:])
+    q *= _scales(b, 0)
+    q += _scales(b, 2)
+    return q
+
+
+_KERNELS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1}
+
+
+def dequantize_rows(blocks: np.ndarray, qtype: GGMLType) -> np.ndarray:
+    """float32 values of quantized rows: uint8 [..., bytes_per_row] -> float32 [..., row_length]."""
+    kernel = _KERNELS.get(qtype.name)
+    if kernel is None:  # K-quants, IQ*, Q5_*...: gguf-py's kernels
+        try:
+            from gguf import GGMLQuantizationType
+            from gguf.quants import dequantize
+        except ImportError:
+            raise CheckpointError(f"decoding {qtype.name} tensors needs gguf-py: pip install gguf "
+                                  "(npllama decodes F32, F16, BF16, Q8_0, Q4_0 and Q4_1 itself)") from None
+        return dequantize(blocks, GGMLQuantizationType(qtype.id))
+    out = kernel(blocks.reshape(-1, qtype.type_size))  # [N blocks, 32]
+    return out.reshape(*blocks.shape[:-1], -1)
+
+
+# --- Weights -----------------------------------------------------------------------------
+
+class LazyRows:
+    """A stored [rows, cols] matrix that becomes a NumPy array only when it is used.
+
+    `np.asarray(t)` produces all of it; `t[rows]` only those rows, so an embedding lookup
+    decodes T rows of the table and the streamed matmul one tile at a time. `shape`, `dtype`
+    and `size` describe the array it becomes, so code that checks or sizes weights never
+    produces them. Nothing is cached: the model keeps its own float32 copy when it fits.
+    Subclasses say how rows are made (`rows`): dequantized (GGUF), or reordered (HF's q/k).
+    """
+
+    ndim = 2
+
+    def __init__(self, shape: tuple[int, int], dtype, name: str = ""):
+        self.shape, self.dtype, self.name = tuple(shape), np.dtype(dtype), name
+
+    def rows(self, index) -> np.ndarray:
+        """The rows `index` (an int, slice or integer array) selects, as an array."""
+        raise NotImplementedError
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self.rows(slice(None))
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def astype(self, dtype) -> np.ndarray:
+        return np.asarray(self, dtype=dtype)
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        if rows is Ellipsis or rows is None:
+            return np.asarray(self)[index]
+        out = self.rows(rows)
+        if not rest:
+            return out
+        return out[rest] if out.ndim == 1 else out[(slice(None), *rest)]
+
+
+class QuantizedTensor(LazyRows):
+    """A quantized GGUF matrix, dequantized to float32 row by row when used."""
+
+    def __init__(self, blocks: np.ndarray, shape: tuple[int, int], qtype: GGMLType, name: str = ""):
+        super().__init__(shape, np.float32, name)
+        self.blocks = blocks  # uint8 [rows, bytes_per_row], a read-only view of the file
+        self.qtype = qtype
+
+    def rows(self, index) -> np.ndarray:
+        return dequantize_rows(self.blocks[index], self.qtype)  # [..., cols] float32
+
+    def __repr__(self) -> str:
+        return f"QuantizedTensor({self.name!r}, {self.qtype.name}, shape={self.shape})"
+
+
+# llama.cpp's names -> Meta's: per layer (blk.N.attn_q.weight -> layers.N.attention.wq.weight)...
+_LAYER_NAMES = {
+    "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
+    "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
+    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+}
+# ...and for the whole model.
+_GLOBAL_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+                 "output.weight": "output.weight"}
+# Not a weight: Llama 3.1's RoPE scaling, written by llama.cpp as one factor per frequency.
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def meta_name(gguf_name: str) -> str | None:
+    """Meta's name for a llama.cpp tensor name; None if it is not a Llama weight."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight" \
+            and parts[2] in _LAYER_NAMES:
+        return f"layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.weight"
+    return None
+
+
+class GGUFWeights(Mapping):
+    """Meta name -> tensor of a GGUF file: F32/F16/BF16 tensors are read-only views of the
+    memory map, quantized ones QuantizedTensors (decoded when used)."""
+
+    def __init__(self, file: GGUFFile, names: dict[str, str]):
+        self.file = file
+        self._infos = {meta: file.tensors[name] for meta, name in names.items()}  # Meta name -> info
+
+    def __getitem__(self, name: str):
+        info = self._infos[name]
+        stored = self.file.array(info)
+        if info.qtype.name in FLOAT_DTYPES:
+            return stored
+        if len(info.shape) != 2:  # llama.cpp never quantizes vectors; decode such a one now
+            return dequantize_rows(stored, info.qtype).reshape(info.shape)
+        return QuantizedTensor(stored, info.shape, info.qtype, info.name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def gguf_name(self, name: str) -> str:
+        return self._infos[name].name
+
+    def qtypes(self) -> dict[str, int]:
+        """How many tensors of each ggml type, e.g. {"Q4_1": 210, "F32": 61, "Q8_0": 1}."""
+        counts: dict[str, int] = {}
+        for info in self._infos.values():
+            counts[info.qtype.name] = counts.get(info.qtype.name, 0) + 1
+        return counts
+
+
+def _weights(file: GGUFFile) -> GGUFWeights:
+    names = {}
+    for name, info in file.tensors.items():
+        if name == ROPE_FREQS:
+            continue
+        meta = meta_name(name)
+        if meta is None:
+            raise CheckpointError(f"{file.path} holds tensor {name}, which a Llama model does not have "
+                                  "(npllama runs plain Llama: no biases, no fused qkv, no experts)")
+        if info.qtype.name not in FLOAT_DTYPES:
+            try:  # decode one row now, so an unsupported type fails at load, naming the tensor
+                dequantize_rows(file.array(info)[(0,) * (len(info.shape) - 1)], info.qtype)
+            except NotImplementedError:
+                raise CheckpointError(f"{file.path}: tensor {name} is {info.qtype.name}, which gguf-py "
+                                      "cannot dequantize; use a file quantized as Q8_0, Q4_K_M, ...") from None
+            except CheckpointError as e:
+                raise CheckpointError(f"{file.path}: tensor {name}: {e}") from None
+        names[meta] = name
+    return GGUFWeights(file, names)
+
+
+# --- Configuration -----------------------------------------------------------------------
+
+def _get(file: GGUFFile, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """Metadata `key`, checked to be of type `kind`; `default` if absent (required if not given)."""
+    if key not in file.metadata:
+        if default is ...:
+            raise ConfigError(f"{file.path} has no metadata key {key}: the file is incomplete or "
+                              "not a Llama model")
+        return default
+    value = file.metadata[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ConfigError(f"{file.path}: metadata {key} is {value!r}; expected a {expected}")
+    return value
+
+
+def _rope_scaling(file: GGUFFile, arch: str, head_dim: int, theta: float) -> RopeScaling | None:
+    """Meta's RoPE scaling from GGUF: llama.cpp stores Llama 3.1's as a rope_freqs tensor of
+    per-frequency divisors (factor for long wavelengths, 1 for short ones, blended between);
+    the parameters that reproduce those divisors are recovered and checked."""
+    kind = file.metadata.get(f"{arch}.rope.scaling.type", "none")
+    linear = file.metadata.get(f"{arch}.rope.scale_linear", 1.0)
+    if kind != "none" or linear != 1.0:
+        raise ConfigError(f"{file.path}: RoPE scaling {kind if kind != 'none' else 'linear'} is not "
+                          "supported; npllama implements Llama 3.1's scaling only")
+    info = file.tensors.get(ROPE_FREQS)
+    if info is None:
+        return None
+    if info.qtype.name != "F32" or info.shape != (head_dim // 2,):
+        raise CheckpointError(f"{file.path}: {ROPE_FREQS} is {info.qtype.name} {info.shape}; expected "
+                              f"float32 ({head_dim // 2},)")
+    divisors = file.array(info).astype(np.float64)
+    if np.all(divisors == 1.0):
+        return None
+    freqs = rope_frequencies(head_dim, theta)
+    original = _get(file, f"{arch}.rope.scaling.original_context_length", int, 8192)
+    scaling = RopeScaling(factor=float(divisors.max()), original_max_seq_len=original)
+    expected = freqs.astype(np.float64) / scale_rope_frequencies(freqs, scaling)
+    if not np.allclose(divisors, expected, rtol=1e-4):
+        raise ConfigError(f"{file.path}: {ROPE_FREQS} holds RoPE divisors that are not Llama 3.1's "
+                          f"scaling (factor {scaling.factor:g}, low/high frequency factors 1 and 4, "
+                          f"original context {original}); npllama cannot run this RoPE variant")
+    return scaling
+
+
+def gguf_model_args(file: GGUFFile) -> ModelArgs:
+    """ModelArgs from GGUF metadata (max_seq_len is left at its default: the caller's choice)."""
+    arch = _get(file, "general.architecture", str)
+    if arch != "llama":
+        raise ConfigError(f"{file.path}: general.architecture is {arch!r}; npllama runs Llama models "
+                          "(architecture 'llama') only")
+    if _get(file, f"{arch}.expert_count", int, 0):
+        raise ConfigError(f"{file.path} is a mixture-of-experts model ({arch}.expert_count = "
+                          f"{file.metadata[f'{arch}.expert_count']}); npllama runs dense Llama models only")
+    n_heads = _get(file, f"{arch}.attention.head_count", int)
+    dim = _get(file, f"{arch}.embedding_length", int)
+    embedding = file.tensors.get("token_embd.weight")
+    if embedding is None:
+        raise CheckpointError(f"{file.path} has no tensor token_embd.weight; the file is incomplete")
+    vocab_size = embedding.shape[0]
+    stated = _get(file, f"{arch}.vocab_size", int, vocab_size)
+    if stated != vocab_size:
+        raise ConfigError(f"{file.path}: {arch}.vocab_size is {stated} but token_embd.weight has "
+                          f"{vocab_size} rows; the file is inconsistent")
+    # llama.cpp's defaults where the key may be absent (old Llama 1/2 conversions).
+    theta = float(_get(file, f"{arch}.rope.freq_base", (int, float), 10000.0))
+    try:
+        args = ModelArgs(
+            dim=dim,
+            n_layers=_get(file, f"{arch}.block_count", int),
+            n_heads=n_heads,
+            n_kv_heads=_get(file, f"{arch}.attention.head_count_kv", int, n_heads),
+            vocab_size=vocab_size,
+            norm_eps=float(_get(file, f"{arch}.attention.layer_norm_rms_epsilon", (int, float))),
+            rope_theta=theta,
+            ffn_hidden_dim=_get(file, f"{arch}.feed_forward_length", int),
+            tie_embeddings="output.weight" not in file.tensors,
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{file.path}: {e}") from None
+    for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.key_length",
+                f"{arch}.attention.value_length"):
+        value = _get(file, key, int, args.head_dim)
+        if value != args.head_dim:
+            raise ConfigError(f"{file.path}: {key} is {value} but embedding_length / head_count is "
+                              f"{args.head_dim}; npllama needs head_dim = dim / n_heads, fully rotated")
+    scaling = _rope_scaling(file, arch, args.head_dim, theta)
+    return replace(args, rope_scaling=scaling) if scaling is not None else args
+
+
+# --- Tokenizer ---------------------------------------------------------------------------
+
+# Tokens that end generation in llama.cpp (its end-of-generation list), when they are special.
+_END_OF_GENERATION = ("<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>",
+                      "<|end|>", "<end_of_turn>")
+
+
+def gguf_tokenizer(file: GGUFFile) -> Tokenizer:
+    """The byte-level BPE tokenizer of tokenizer.ggml.* metadata (model "gpt2")."""
+    model = _get(file, "tokenizer.ggml.model", str)
+    if model != "gpt2":
+        what = "SentencePiece (Llama 1/2)" if model == "llama" else repr(model)
+        raise TokenizerError(f"{file.path}: the tokenizer is {what}; npllama reads byte-level BPE "
+                             "tokenizers (tokenizer.ggml.model 'gpt2': Llama 3, SmolLM2)")
+    tokens = _get(file, "tokenizer.ggml.tokens", list)
+    types = _get(file, "tokenizer.ggml.token_type", list, None)
+    ids = {}
+    for key in ("bos", "eos", "eot", "eom"):
+        value = _get(file, f"tokenizer.ggml.{key}_token_id", int, None)
+        if value is not None and not 0 <= value < len(tokens):
+            raise TokenizerError(f"{file.path}: tokenizer.ggml.{key}_token_id is {value}, outside the "
+                                 f"{len(tokens)}-token vocabulary")
+        ids[key] = value
+    if ids["eos"] is None:
+        raise TokenizerError(f"{file.path} has no tokenizer.ggml.eos_token_id; npllama would not know "
+                             "where generation ends")
+    pre = _get(file, "tokenizer.ggml.pre", str, "default")
+    # llama.cpp adds BOS by default for Llama 3's tokenizer, not for other BPE ones.
+    add_bos = _get(file, "tokenizer.ggml.add_bos_token", bool, pre == "llama-bpe")
+    specials = {t for t, kind in zip(tokens, types or ()) if kind in SPECIAL_TOKEN_TYPES}
+    stop_ids = {i for i in (ids["eos"], ids["eot"], ids["eom"]) if i is not None}
+    stop_ids |= {i for i, t in enumerate(tokens) if t in _END_OF_GENERATION and t in specials}
+    return Tokenizer.from_byte_level_bpe(
+        str(file.path), tokens, types, pre, bos_id=ids["bos"], eos_id=ids["eos"], stop_ids=stop_ids,
+        add_bos=add_bos, merges=_get(file, "tokenizer.ggml.merges", list, None),
+        chat_template=_get(file, "tokenizer.chat_template", str, None))
+
+
+def read_gguf(path: str | Path) -> tuple[ModelArgs, GGUFWeights, Tokenizer]:
+    """Configuration, weights (Meta's names, [out, in]) and tokenizer of a Llama GGUF file."""
+    file = read_gguf_file(path)
+    args = gguf_model_args(file)
+    weights = _weights(file)
+    # Shapes and dtypes only: QuantizedTensors state them without being decoded.
+    args = check_weights(weights, args, str(file.path), config="its GGUF metadata")
+    return args, weights, gguf_tokenizer(file)
