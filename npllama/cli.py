@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["download"]:
             from .default_model import main as download_main
             return download_main(argv[1:])
+        if argv[:1] == ["explain"]:
+            from .explain import main as explain_main
+            return explain_main(argv[1:])
+        if argv[:1] == ["compare"]:
+            from .compare import main as compare_main
+            return compare_main(argv[1:])
         args = build_parser().parse_args(argv)
         return run(args)
     except NpllamaError as e:

@@ -1,0 +1,136 @@
+"""`python -m npllama compare`: npllama against the torch oracle, every intermediate, one table.
+
+Both run the same prompt through the same weights (the oracle gets npllama's own weights,
+converted to torch tensors, so any checkpoint npllama loads can be checked). Each row of the
+table is one named intermediate of TRACE_NAMES, layer by layer: the largest absolute and
+relative difference, the fraction of bit-identical elements, and the bound it must stay under.
+Exit status: 0 if every row is within its bound, 1 if any is not (they are named), 2 if the
+oracle cannot run (no torch). torch is imported here only, never by the rest of npllama.
+
+End to end, each difference is carried into every later layer; `--per-layer` instead starts each
+oracle layer from npllama's own input to it, which isolates each layer's math. float32 passes
+either way; the bf16 flow of a deep model passes only per layer (see oracle_trace_per_layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import numpy as np
+
+MAX_NAMED = 12  # failing steps named in the summary line; the table marks every one
+INSTALL_ORACLE = ('compare runs the torch oracle, which needs torch. Install the CPU build, then the '
+                  'oracle extra:\n'
+                  '    pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu\n'
+                  '    pip install "npllama[oracle]"')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cli import THE_PROMPT
+
+    p = argparse.ArgumentParser(
+        prog="python -m npllama compare",
+        description="Run npllama and the torch oracle on the same prompt and compare every named "
+                    "intermediate; exit 1 if any exceeds its bound.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-m", "--model", help="a model path, as for `python -m npllama` (default: the default "
+                   "model)")
+    p.add_argument("-p", "--prompt", default=THE_PROMPT, help="prompt text")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="float32, or bfloat16: the notebook's dtype flow on both sides")
+    p.add_argument("--per-layer", action="store_true",
+                   help="start each oracle layer from npllama's own input to that layer, so rounding "
+                        "differences do not compound over the layers (bf16 on deep models needs this)")
+    return p
+
+
+def oracle_state_dict(model, torch) -> dict:
+    """npllama's weights as float32 torch tensors with Meta's names; the Oracle casts them to its dtype."""
+    with warnings.catch_warnings():
+        # Read-only memory maps (GGUF) stay shared rather than copied: the oracle never writes to them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return {name: torch.from_numpy(np.asarray(w, dtype=np.float32)) for name, w in model.weights.items()}
+
+
+def oracle_trace_per_layer(oracle, tokens, ours: dict) -> dict:
+    """The oracle's trace with every layer (and the final norm, and the output layer) started from
+    npllama's own input to it, as recorded in `ours`.
+
+    End to end, a difference of one rounding step anywhere is carried into every later layer and
+    grows: in the bf16 flow a 30-layer model drifts past the bound by layer 3 or 4 although each
+    layer, given the same input, agrees within it. Feeding both the same input tests each layer alone.
+    """
+    import torch
+
+    from oracle import reference as R
+
+    args, w, theirs = oracle.args, oracle.weights, {}
+    n_new = len(tokens)
+
+    def recorder(prefix):  # as Oracle.forward records: float32 NumPy in npllama's layout
+        def record(name, x):
+            a = x.float()
+            theirs[prefix + name] = (a.transpose(0, 1) if name in R.HEAD_MAJOR else a).numpy().copy()
+            return x
+        return record
+
+    def given(name):  # npllama's array, in the oracle's dtype (exact: bf16 flow values are bf16)
+        return torch.from_numpy(np.ascontiguousarray(ours[name])).to(oracle.dtype)
+
+    with torch.inference_mode():
+        recorder("")("embedding", R.embed(torch.as_tensor(np.asarray(tokens), dtype=torch.long),
+                                          w["tok_embeddings.weight"]))
+        oracle.reset()
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            layer = {name[len(p):]: t for name, t in w.items() if name.startswith(p)}
+            R.transformer_block(given("embedding" if i == 0 else f"layers.{i - 1}.out"), layer, args,
+                                oracle.freqs_cis[:n_new], R.causal_mask(n_new, 0), oracle.cache_k[i],
+                                oracle.cache_v[i], 0, recorder(p))
+        last = f"layers.{args.n_layers - 1}.out"
+        recorder("")("norm", R.rms_norm(given(last), w["norm.weight"], args.norm_eps))
+        recorder("")("logits", R.linear(given("norm"), w["output.weight"]))
+    return theirs
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import torch
+
+        from oracle.compare import BFLOAT16_BOUND, FLOAT32_BOUND, compare_traces, format_table
+        from oracle.reference import Oracle
+    except ImportError as e:
+        print(f"error: {INSTALL_ORACLE}\n({e})", file=sys.stderr)
+        return 2
+    from .explain import load_for_prompt
+
+    model, tokens = load_for_prompt(args.model, args.prompt, args.dtype)
+    bf16 = args.dtype == "bfloat16"
+    ours, theirs = {}, {}
+    model.forward(tokens, trace=ours)
+    oracle = Oracle(model.args, oracle_state_dict(model, torch),
+                    dtype=torch.bfloat16 if bf16 else torch.float32, max_seq_len=len(tokens))
+    if args.per_layer:
+        theirs = oracle_trace_per_layer(oracle, tokens, ours)
+    else:
+        oracle.forward(tokens, trace=theirs)
+    rows = compare_traces(ours, theirs, BFLOAT16_BOUND if bf16 else FLOAT32_BOUND)
+
+    mode = "each layer from npllama's input to it" if args.per_layer else "end to end"
+    print(f"compare: {model.source}, {args.dtype}, {len(tokens)} tokens, {mode}: npllama vs the torch "
+          "oracle (max rel diff = max|npllama - oracle| / max|oracle| per step)\n")
+    print(format_table(rows))
+    bad = [r.name for r in rows if not r.ok]
+    if bad:
+        shown = ", ".join(bad[:MAX_NAMED]) + (f" and {len(bad) - MAX_NAMED} more (NO above)"
+                                             if len(bad) > MAX_NAMED else "")
+        print(f"\nFAIL: {len(bad)} of {len(rows)} steps exceed their bound: {shown}")
+        if bf16 and not args.per_layer:
+            print("(in the bf16 flow one-ulp rounding differences compound from layer to layer; "
+                  "--per-layer checks each layer from the same input)")
+        return 1
+    print(f"\nOK: all {len(rows)} steps within their bound")
+    return 0
