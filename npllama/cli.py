@@ -6,6 +6,8 @@
     python -m npllama -m DIR -p "..." -n 64 --temperature 0.7 --top-p 0.9 -s 1
                                                   stream a continuation (llama-cli style)
     python -m npllama -m DIR --chat [--system S]  an interactive conversation
+    python -m npllama explain [--plots DIR]       the forward pass step by step, as the notebook tells it
+    python -m npllama compare                     every intermediate against the torch oracle
     python -m npllama download                    fetch the default model, nothing else
 """
 
@@ -28,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m npllama",
         description="Llama 3 inference in NumPy. Without -n, shows the notebook's story: the prompt's "
                     "tokens, the model's top-5 next tokens, then a short continuation. With -n, streams "
-                    "a continuation. Subcommands: `download` (fetch the default model).",
+                    "a continuation. Subcommands: `explain` (the forward pass step by step, with --plots), "
+                    "`compare` (every intermediate against the torch oracle), `download` (fetch the "
+                    "default model). `python -m npllama SUBCOMMAND --help` for theirs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-m", "--model", help="a Meta checkpoint directory (params.json, consolidated.*.pth, "
                    "tokenizer.model), a Hugging Face Llama directory, or a .gguf file; default: "
@@ -84,10 +88,13 @@ def run(args) -> int:
     from .loading import load
 
     check_args(args)
+    try:
+        sampler = Sampler(args.temperature, args.top_p, args.top_k, args.seed)
+    except ValueError as e:  # checked before the model loads, which may take a while
+        raise SystemExit(f"error: {e}") from None
     budget = None if args.weights_budget_gb is None else int(args.weights_budget_gb * 2**30)
     model = load(args.model or default_model_path(), dtype=args.dtype, max_seq_len=args.max_seq_len,
                  weights_budget=budget, verbose=True)
-    sampler = Sampler(args.temperature, args.top_p, args.top_k, args.seed)
     prompt = args.file.read_text() if args.file else args.prompt
     if args.chat:
         return chat(model, sampler, args, prompt)

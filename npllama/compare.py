@@ -23,7 +23,7 @@ import numpy as np
 MAX_NAMED = 12  # failing steps named in the summary line; the table marks every one
 INSTALL_ORACLE = ('compare runs the torch oracle, which needs torch. Install the CPU build, then the '
                   'oracle extra:\n'
-                  '    pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu\n'
+                  '    pip install torch        # any torch >= 2.1; the CPU build is enough\n'
                   '    pip install "npllama[oracle]"')
 
 

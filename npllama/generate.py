@@ -57,7 +57,7 @@ class Sampler:
     rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # written so that nan is refused too
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -67,8 +67,10 @@ class Sampler:
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """The distribution a token is drawn from, after temperature, top-k and top-p."""
-        probs = softmax64(logits / self.temperature)  # [V]
-        probs = top_p_filter(top_k_filter(probs, self.top_k), self.top_p)  # [V]
+        probs = top_k_filter(softmax64(logits / self.temperature), self.top_k)  # [V]
+        # Renormalise between the filters, as Hugging Face and llama.cpp do: top-p's p is a
+        # fraction of what top-k kept, not of the whole vocabulary.
+        probs = top_p_filter(probs / probs.sum(), self.top_p)  # [V]
         return probs / probs.sum()  # [V]
 
     def __call__(self, logits: np.ndarray) -> int:
@@ -120,12 +122,13 @@ def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: S
     stop_ids = set(model.tokenizer.stop_ids if stop_ids is None else stop_ids)
     if cache is None:
         cache = model.new_cache()
+    context = min(cache.max_seq_len, model.args.max_seq_len)
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token (e.g. the BOS token)")
-    if start_pos + len(prompt) >= cache.max_seq_len:
+    if start_pos + len(prompt) >= context:
         raise PromptTooLongError(
             f"the prompt has {len(prompt)} tokens{f' after {start_pos} cached ones' if start_pos else ''}"
-            f"; max_seq_len is {cache.max_seq_len}, which leaves no room to generate: shorten the "
+            f"; max_seq_len is {context}, which leaves no room to generate: shorten the "
             "prompt, raise --max-seq-len, or pass --truncate to keep only its end")
     stats.prompt_tokens = len(prompt)
 
@@ -142,7 +145,7 @@ def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: S
         if token in stop_ids:
             stats.stop_reason = "stop_token"
             break
-        if pos >= cache.max_seq_len:
+        if pos >= context:
             stats.stop_reason = "max_seq_len"
             break
         if i + 1 < max_new_tokens:

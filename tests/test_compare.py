@@ -65,7 +65,7 @@ def test_compare_without_torch_says_how_to_install_it(checkpoint, capsys, monkey
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     assert cli.main(["compare", "-m", str(checkpoint)]) == 2
     err = capsys.readouterr().err
-    assert "pip install torch==2.13.0" in err and 'pip install "npllama[oracle]"' in err
+    assert "pip install torch" in err and 'pip install "npllama[oracle]"' in err
 
 
 def default_model_file():

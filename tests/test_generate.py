@@ -280,8 +280,6 @@ def test_invalid_sampler_parameters(kwargs):
         Sampler(**kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Sampler accepts temperature=nan and then always "
-                                       "returns token 0 (nan < 0 is False in __post_init__)")
 def test_nan_temperature_is_rejected():
     with pytest.raises(ValueError, match="temperature"):
         Sampler(temperature=float("nan"))
@@ -338,9 +336,6 @@ def test_stops_when_the_context_is_full(where):
     assert len(out) == 12
 
 
-@pytest.mark.xfail(strict=True, raises=npllama.PromptTooLongError,
-                   reason="bug: generate() bounds the loop by cache.max_seq_len only; a cache larger "
-                          "than the model's max_seq_len makes forward() raise mid-generation")
 def test_cache_larger_than_model_context_stops_cleanly():
     model, _ = small_model(max_seq_len=16)
     stats = GenerationStats()
@@ -605,8 +600,6 @@ def test_cli_prompt_too_long(load_once, checkpoint, capsys):
     assert code == 0 and "truncated" in err and "4 new tokens" in err
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="bug: cli.check_args does not validate --temperature/--top-p/"
-                                       "--top-k; Sampler's ValueError escapes main() as a traceback")
 @pytest.mark.parametrize("flag", [["--temperature", "-1"], ["--top-p", "0"], ["--top-k", "-2"]])
 def test_cli_bad_sampling_flags(load_once, checkpoint, capsys, flag):
     try:
