@@ -21,7 +21,8 @@ from oracle.checkpoints import random_state_dict, tiny_args  # noqa: E402
 from oracle.reference import Oracle  # noqa: E402
 
 ENGINE_FIGURES = ("load_s", "prefill_tok_s", "decode_tok_s", "decode_ms_at_context",
-                  "decode_bandwidth_pct", "peak_memory_mb", "context_slowdown", "greedy_tokens")
+                  "decode_bandwidth_pct", "decode_bandwidth_pct_of_run_best", "peak_memory_mb",
+                  "context_slowdown", "greedy_tokens", "foreign_cores")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def quick_run(tmp_path_factory):
     md = tmp / "table.md"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--json", str(out),
-         "--markdown", str(md), "--cache-dir", str(tmp / "cache")],
+         "--markdown", str(md), "--cache-dir", str(tmp / "cache"), "--profile"],
         cwd=tmp, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout, proc.stderr, md.read_text()
@@ -70,6 +71,14 @@ def test_json_has_machine_info_and_bandwidth(quick_run):
     for when in ("start", "end"):  # probed before and after the models
         assert {"matvec_numpy_gemv", "matvec_numpy_linear", "matvec_torch_linear",
                 "upcast_astype", "upcast_into"} <= set(bw["probes"][when]["probes"])
+
+
+def test_profile_names_the_weight_matmuls(quick_run):
+    results, *_ = quick_run
+    prof = results["profiles"]["tiny"]
+    assert prof["status"] == "ok", prof.get("error")
+    assert prof["top_tottime"] and prof["matmuls"]["matmul_ms_per_token"] > 0
+    assert {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"} <= set(prof["matmuls"]["by_weight"])
 
 
 def test_markdown_table_prints(quick_run):

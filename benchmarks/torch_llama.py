@@ -1,0 +1,128 @@
+"""A compact torch Llama 3 with a KV cache: the benchmark's baseline, written the way Meta's
+reference (llama_models/llama3/model.py) is, without fairscale and without nn.Module copies.
+
+Why not oracle.reference.Oracle? It is built to be checked, not timed: it computes the logits of
+every prompt position (a [512, vocab] matmul in a 512-token prefill where one row is needed),
+repeats each key/value head for its query heads (Meta's repeat_kv copies the whole cache every
+step: 150 ms per layer-step at 4k context on the benchmark machine, against 8 ms without the
+copy), and keeps keys token-major. A baseline that slow would flatter npllama. So this one:
+
+- F.linear with the checkpoint's [out, in] weights, used in place (no nn.Linear copies): a
+  memory-mapped bf16 state dict stays memory-mapped;
+- RMSNorm in float32 and cast back (`.type_as(x)`), RoPE by complex multiplication, as Meta;
+- a preallocated heads-first cache [KV, max_seq_len, hd] (contiguous per head, like npllama's);
+- F.scaled_dot_product_attention with enable_gqa=True, so grouped-query attention reads each key
+  head once; `gqa="repeat_kv"` selects Meta's literal repeat_kv instead;
+- logits for the last position only when asked (as npllama's `last_only`), in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from npllama.config import ModelArgs, RopeScaling
+
+LAYER_NAMES = ("attention_norm.weight", "attention.wq.weight", "attention.wk.weight",
+               "attention.wv.weight", "attention.wo.weight", "ffn_norm.weight",
+               "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Meta's RMSNorm: computed in float32, cast back to the activations' dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight  # [T, D]
+
+
+def apply_scaling(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's long-context frequency scaling, as in Meta's reference."""
+    low_freq_wavelen = s.original_max_seq_len / s.low_freq_factor
+    high_freq_wavelen = s.original_max_seq_len / s.high_freq_factor
+    wavelen = 2 * torch.pi / freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / s.factor, freqs)
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    in_band = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(in_band, (1 - smooth) * scaled / s.factor + smooth * scaled, scaled)
+
+
+def precompute_freqs_cis(head_dim: int, n_positions: int, theta: float,
+                         scaling: RopeScaling | None) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))  # [hd/2]
+    if scaling is not None:
+        freqs = apply_scaling(freqs, scaling)
+    angles = torch.outer(torch.arange(n_positions, dtype=torch.float32), freqs)  # [P, hd/2]
+    return torch.polar(torch.ones_like(angles), angles)  # [P, hd/2] complex64
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Adjacent pairs as complex numbers times e^(i*angle); x [H, T, hd], freqs_cis [T, hd/2]."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [H, T, hd/2]
+    return torch.view_as_real(pairs * freqs_cis).flatten(-2).type_as(x)  # [H, T, hd]
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Meta's repeat_kv on a heads-first tensor: [KV, S, hd] -> [KV*n_rep, S, hd] (a copy)."""
+    if n_rep == 1:
+        return x
+    kv, s, hd = x.shape
+    return x[:, None].expand(kv, n_rep, s, hd).reshape(kv * n_rep, s, hd)
+
+
+class TorchLlama:
+    """Weights (Meta's names, used in place), RoPE table and KV cache; `forward` as Meta's."""
+
+    def __init__(self, args: ModelArgs, state_dict: dict[str, torch.Tensor], dtype=torch.float32,
+                 max_seq_len: int | None = None, gqa: str = "sdpa"):
+        if gqa not in ("sdpa", "repeat_kv"):
+            raise ValueError(f"gqa must be 'sdpa' or 'repeat_kv', got {gqa!r}")
+        self.args, self.dtype, self.gqa = args, dtype, gqa
+        # .to() is a no-op (no copy) when the stored dtype already matches: bf16 stays mapped.
+        w = {name: t.to(dtype) for name, t in state_dict.items()}
+        self.tok_embeddings = w["tok_embeddings.weight"]  # [V, D]
+        self.output = w.get("output.weight", self.tok_embeddings)  # [V, D] (tied in Llama 3.2)
+        self.norm = w["norm.weight"]  # [D]
+        self.layers = [[w[f"layers.{i}.{n}"] for n in LAYER_NAMES] for i in range(args.n_layers)]
+        self.max_seq_len = max_seq_len or args.max_seq_len
+        self.freqs_cis = precompute_freqs_cis(args.head_dim, self.max_seq_len, args.rope_theta,
+                                              args.rope_scaling)  # [P, hd/2]
+        self.cache_k = self.cache_v = None
+
+    def new_cache(self):
+        """Preallocate the KV cache (a separate step, as npllama's new_cache)."""
+        shape = (self.args.n_kv_heads, self.max_seq_len, self.args.head_dim)
+        self.cache_k = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.args.n_layers)]
+        self.cache_v = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.args.n_layers)]
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = True) -> torch.Tensor:
+        """float32 logits [T or 1, V] for tokens at positions start_pos.. (cache holds the rest)."""
+        args = self.args
+        n_new = tokens.shape[0]
+        end = start_pos + n_new
+        freqs_cis = self.freqs_cis[start_pos:end]  # [T, hd/2]
+        mask = None
+        if n_new > 1:  # the new block is causal; every cached position is visible
+            mask = torch.ones(n_new, end, dtype=torch.bool).tril(diagonal=start_pos)  # [T, S]
+        h = F.embedding(tokens, self.tok_embeddings)  # [T, D]
+        for (attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3), ck, cv in zip(
+                self.layers, self.cache_k, self.cache_v):
+            x = rms_norm(h, attn_norm, args.norm_eps)  # [T, D]
+            q = F.linear(x, wq).view(n_new, args.n_heads, args.head_dim).transpose(0, 1)  # [H, T, hd]
+            k = F.linear(x, wk).view(n_new, args.n_kv_heads, args.head_dim).transpose(0, 1)  # [KV, T, hd]
+            v = F.linear(x, wv).view(n_new, args.n_kv_heads, args.head_dim).transpose(0, 1)  # [KV, T, hd]
+            q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+            ck[:, start_pos:end] = k
+            cv[:, start_pos:end] = v
+            keys, values = ck[:, :end], cv[:, :end]  # [KV, S, hd]
+            if self.gqa == "repeat_kv":
+                keys, values = repeat_kv(keys, args.n_rep), repeat_kv(values, args.n_rep)  # [H, S, hd]
+            # With a batch axis SDPA takes its fused CPU kernel (3-D inputs fall back to the
+            # unfused math path, 4x slower on small shapes).
+            attn = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
+                                                  enable_gqa=self.gqa == "sdpa")[0]  # [H, T, hd]
+            h = h + F.linear(attn.transpose(0, 1).reshape(n_new, -1), wo)  # [T, D]
+            x = rms_norm(h, ffn_norm, args.norm_eps)  # [T, D]
+            h = h + F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)  # [T, D]
+        if last_only:
+            h = h[-1:]  # [1, D]
+        return F.linear(rms_norm(h, self.norm, args.norm_eps), self.output).float()  # [T, V]
