@@ -62,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def subcommand_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The parser of `python -m npllama NAME`, with the -m and -p every subcommand takes."""
+    p = argparse.ArgumentParser(prog=f"python -m npllama {name}", description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-m", "--model", help="a model path, as for `python -m npllama` (default: the default "
+                   "model)")
+    p.add_argument("-p", "--prompt", default=THE_PROMPT, help="prompt text")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:

@@ -28,16 +28,10 @@ INSTALL_ORACLE = ('compare runs the torch oracle, which needs torch. Install the
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import THE_PROMPT
+    from .cli import subcommand_parser
 
-    p = argparse.ArgumentParser(
-        prog="python -m npllama compare",
-        description="Run npllama and the torch oracle on the same prompt and compare every named "
-                    "intermediate; exit 1 if any exceeds its bound.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-m", "--model", help="a model path, as for `python -m npllama` (default: the default "
-                   "model)")
-    p.add_argument("-p", "--prompt", default=THE_PROMPT, help="prompt text")
+    p = subcommand_parser("compare", "Run npllama and the torch oracle on the same prompt and compare "
+                          "every named intermediate; exit 1 if any exceeds its bound.")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="float32, or bfloat16: the notebook's dtype flow on both sides")
     p.add_argument("--per-layer", action="store_true",

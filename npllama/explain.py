@@ -249,16 +249,11 @@ def write_figures(directory, model: Llama, tokens, trace: dict, layer: int, head
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import THE_PROMPT
+    from .cli import subcommand_parser
 
-    p = argparse.ArgumentParser(
-        prog="python -m npllama explain",
-        description="Walk through one forward pass step by step, in the notebook's order and with its "
-                    "names: every array shown is the forward pass's own intermediate.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-m", "--model", help="a model path, as for `python -m npllama` (default: the default "
-                   "model)")
-    p.add_argument("-p", "--prompt", default=THE_PROMPT, help="prompt text")
+    p = subcommand_parser("explain", "Walk through one forward pass step by step, in the notebook's "
+                          "order and with its names: every array shown is the forward pass's own "
+                          "intermediate.")
     p.add_argument("--layer", type=int, default=0, help="the layer to show in detail")
     p.add_argument("--head", type=int, default=0, help="the attention head to show in detail")
     p.add_argument("--plots", type=Path, metavar="DIR", help="also write PNG figures into DIR "
