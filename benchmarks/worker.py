@@ -82,6 +82,18 @@ def _nbytes(w):
     return stored.nbytes if isinstance(stored, np.ndarray) else None
 
 
+def _read_weights(layer) -> list:
+    """The arrays a decode step multiplies by: with the fused fast path (wqkv, w13) the separate
+    wq/wk/wv/w1/w3 are views into the fused arrays and must not be counted twice."""
+    fields = vars(layer)
+    skip = set()
+    if fields.get("wqkv") is not None:
+        skip |= {"wq", "wk", "wv"}
+    if fields.get("w13") is not None:
+        skip |= {"w1", "w3"}
+    return [w for name, w in fields.items() if w is not None and name not in skip]
+
+
 def npllama_weight_bytes(model) -> dict:
     """Bytes of weights one decode step reads: every layer matrix and the output matrix in the
     form the matmul reads them (the embedding table is not counted: one row is read).
@@ -90,7 +102,7 @@ def npllama_weight_bytes(model) -> dict:
     try:
         total = 0
         for layer in model.layers:
-            for w in vars(layer).values():
+            for w in _read_weights(layer):
                 n = _nbytes(w)
                 if n is None:
                     raise TypeError(type(w))
@@ -370,7 +382,7 @@ def matmul_breakdown(engine, ctx: int, steps: int) -> dict:
     model = engine.model
     names = {id(model.output): "output"}
     for layer in model.layers:
-        names.update({id(w): f for f, w in vars(layer).items()})
+        names.update({id(w): f for f, w in vars(layer).items() if w is not None})
     times: dict[str, list] = {}
     modules = [m for m in (npllama.model, npllama.layers) if hasattr(m, "linear")]
     originals = {m: m.linear for m in modules}

@@ -91,6 +91,8 @@ class Llama:
                 # Streaming upcasts exactly; a non-bf16 matrix in bf16 mode must be rounded first.
                 return round_to_bf16(w) if dtype == "bfloat16" and w.dtype != BF16 else StreamedWeight(w, pool)
         self.layers = [LayerWeights.from_checkpoint(weights, i, matrix, vector) for i in range(args.n_layers)]
+        if self.resident:
+            self.layers = [layer.fuse() for layer in self.layers]
         self.norm = vector(weights["norm.weight"])  # [D]
         output = weights["tok_embeddings.weight" if args.tie_embeddings else "output.weight"]
         self.output = matrix(output)  # [V, D]
@@ -185,9 +187,13 @@ def transformer_block(x, w: LayerWeights, args: ModelArgs, cos, sin, mask,
     """One layer: x + attention(norm(x)), then + feed_forward(norm(.)). x: [T, D] -> [T, D]."""
     n_new = x.shape[0]
     xn = step("attention_norm", rms_norm(x, w.attention_norm, args.norm_eps))  # [T, D]
-    q = step("q", split_heads(linear(xn, w.wq), args.n_heads))  # [T, D] -> [H, T, hd]
-    k = step("k", split_heads(linear(xn, w.wk), args.n_kv_heads))  # [T, D] -> [KV, T, hd]
-    v = step("v", split_heads(linear(xn, w.wv), args.n_kv_heads))  # [T, D] -> [KV, T, hd]
+    if w.wqkv is None:
+        q, k, v = linear(xn, w.wq), linear(xn, w.wk), linear(xn, w.wv)  # [T, H*hd], [T, KV*hd] x 2
+    else:  # fast path, same numbers: one matmul over the stacked rows, then split the columns
+        q, k, v = np.split(linear(xn, w.wqkv), [len(w.wq), len(w.wq) + len(w.wk)], axis=1)
+    q = step("q", split_heads(q, args.n_heads))  # [T, H*hd] -> [H, T, hd]
+    k = step("k", split_heads(k, args.n_kv_heads))  # [T, KV*hd] -> [KV, T, hd]
+    v = step("v", split_heads(v, args.n_kv_heads))  # [T, KV*hd] -> [KV, T, hd]
     q = step("q_rot", apply_rope(q, cos, sin))  # [H, T, hd]
     k = step("k_rot", apply_rope(k, cos, sin))  # [KV, T, hd]
 
@@ -199,4 +205,4 @@ def transformer_block(x, w: LayerWeights, args: ModelArgs, cos, sin, mask,
     h = step("residual", x + step("attention_out", linear(attn, w.wo)))  # [T, D]
 
     hn = step("ffn_norm", rms_norm(h, w.ffn_norm, args.norm_eps))  # [T, D]
-    return step("out", h + step("ffn_out", feed_forward(hn, w.w1, w.w2, w.w3, step)))  # [T, D]
+    return step("out", h + step("ffn_out", feed_forward(hn, w.w1, w.w2, w.w3, step, w.w13)))  # [T, D]

@@ -123,6 +123,17 @@ class LayerWeights:
     w1: np.ndarray  # [F, D]
     w2: np.ndarray  # [D, F]
     w3: np.ndarray  # [F, D]
+    # Fast path (resident weights): q|k|v and w1|w3 stacked by rows, so one matmul computes all
+    # of them; wq, wk, wv, w1, w3 are then views into these, costing no memory.
+    wqkv: np.ndarray | None = None  # [(H + 2 KV)*hd, D]
+    w13: np.ndarray | None = None  # [2F, D]
+
+    def fuse(self) -> LayerWeights:
+        wqkv = np.concatenate([self.wq, self.wk, self.wv])  # [(H + 2 KV)*hd, D]
+        w13 = np.concatenate([self.w1, self.w3])  # [2F, D]
+        q_end, k_end, f = len(self.wq), len(self.wq) + len(self.wk), len(self.w1)
+        return LayerWeights(self.attention_norm, wqkv[:q_end], wqkv[q_end:k_end], wqkv[k_end:],
+                            self.wo, self.ffn_norm, w13[:f], self.w2, w13[f:], wqkv, w13)
 
     @classmethod
     def from_checkpoint(cls, weights: Mapping[str, np.ndarray], i: int, matrix, vector) -> LayerWeights:

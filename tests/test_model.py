@@ -214,3 +214,17 @@ def test_sharded_checkpoint_gives_identical_logits(tmp_path, n_shards):
     a, b = npllama.load(whole), npllama.load(sharded)
     tokens = a.tokenizer.encode(PROMPT)
     np.testing.assert_array_equal(a.forward(tokens), b.forward(tokens))
+
+
+def test_fused_projections_equal_separate_ones(tmp_path):
+    """The fast path (q|k|v and w1|w3 each one matmul, resident weights) against the plain one."""
+    import dataclasses
+
+    write_random_checkpoint(tmp_path, tiny_args(n_kv_heads=2))
+    fused = npllama.load(tmp_path)
+    assert all(layer.wqkv is not None and np.shares_memory(layer.wq, layer.wqkv) for layer in fused.layers)
+    tokens = fused.tokenizer.encode(PROMPT)
+    expected = fused.forward(tokens)
+    fused.layers = [dataclasses.replace(layer, wqkv=None, w13=None) for layer in fused.layers]
+    np.testing.assert_allclose(fused.forward(tokens), expected, rtol=0,
+                               atol=1e-6 * np.abs(expected).max())
