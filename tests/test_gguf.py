@@ -455,8 +455,10 @@ def test_gguf_qk_rows_are_meta_layout(smollm2, passage_run):
     tokens, logits, *_ = passage_run
     a = smollm2.args
     permuted = copy.copy(smollm2)
+    # wqkv=None: the plain path, so that the replaced wq and wk are the ones multiplied.
     permuted.layers = [dataclasses.replace(layer, wq=layer.wq[meta_rows_of_hf(a.dim, a.n_heads)],
-                                           wk=layer.wk[meta_rows_of_hf(a.n_kv_heads * a.head_dim, a.n_kv_heads)])
+                                           wk=layer.wk[meta_rows_of_hf(a.n_kv_heads * a.head_dim, a.n_kv_heads)],
+                                           wqkv=None)
                        for layer in smollm2.layers]
     short = tokens[:96]
     as_stored, hf_undone = perplexity(logits[:96], short), perplexity(permuted.forward(short), short)
