@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from npllama.config import ModelArgs, RopeScaling
-from oracle.checkpoints import (llama3_8b_args, llama3_tokenizer_path, llama32_1b_args, tiny_args,
-                                write_random_checkpoint)
+from oracle.checkpoints import (llama3_8b_args, llama3_tokenizer_path, llama32_1b_args, random_values,
+                                tiny_args, write_random_checkpoint)
 
 MODEL_NAMES = ("tiny", "smollm2", "1b", "8b")
 SMOLLM2_FALLBACK = Path("/tmp/smollm2.gguf")
@@ -114,12 +114,7 @@ def write_random_checkpoint_streaming(directory: Path, args: ModelArgs, seed: in
         with open(path, "wb") as f:
             for start in range(0, n, chunk_elements):
                 m = min(chunk_elements, n - start)
-                if name.endswith("norm.weight"):
-                    chunk = 1.0 + 0.1 * torch.randn(m, generator=gen)
-                elif name == "tok_embeddings.weight":
-                    chunk = torch.randn(m, generator=gen)
-                else:
-                    chunk = torch.randn(m, generator=gen) / shape[1] ** 0.5
+                chunk = random_values(name, m, shape, gen)
                 f.write(chunk.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
         state[name] = torch.from_file(str(path), shared=True, size=n, dtype=torch.bfloat16).view(shape)
     torch.save(state, directory / "consolidated.00.pth")

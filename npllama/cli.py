@@ -102,10 +102,10 @@ def run(args) -> int:
         sampler = Sampler(args.temperature, args.top_p, args.top_k, args.seed)
     except ValueError as e:  # checked before the model loads, which may take a while
         raise SystemExit(f"error: {e}") from None
+    prompt = read_prompt_file(args.file) if args.file else args.prompt
     budget = None if args.weights_budget_gb is None else int(args.weights_budget_gb * 2**30)
     model = load(args.model or default_model_path(), dtype=args.dtype, max_seq_len=args.max_seq_len,
                  weights_budget=budget, verbose=True)
-    prompt = args.file.read_text() if args.file else args.prompt
     if args.chat:
         return chat(model, sampler, args, prompt)
     prompt = THE_PROMPT if prompt is None else prompt
@@ -132,6 +132,14 @@ def check_args(args) -> None:
         raise SystemExit(f"error: -n must be >= 0, got {args.max_new_tokens}")
     if args.max_seq_len < 2:
         raise SystemExit(f"error: --max-seq-len must be at least 2, got {args.max_seq_len}")
+
+
+def read_prompt_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: --file {path} is not UTF-8 text (byte {e.start}: "
+                         f"{e.object[e.start:e.start + 1]!r}); convert it to UTF-8") from None
 
 
 def default_model_path() -> Path:

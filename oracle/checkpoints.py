@@ -51,16 +51,18 @@ def random_state_dict(args: ModelArgs, seed: int = 0, dtype=torch.bfloat16) -> d
     """Meta-named tensors with activations of sensible size: each linear layer ~N(0, 1/fan_in),
     so the residual stream neither explodes nor vanishes and softmax is not saturated."""
     gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in args.weight_shapes().items():
-        if name.endswith("norm.weight"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-        elif name == "tok_embeddings.weight":
-            t = torch.randn(shape, generator=gen)
-        else:
-            t = torch.randn(shape, generator=gen) / shape[1] ** 0.5
-        state[name] = t.to(dtype)
-    return state
+    return {name: random_values(name, shape, shape, gen).to(dtype)
+            for name, shape in args.weight_shapes().items()}
+
+
+def random_values(name: str, size, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """`size` random values for (a part of) tensor `name` of full shape `shape`: norms near 1,
+    embeddings N(0, 1), linear layers N(0, 1/fan_in)."""
+    if name.endswith("norm.weight"):
+        return 1.0 + 0.1 * torch.randn(size, generator=gen)
+    if name == "tok_embeddings.weight":
+        return torch.randn(size, generator=gen)
+    return torch.randn(size, generator=gen) / shape[1] ** 0.5
 
 
 def write_random_checkpoint(directory: str | Path, args: ModelArgs, seed: int = 0,

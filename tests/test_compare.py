@@ -8,6 +8,7 @@ import npllama
 import npllama.model
 from npllama import cli, layers
 from npllama.model import LAYER_TRACE_NAMES
+from tests.test_explain import default_model_file
 from oracle.checkpoints import tiny_args, write_random_checkpoint
 
 ARGS = tiny_args(dim=96, n_heads=12, n_kv_heads=4, n_layers=2, ffn_dim_multiplier=1.5, multiple_of=64)
@@ -66,15 +67,6 @@ def test_compare_without_torch_says_how_to_install_it(checkpoint, capsys, monkey
     assert cli.main(["compare", "-m", str(checkpoint)]) == 2
     err = capsys.readouterr().err
     assert "pip install torch" in err and 'pip install "npllama[oracle]"' in err
-
-
-def default_model_file():
-    """The default model's GGUF if it is already on disk (a test never downloads it)."""
-    default_model = pytest.importorskip("npllama.default_model", reason="npllama.default_model not available")
-    for path in (default_model.installed_path(), default_model.cached_path()):
-        if path is not None and path.is_file():
-            return path
-    pytest.skip("the default model is not downloaded (python -m npllama download)")
 
 
 def test_compare_on_the_default_model(capsys):

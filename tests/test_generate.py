@@ -27,6 +27,7 @@ from npllama.generate import GenerationStats, Sampler, softmax64, top_k_filter, 
 from npllama.layers import rope_frequencies, rope_tables
 from npllama.model import Llama
 from npllama.tokenizer import StreamDecoder, load_bpe_ranks
+from tests.test_tokenizer import is_utf8
 from oracle.checkpoints import llama3_tokenizer_path, random_state_dict, tiny_args, write_random_checkpoint
 from oracle.reference import Oracle
 
@@ -460,14 +461,6 @@ def test_cli_stream_never_prints_half_a_character(text, tok, byte_ids, capsys):
         assert "tok/s" in printed.err
 
 
-def is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 CHARS = st.characters(exclude_categories=("Cs",), exclude_characters="\ufffd")
 
 
@@ -621,3 +614,12 @@ def test_help_mentions_every_flag():
     declared = [s for a in cli.build_parser()._actions for s in a.option_strings]
     for flag in {*FLAGS, *declared}:
         assert flag in result.stdout, flag
+
+
+def test_cli_prompt_file_that_is_not_utf8(tmp_path):
+    """A binary --file is a one-line error naming the file, before any model is loaded."""
+    (tmp_path / "p.bin").write_bytes(b"caf\xe9 \xff\xfe")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["-m", str(tmp_path / "no-model-needed"), "-f", str(tmp_path / "p.bin")])
+    assert str(e.value.code).startswith("error:") and "p.bin" in str(e.value.code)
+    assert "UTF-8" in str(e.value.code)
