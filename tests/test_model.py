@@ -143,14 +143,25 @@ def test_streamed_weights_equal_resident_weights(tmp_path, dtype):
     np.testing.assert_allclose(step_logits[-1], expected[-1], rtol=0, atol=atol)
 
 
-def test_streamed_matmul_upcasts_exactly():
-    """The uint16-into-high-halves upcast equals ml_dtypes' conversion, for any tile split."""
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("tile_rows", [7, 1000])
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_streamed_matmul_equals_the_float32_matmul(n_threads, tile_rows, n_tokens):
+    """Any split of the rows over threads and tiles (ragged last ones included) gives x @ w.T."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((1000, 40)).astype(ml_dtypes.bfloat16)
-    x = rng.standard_normal((3, 40)).astype(np.float32)
-    streamed = StreamedWeight(w, TilePool(2))
-    streamed.tile_rows = 7  # many tiles, a ragged last one
+    x = rng.standard_normal((n_tokens, 40)).astype(np.float32)
+    streamed = StreamedWeight(w, TilePool(n_threads))
+    streamed.tile_rows = tile_rows
     np.testing.assert_allclose(x @ streamed.T, x @ w.astype(np.float32).T, rtol=1e-6, atol=1e-6)
+
+
+def test_streamed_matmul_gives_blas_its_threads_back():
+    from threadpoolctl import threadpool_info
+    before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    w = np.ones((64, 16), ml_dtypes.bfloat16)
+    assert (np.ones((1, 16), np.float32) @ StreamedWeight(w, TilePool(2)).T == 16).all()
+    assert [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"] == before
 
 
 # --- bad input: a clear error that names the file, tensor or argument -------------------------
