@@ -47,15 +47,17 @@ TRACE_NAMES = ("embedding", *(f"layers.{{i}}.{n}" for n in LAYER_TRACE_NAMES), "
 class KVCache:
     """Keys and values of every position seen so far, preallocated for max_seq_len.
 
-    Heads-first [KV, max_seq_len, hd] so that one head's keys are contiguous and the
-    attention matmul reads them without a copy.
+    Heads-first, so that each head's part is one contiguous block the attention matmul reads
+    without a copy: keys [KV, P, hd], values transposed [KV, hd, P]. At long contexts decoding
+    is bound by reading this cache, and these are the layouts BLAS streams fastest for q k^T
+    and probs v (see attention_scores, attention_output); `values(n)` gives the [KV, n, hd] view.
     """
 
     def __init__(self, args: ModelArgs, max_seq_len: int):
-        shape = (args.n_kv_heads, max_seq_len, args.head_dim)
+        kv, hd = args.n_kv_heads, args.head_dim
         self.max_seq_len = max_seq_len
-        self.k = [np.zeros(shape, np.float32) for _ in range(args.n_layers)]  # n_layers x [KV, P, hd]
-        self.v = [np.zeros(shape, np.float32) for _ in range(args.n_layers)]  # n_layers x [KV, P, hd]
+        self.k = [np.zeros((kv, max_seq_len, hd), np.float32) for _ in range(args.n_layers)]  # [KV, P, hd]
+        self.v = [np.zeros((kv, hd, max_seq_len), np.float32) for _ in range(args.n_layers)]  # [KV, hd, P]
 
     @property
     def nbytes(self) -> int:
@@ -190,7 +192,8 @@ def transformer_block(x, w: LayerWeights, args: ModelArgs, cos, sin, mask,
     if w.wqkv is None:
         q, k, v = linear(xn, w.wq), linear(xn, w.wk), linear(xn, w.wv)  # [T, H*hd], [T, KV*hd] x 2
     else:  # fast path, same numbers: one matmul over the stacked rows, then split the columns
-        q, k, v = np.split(linear(xn, w.wqkv), [len(w.wq), len(w.wq) + len(w.wk)], axis=1)
+        qkv, q_end, k_end = linear(xn, w.wqkv), len(w.wq), len(w.wq) + len(w.wk)  # [T, (H+2KV)*hd]
+        q, k, v = qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:]
     q = step("q", split_heads(q, args.n_heads))  # [T, H*hd] -> [H, T, hd]
     k = step("k", split_heads(k, args.n_kv_heads))  # [T, KV*hd] -> [KV, T, hd]
     v = step("v", split_heads(v, args.n_kv_heads))  # [T, KV*hd] -> [KV, T, hd]
@@ -198,9 +201,10 @@ def transformer_block(x, w: LayerWeights, args: ModelArgs, cos, sin, mask,
     k = step("k_rot", apply_rope(k, cos, sin))  # [KV, T, hd]
 
     # Attend over every position so far, [0, start_pos + T): earlier ones from the cache.
-    cache_k[:, start_pos:start_pos + n_new] = k  # [KV, T, hd] into [KV, P, hd]
-    cache_v[:, start_pos:start_pos + n_new] = v
-    keys, values = cache_k[:, :start_pos + n_new], cache_v[:, :start_pos + n_new]  # [KV, S, hd]
+    end = start_pos + n_new
+    cache_k[:, start_pos:end] = k  # [KV, T, hd] into [KV, P, hd]
+    cache_v[:, :, start_pos:end] = v.transpose(0, 2, 1)  # [KV, hd, T] into [KV, hd, P]
+    keys, values = cache_k[:, :end], cache_v[:, :, :end].transpose(0, 2, 1)  # [KV, S, hd] each
     attn = step("attention", attention(q, keys, values, mask, step))  # [T, H*hd]
     h = step("residual", x + step("attention_out", linear(attn, w.wo)))  # [T, D]
 
