@@ -26,7 +26,8 @@ Figures, for each engine on each model:
                   (NumPy W@x, NumPy x@W.T, torch F.linear; GB/s of matrix bytes). The limit is
                   probed between decode rounds (same conditions as the decode) and, for the
                   "run's best" figure, also at the start and end of the run. Also measured:
-                  bf16 -> float32 upcast GB/s (bytes of bf16 read).
+                  bf16 -> float32 upcast GB/s (bytes of bf16 read), whole-matrix and through
+                  npllama's streamed tiles (the ceiling of the 8b's streamed decode).
 Each timing is the median of --repeats runs, shown with min-max. Progress goes to stderr; the
 markdown table to stdout (and --markdown PATH); everything, with machine info, to --json PATH.
 

@@ -285,7 +285,9 @@ class Probes:
         w = rng.standard_normal((rows, cols), dtype=np.float32)  # [out, in]
         x = rng.standard_normal(cols, dtype=np.float32)  # [in]
         wt, xt = torch.from_numpy(w), torch.from_numpy(x)[None]
+        from npllama.weights import StreamedWeight, TilePool
         b = w.astype(ml_dtypes.bfloat16)  # [out, in] bf16
+        streamed = StreamedWeight(b, TilePool(cfg["threads"]))
         out = np.empty_like(w)
         out.fill(0)  # touch the pages once so the preallocated case measures the copy alone
         self.probes = {
@@ -298,6 +300,9 @@ class Probes:
                               lambda: b.astype(np.float32)),
             "upcast_into": ("bf16 -> float32 into a preallocated array", b.nbytes,
                             lambda: np.copyto(out, b)),
+            # The streamed path's ceiling: what an 8B decode step does with every matrix.
+            "streamed_matvec": ("bf16 x[None] @ W.T streamed by npllama's tiles (GB/s of bf16)",
+                                b.nbytes, lambda: x[None] @ streamed.T),
         }
 
     def run(self, keys, repeats: int, verbose: bool = True) -> dict:

@@ -70,7 +70,7 @@ def test_json_has_machine_info_and_bandwidth(quick_run):
     assert bw["limit_gb_s"] > 0
     for when in ("start", "end"):  # probed before and after the models
         assert {"matvec_numpy_gemv", "matvec_numpy_linear", "matvec_torch_linear",
-                "upcast_astype", "upcast_into"} <= set(bw["probes"][when]["probes"])
+                "upcast_astype", "upcast_into", "streamed_matvec"} <= set(bw["probes"][when]["probes"])
 
 
 def test_profile_names_the_weight_matmuls(quick_run):
