@@ -87,7 +87,7 @@ def attention_scores(q: np.ndarray, k: np.ndarray) -> np.ndarray:
     n_kv_heads, n_keys, _ = k.shape
     q_groups = q.reshape(n_kv_heads, n_heads // n_kv_heads * n_new, head_dim)  # [KV, rep*T, hd]
     if n_new == 1:  # decoding, bound by reading the keys: BLAS streams them ~1.4x faster as
-        # (k q^T)^T than as q k^T (measured at 4k keys); same numbers.
+        # (k q^T)^T than as q k^T (measured at 4k keys); the same dot products.
         scores = (k @ q_groups.transpose(0, 2, 1)).transpose(0, 2, 1)  # [KV, S, rep] -> [KV, rep, S]
     else:
         scores = q_groups @ k.transpose(0, 2, 1)  # [KV, rep*T, hd] @ [KV, hd, S] -> [KV, rep*T, S]
