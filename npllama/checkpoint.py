@@ -399,6 +399,17 @@ _SHAPE_ORIGINS = {"w1": _FFN, "w2": _FFN, "w3": _FFN, "wq": "n_heads, dim", "wo"
                   "tok_embeddings": "vocab_size, dim", "output": "vocab_size, dim"}
 
 
+def checked_size(path: Path, suffix: str, header: str, header_bytes: int) -> int:
+    """The size of a weights file that exists and can hold its header, or a clear error."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} not found: expected a {suffix} file")
+    size = path.stat().st_size
+    if size < header_bytes:
+        raise CheckpointError(f"{path} is {size} bytes, too short for a {header} header: the "
+                              "download was interrupted; download it again")
+    return size
+
+
 def check_weights(weights: Mapping[str, np.ndarray], args: ModelArgs, source: str,
                   config: str = "params.json") -> ModelArgs:
     """Check tensor names, shapes and dtypes against what `args` implies, before any math.

@@ -37,9 +37,9 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from .checkpoint import check_weights
+from .checkpoint import check_weights, checked_size
 from .config import ModelArgs, RopeScaling
-from .errors import CheckpointError, ConfigError, ModelNotFoundError, TokenizerError
+from .errors import CheckpointError, ConfigError, TokenizerError
 from .layers import rope_frequencies, scale_rope_frequencies
 from .tokenizer import SPECIAL_TOKEN_TYPES, Tokenizer
 
@@ -194,12 +194,7 @@ class GGUFFile:
 def read_gguf_file(path: str | Path) -> GGUFFile:
     """Parse a GGUF file's header and map the file; no tensor data is read."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path} not found: expected a .gguf file")
-    size = path.stat().st_size
-    if size < 24:
-        raise CheckpointError(f"{path} is {size} bytes, too short for a GGUF header: the download "
-                              "was interrupted; download it again")
+    size = checked_size(path, ".gguf", "GGUF", 24)
     with open(path, "rb") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if buf[:4] != GGUF_MAGIC:

@@ -34,7 +34,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .checkpoint import check_weights
+from .checkpoint import check_weights, checked_size
 from .config import ModelArgs, RopeScaling
 from .errors import CheckpointError, ConfigError, ModelNotFoundError, TokenizerError
 from .gguf import LazyRows
@@ -54,12 +54,7 @@ MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     """Tensors of a .safetensors file as read-only NumPy views of its memory map."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path} not found: expected a .safetensors file")
-    size = path.stat().st_size
-    if size < 8:
-        raise CheckpointError(f"{path} is {size} bytes, too short for a safetensors header: the "
-                              "download was interrupted; download it again")
+    size = checked_size(path, ".safetensors", "safetensors", 8)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if n > MAX_HEADER_BYTES or 8 + n > size:
