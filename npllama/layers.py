@@ -33,10 +33,13 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
-    """theta^(-2i/hd) for each of the hd/2 rotating pairs, computed in float32 as Meta does
-    (the angles pos * freq are float32 in Meta's reference: matching it matters at long contexts)."""
+    """theta^(-2i/hd) for each of the hd/2 rotating pairs, in float32 as Meta computes them (the
+    angles pos * freq are float32 in Meta's reference: matching it matters at long contexts).
+    The power is taken in float64 and rounded once: NumPy's float32 `**` can be an ulp off, and
+    one ulp of a frequency is 0.004 rad of angle by position 32k."""
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)  # [hd/2]
-    freqs = np.float32(1.0) / np.float32(theta) ** exponents  # [hd/2]
+    powers = (np.float64(theta) ** exponents.astype(np.float64)).astype(np.float32)  # [hd/2]
+    freqs = np.float32(1.0) / powers  # [hd/2]
     return freqs if scaling is None else scale_rope_frequencies(freqs, scaling)  # [hd/2]
 
 
