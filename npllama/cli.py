@@ -110,7 +110,7 @@ def run(args) -> int:
         return chat(model, sampler, args, prompt)
     prompt = THE_PROMPT if prompt is None else prompt
     tokens = model.tokenizer.encode(prompt, bos=None)
-    tokens = fit_prompt(tokens, args)
+    tokens = fit_prompt(tokens, args, model.tokenizer.bos_id)
     if args.max_new_tokens is None:
         show_story(model, tokens)
         n_new = STORY_TOKENS
@@ -147,15 +147,18 @@ def default_model_path() -> Path:
     return ensure_default_model()
 
 
-def fit_prompt(tokens: list[int], args) -> list[int]:
-    """With --truncate, keep the prompt's end (and its BOS) so at least some tokens can be generated."""
+def fit_prompt(tokens: list[int], args, bos_id: int | None) -> list[int]:
+    """With --truncate, keep the prompt's end so at least some tokens can be generated, and its
+    first token if that is the tokenizer's BOS (a tokenizer without one, SmolLM2's, has no token
+    to keep: its first token is text like any other)."""
     room = args.max_seq_len - 1
     if not args.truncate or len(tokens) <= room:
         return tokens
     keep = room // 2 or 1
     print(f"(prompt truncated from {len(tokens)} to {keep} tokens to fit --max-seq-len "
           f"{args.max_seq_len})", file=sys.stderr)
-    return tokens[:1] + tokens[-(keep - 1):] if keep > 1 else tokens[-1:]
+    head = tokens[:1] if bos_id is not None and tokens[0] == bos_id and keep > 1 else []
+    return head + tokens[len(tokens) - (keep - len(head)):]
 
 
 def show_story(model, tokens: list[int]) -> None:

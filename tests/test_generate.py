@@ -4,6 +4,7 @@ conversation from the cache, Llama 3.1's scaled RoPE at long range, streaming UT
 and the command line."""
 
 import ast
+import copy
 import math
 from dataclasses import replace
 import subprocess
@@ -19,7 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import npllama
+import npllama.generate
 import npllama.loading
+import npllama.tokenizer
 from npllama import cli
 from npllama.chat import Llama3Chat
 from npllama.config import ModelArgs, RopeScaling
@@ -246,6 +249,26 @@ def test_sampler_probabilities_combine_temperature_top_k_top_p():
     np.testing.assert_allclose(probs, np.array([0, 0.4, 0.25, 0.15, 0, 0]) / 0.8, rtol=1e-6)
 
 
+def test_top_p_applies_to_what_top_k_kept():
+    """top-k 2 keeps 0.5 and 0.3, renormalised to 0.625 and 0.375; top-p 0.6 then keeps one token.
+    Without renormalising between the filters, 0.5 < 0.6 would keep both."""
+    logits = np.log(np.array([0.5, 0.3, 0.2])).astype(np.float32)
+    probs = Sampler(temperature=1.0, top_k=2, top_p=0.6).probabilities(logits)
+    np.testing.assert_array_equal(probs, [1.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("logit, temperature", [(80.0, 0.1), (1e4, 0.5), (3e38, 1.0)])
+def test_sampling_survives_huge_scaled_logits(logit, temperature):
+    """logit / temperature far beyond exp()'s range: the distribution is still one-hot on the
+    largest logit, never NaN (which would silently draw token 0)."""
+    logits = np.zeros(10, np.float32)
+    logits[7] = logit
+    sampler = Sampler(temperature=temperature, seed=0)
+    probs = sampler.probabilities(logits)
+    assert np.isfinite(probs).all() and probs[7] == 1.0
+    assert {sampler(logits) for _ in range(20)} == {7}
+
+
 def chi_square(counts, expected_probs):
     n = counts.sum()
     support = expected_probs > 0
@@ -315,9 +338,42 @@ def test_stops_at_max_new_tokens_with_stats(model, prompt):
     assert (stats.prompt_tokens, stats.new_tokens) == (len(prompt), 7)
     # The last token was chosen but not fed back: the cache holds the prompt and 6 new tokens.
     assert stats.cached_positions == len(prompt) + 6
-    assert stats.prefill_tok_s > 0 and stats.decode_tok_s > 0
+    assert 0 < stats.prefill_seconds and 0 < stats.decode_seconds
+    assert stats.prefill_tok_s == len(prompt) / stats.prefill_seconds
+    assert stats.decode_tok_s == 6 / stats.decode_seconds  # 7 tokens, 6 of them from decode steps
     assert "tok/s" in stats.summary() and "max_new_tokens" in stats.summary()
     assert list(model.generate(prompt, 0, Sampler(0), stop_ids=())) == []
+
+
+class Clock:
+    """A perf_counter that moves only when the model computes: one second per forward pass."""
+
+    def __init__(self, model):
+        self.now, forward = 0.0, model.forward
+
+        def ticking_forward(*args, **kwargs):
+            self.now += 1.0
+            return forward(*args, **kwargs)
+        model.forward = ticking_forward
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("n_new", [1, 2, 7])
+def test_timings_count_each_forward_pass_once(monkeypatch, n_new):
+    """Prefill is one forward pass over the prompt; each new token after the first is one decode
+    step. With a clock that ticks once per pass, the rates are exact."""
+    model, _ = small_model()
+    clock = Clock(model)
+    monkeypatch.setattr(npllama.generate.time, "perf_counter", clock)
+    stats = GenerationStats()
+    out = list(model.generate([1, 2, 3, 4, 5], n_new, Sampler(0), stop_ids=(), stats=stats))
+    assert len(out) == stats.new_tokens == n_new
+    assert (stats.prefill_seconds, stats.decode_seconds) == (1.0, n_new - 1)
+    assert stats.prefill_tok_s == 5.0
+    assert stats.decode_tok_s == (1.0 if n_new > 1 else 0.0)
+    assert f"{n_new} new tokens at {stats.decode_tok_s:.1f} tok/s" in stats.summary()
 
 
 @pytest.mark.parametrize("where", ["model", "cache"])
@@ -590,7 +646,40 @@ def test_cli_prompt_too_long(load_once, checkpoint, capsys):
         assert code == 2
         assert err.splitlines()[-1].startswith("error:") and "16" in err.splitlines()[-1]
     code, out, err = run_cli(capsys, "-m", checkpoint, "-p", long, "--max-seq-len", 16, "-n", 4, "--truncate")
-    assert code == 0 and "truncated" in err and "4 new tokens" in err
+    assert code == 0 and "truncated from 42 to 7 tokens" in err and "4 new tokens" in err
+
+
+def story_tokens(out: str) -> list[int]:
+    """The prompt token ids story mode prints, one per line after "prompt: N tokens"."""
+    lines = out.splitlines()
+    n = int(lines[0].split()[1])
+    return [int(line.split()[0]) for line in lines[1:1 + n]]
+
+
+def without_bos(model):
+    """The same model with Llama 3's vocabulary minus the begin-of-text convention (as SmolLM2)."""
+    tok = model.tokenizer
+    no_bos = npllama.tokenizer.Tokenizer(tok.name, npllama.tokenizer.LLAMA3_PAT_STR,
+                                         load_bpe_ranks(llama3_tokenizer_path()), tok.special_tokens,
+                                         bos_id=None, eos_id=tok.eos_id, stop_ids=tok.stop_ids, add_bos=False)
+    other = copy.copy(model)
+    other.tokenizer = no_bos
+    return other
+
+
+@pytest.mark.parametrize("bos", [True, False], ids=["with-bos", "without-bos"])
+def test_cli_truncate_keeps_the_end_and_only_a_real_bos(load_once, checkpoint, model, capsys, monkeypatch, bos):
+    """--max-seq-len 16 leaves room for a 15-token prompt; --truncate keeps the last 7 (half of it,
+    the other half to generate), plus BOS in front when the tokenizer has one. A tokenizer
+    without BOS keeps 7 tokens of the end: its first token is text, not a BOS to keep."""
+    if not bos:
+        model = without_bos(model)
+        monkeypatch.setattr(npllama.loading, "load", lambda *args, **kwargs: model)
+    ids = model.tokenizer.encode(" ".join(f"w{i}" for i in range(30)))
+    code, out, err = run_cli(capsys, "-m", checkpoint, "-p", model.tokenizer.decode(ids[bos:]),
+                             "--max-seq-len", 16, "--truncate")
+    assert code == 0 and f"truncated from {len(ids)} to 7 tokens" in err
+    assert story_tokens(out) == ([ids[0]] + ids[-6:] if bos else ids[-7:])
 
 
 @pytest.mark.parametrize("flag", [["--temperature", "-1"], ["--top-p", "0"], ["--top-k", "-2"]])

@@ -141,6 +141,16 @@ def test_config_and_tokenizer_from_metadata(f32_file):
     assert [tok.piece(i) for i in tok.encode("a  12")] == ["a", "  ", "1", "2"]
 
 
+@pytest.mark.parametrize("pre, adds_bos", [("llama-bpe", True), ("smollm", False), ("gpt2", False)])
+def test_add_bos_defaults_to_llama_cpps_rule(tmp_path, pre, adds_bos):
+    """Without tokenizer.ggml.add_bos_token, llama.cpp adds BOS for Llama 3's tokenizer only."""
+    path = write_gguf(tmp_path / "no-add-bos.gguf", random_weights(),
+                      metadata(**{"tokenizer.ggml.add_bos_token": None, "tokenizer.ggml.pre": pre}))
+    _, _, tok = read_gguf(path)
+    assert tok.add_bos is adds_bos
+    assert (tok.encode("hi")[0] == 263) is adds_bos
+
+
 @pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16])
 def test_float_tensors_are_zero_copy_views(weights, tmp_path, qtype):
     path = write_gguf(tmp_path / "m.gguf", weights, qtypes={n: qtype for n in weights if n.endswith("wq.weight")})

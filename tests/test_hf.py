@@ -325,6 +325,26 @@ def test_tokenizer_json_gives_meta_ids(tokenizer_files):
             assert library.encode(text).ids == hf.encode(text)
 
 
+@pytest.mark.parametrize("post_processor, adds_bos", [
+    ("Llama 3's template", True), (None, False),
+    ({"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}, False)])
+def test_add_bos_defaults_to_the_post_processor(tmp_path, tokenizer_files, post_processor, adds_bos):
+    """tokenizer_config.json without add_bos_token: the post-processor decides. Llama 3's puts
+    <|begin_of_text|> before $A; a plain ByteLevel one (SmolLM2's) adds nothing, even though
+    bos_token names a token."""
+    from npllama.hf import hf_tokenizer
+    data = json.loads((tokenizer_files / "tokenizer.json").read_text())
+    if post_processor != "Llama 3's template":
+        data["post_processor"] = post_processor
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    config = json.loads((tokenizer_files / "tokenizer_config.json").read_text())
+    assert "add_bos_token" not in config and config["bos_token"] == "<|begin_of_text|>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = hf_tokenizer(tmp_path)
+    assert tok.add_bos is adds_bos
+    assert (tok.encode("hi")[0] == 128000) is adds_bos
+
+
 @pytest.mark.parametrize("pre, name", [
     ({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}, "gpt2"),
     ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},

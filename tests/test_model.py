@@ -12,9 +12,11 @@ import torch
 import npllama
 from npllama.config import ModelArgs, load_params
 from npllama.layers import keep
+from npllama.gguf import LazyRows
 from npllama.model import LAYER_TRACE_NAMES
 from npllama.weights import StreamedWeight, TilePool
-from oracle.checkpoints import tiny_args, write_random_checkpoint
+from oracle.checkpoints import (llama3_8b_args, llama32_1b_args, random_state_dict, tiny_args,
+                                write_random_checkpoint)
 from oracle.compare import BFLOAT16_BOUND, FLOAT32_BOUND, compare_traces, format_table
 from oracle.reference import Oracle
 
@@ -243,3 +245,95 @@ def test_fused_projections_equal_separate_ones(tmp_path):
     fused.layers = [dataclasses.replace(layer, wqkv=None, w13=None) for layer in fused.layers]
     np.testing.assert_allclose(fused.forward(tokens), expected, rtol=0,
                                atol=1e-6 * np.abs(expected).max())
+
+
+# --- configuration: params.json keys that change the model ----------------------------------
+
+def test_rope_scaling_factor_is_read_from_params_json(tmp_path):
+    """Llama 3.2 ships rope_scaling_factor 32; silently using Llama 3.1's 8 changes every angle
+    beyond 8192 / (2 pi) positions' wavelengths."""
+    from npllama.config import RopeScaling, load_params
+    from npllama.layers import rope_frequencies
+
+    args = tiny_args(rope_scaling=RopeScaling(factor=32.0))
+    write_random_checkpoint(tmp_path, args)
+    assert json.loads((tmp_path / "params.json").read_text())["rope_scaling_factor"] == 32.0
+    assert load_params(tmp_path / "params.json").rope_scaling == RopeScaling(factor=32.0)
+    model = npllama.load(tmp_path, max_seq_len=64)
+    freqs = rope_frequencies(args.head_dim, args.rope_theta, RopeScaling(factor=32.0))  # [hd/2]
+    np.testing.assert_array_equal(model.rope_cos[63], np.cos(np.float32(63) * freqs))
+    eight = rope_frequencies(args.head_dim, args.rope_theta, RopeScaling(factor=8.0))  # [hd/2]
+    assert not np.allclose(freqs, eight)  # the factor matters for this head_dim
+
+
+# --- bf16 mode rounds every weight, whatever its stored dtype ----------------------------------
+
+class IdentityRows(LazyRows):
+    """A lazily produced matrix, as GGUF's quantized tensors and HF's permuted q/k are."""
+
+    def __init__(self, w: np.ndarray):
+        super().__init__(w.shape, w.dtype)
+        self.w = w
+
+    def rows(self, index) -> np.ndarray:
+        return self.w[index]
+
+
+@pytest.mark.parametrize("stored", ["float32", "float16", "lazy float32"])
+@pytest.mark.parametrize("budget", [None, 0], ids=["resident", "streamed"])
+def test_bfloat16_mode_rounds_weights_of_any_dtype(stored, budget):
+    """bf16 mode on float32 / float16 weights (GGUF norms, HF, SmolLM2, streamed matrices) equals
+    bf16 mode on the same weights rounded to bf16 first: every weight is rounded, vectors and
+    matrices, resident and streamed."""
+    args = tiny_args(vocab_size=256)
+    state = random_state_dict(args, seed=5, dtype=torch.float32)
+    dtype = np.float16 if stored == "float16" else np.float32
+    weights = {name: t.numpy().astype(dtype) for name, t in state.items()}
+    rounded = {name: w.astype(ml_dtypes.bfloat16) for name, w in weights.items()}
+    if stored.startswith("lazy"):
+        weights = {name: IdentityRows(w) if w.ndim == 2 else w for name, w in weights.items()}
+    tokens = list(range(3, 20))
+    ours = npllama.Llama(args, weights, dtype="bfloat16", weights_budget=budget).forward(tokens)
+    reference = npllama.Llama(args, rounded, dtype="bfloat16", weights_budget=budget).forward(tokens)
+    np.testing.assert_array_equal(ours, reference)
+    plain = npllama.Llama(args, weights, dtype="float32", weights_budget=budget).forward(tokens)
+    assert not np.array_equal(ours, plain)  # rounding the weights is visible in the logits
+
+
+# --- the tokenizer may be smaller than the embedding (padded vocabularies), never larger ------
+
+def test_padded_vocabulary_loads_and_a_too_small_one_is_refused(tmp_path):
+    padded = write_random_checkpoint(tmp_path / "padded", tiny_args(vocab_size=128256 + 64))
+    model = npllama.load(padded)
+    assert model.tokenizer.n_words == 128256 and model.args.vocab_size == 128320
+    assert model.forward(model.tokenizer.encode(PROMPT)).shape[-1] == 128320
+    small = write_random_checkpoint(tmp_path / "small", tiny_args(vocab_size=128000))
+    with pytest.raises(npllama.ConfigError, match="128256 tokens but the model's vocab_size is 128000"):
+        npllama.load(small)
+
+
+# --- shapes: checked against Meta's published ones, not against the code that makes them ------
+
+LLAMA3_8B_LAYER = {"attention.wq.weight": (4096, 4096), "attention.wk.weight": (1024, 4096),
+                   "attention.wv.weight": (1024, 4096), "attention.wo.weight": (4096, 4096),
+                   "feed_forward.w1.weight": (14336, 4096), "feed_forward.w2.weight": (4096, 14336),
+                   "feed_forward.w3.weight": (14336, 4096), "attention_norm.weight": (4096,),
+                   "ffn_norm.weight": (4096,)}
+LLAMA32_1B_LAYER = {"attention.wq.weight": (2048, 2048), "attention.wk.weight": (512, 2048),
+                    "attention.wv.weight": (512, 2048), "attention.wo.weight": (2048, 2048),
+                    "feed_forward.w1.weight": (8192, 2048), "feed_forward.w2.weight": (2048, 8192),
+                    "feed_forward.w3.weight": (8192, 2048), "attention_norm.weight": (2048,),
+                    "ffn_norm.weight": (2048,)}
+
+
+@pytest.mark.parametrize("args, layer, globals_", [
+    (llama3_8b_args(), LLAMA3_8B_LAYER, {"tok_embeddings.weight": (128256, 4096), "norm.weight": (4096,),
+                                         "output.weight": (128256, 4096)}),
+    (llama32_1b_args(), LLAMA32_1B_LAYER, {"tok_embeddings.weight": (128256, 2048), "norm.weight": (2048,)}),
+], ids=["Meta-Llama-3-8B", "Llama-3.2-1B"])
+def test_weight_shapes_are_metas(args, layer, globals_):
+    """The shapes of Meta's consolidated.00.pth (8B: 291 tensors; 3.2-1B: 146, tied output)."""
+    expected = dict(globals_)
+    for i in range(args.n_layers):
+        expected.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
+    assert args.weight_shapes() == expected
