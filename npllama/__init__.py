@@ -11,7 +11,7 @@ from .config import ModelArgs, RopeScaling
 from .errors import (CheckpointError, ConfigError, ModelNotFoundError, NpllamaError,
                      PromptTooLongError, TokenizerError, UnsafeCheckpointError)
 from .generate import GenerationStats, Sampler
-from .loading import load
+from .formats import load
 from .model import TRACE_NAMES, KVCache, Llama
 
 __version__ = "0.1.0"

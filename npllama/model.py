@@ -14,7 +14,7 @@ from .config import ModelArgs
 from .errors import PromptTooLongError
 from .layers import (apply_rope, attention, causal_mask, embed, feed_forward, keep, linear,
                      rms_norm, rope_frequencies, rope_tables)
-from .weights import (BF16, LayerWeights, StreamedWeight, TilePool, default_weights_budget,
+from .resident_or_streamed import (BF16, LayerWeights, StreamedWeight, TilePool, default_weights_budget,
                       float32_bytes, round_to_bf16, to_float32)
 
 DTYPES = ("float32", "bfloat16")

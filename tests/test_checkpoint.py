@@ -1,4 +1,4 @@
-"""npllama.checkpoint against torch itself: same bits, no copies, no code execution."""
+"""npllama.formats.meta against torch itself: same bits, no copies, no code execution."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from npllama.checkpoint import (MergedShards, check_weights, merge_shards, read_meta_checkpoint,
-                                read_pth)
 from npllama.errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
+from npllama.formats.meta import MergedShards, merge_shards, read_meta_checkpoint, read_pth
+from npllama.formats.shared import check_weights
 from oracle.checkpoints import random_state_dict, tiny_args
 
 
@@ -217,7 +217,7 @@ ALLOWED_GLOBALS = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_te
 def test_the_allow_list_is_exactly_what_a_state_dict_needs():
     """Pinned: adding one entry (builtins.getattr opens a path to code through REDUCE) must be
     a deliberate, reviewed change to this test too."""
-    from npllama.checkpoint import _ALLOWED_GLOBALS
+    from npllama.formats.meta import _ALLOWED_GLOBALS
     assert set(_ALLOWED_GLOBALS) == ALLOWED_GLOBALS
 
 

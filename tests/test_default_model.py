@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from npllama import default_model as dm
+from npllama.formats import default_model as dm
 from npllama.cli import main as cli_main
 
 PAYLOAD = b"GGUF" + bytes(range(256)) * 400  # stands in for the 98 MB model

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import npllama
-import npllama.explain
+import npllama.cli.explain
 from npllama import cli
-from npllama.explain import check_layer_head, explain_steps, residual_rms, write_figures
+from npllama.cli.common import THE_PROMPT
+from npllama.cli.explain import check_layer_head, explain_steps, residual_rms, write_figures
 from oracle.checkpoints import tiny_args, write_random_checkpoint
 
 # Sizes unlike the 8B's and unlike each other, so a hard-coded 32, 128 or `head // 4` would show:
@@ -39,7 +40,7 @@ def checkpoint(tmp_path_factory):
 def run(checkpoint):
     """One forward pass with its trace, and the walk through it."""
     model = npllama.load(checkpoint)
-    tokens = model.tokenizer.encode(cli.THE_PROMPT)
+    tokens = model.tokenizer.encode(THE_PROMPT)
     trace = {}
     logits = model.forward(tokens, trace=trace)
     return model, tokens, trace, logits, explain_steps(model, tokens, trace, LAYER, HEAD)
@@ -206,7 +207,7 @@ def test_figures_are_pngs_of_the_trace(checkpoint, tmp_path, monkeypatch, capsys
         seen["figures"] = write_figures(directory, model, tokens, trace, layer, head)
         return seen["figures"]
 
-    monkeypatch.setattr(npllama.explain, "write_figures", recording_write_figures)
+    monkeypatch.setattr(npllama.cli.explain, "write_figures", recording_write_figures)
     assert cli.main(["explain", "-m", str(checkpoint), "--layer", str(LAYER), "--head", str(HEAD),
                      "--plots", str(tmp_path)]) == 0
     err = capsys.readouterr().err
@@ -249,7 +250,7 @@ def test_figures_are_pngs_of_the_trace(checkpoint, tmp_path, monkeypatch, capsys
 
 def test_long_prompts_get_thinned_labels_and_a_capped_figure(tmp_path):
     pytest.importorskip("matplotlib")
-    from npllama.plots import MAX_TICK_LABELS, plot_attention, thinned_ticks
+    from npllama.cli.plots import MAX_TICK_LABELS, plot_attention, thinned_ticks
 
     ticks = thinned_ticks(300)
     assert len(ticks) <= MAX_TICK_LABELS + 1 and ticks[0] == 0 and ticks[-1] == 299
@@ -279,7 +280,7 @@ def test_plots_without_matplotlib_say_how_to_install_it(checkpoint, tmp_path, mo
 
 def default_model_file():
     """The default model's GGUF if it is already on disk (a test never downloads it)."""
-    default_model = pytest.importorskip("npllama.default_model", reason="npllama.default_model not available")
+    default_model = pytest.importorskip("npllama.formats.default_model")
     for path in (default_model.installed_path(), default_model.cached_path()):
         if path is not None and path.is_file():
             return path
@@ -289,7 +290,7 @@ def default_model_file():
 def test_explain_on_the_default_model(capsys):
     path = default_model_file()
     model = npllama.load(path, max_seq_len=256)
-    tokens = model.tokenizer.encode(cli.THE_PROMPT)
+    tokens = model.tokenizer.encode(THE_PROMPT)
     trace = {}
     model.forward(tokens, trace=trace)
     a = model.args

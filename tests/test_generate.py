@@ -20,11 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import npllama
+import npllama.formats
 import npllama.generate
-import npllama.loading
 import npllama.tokenizer
 from npllama import cli
 from npllama.chat import Llama3Chat
+from npllama.cli import run
+from npllama.cli.common import THE_PROMPT
 from npllama.config import ModelArgs, RopeScaling
 from npllama.generate import GenerationStats, Sampler, softmax64, top_k_filter, top_p_filter
 from npllama.layers import rope_frequencies, rope_tables
@@ -83,7 +85,7 @@ def model(checkpoint):
 
 @pytest.fixture(scope="module")
 def prompt(model):
-    return model.tokenizer.encode(cli.THE_PROMPT)
+    return model.tokenizer.encode(THE_PROMPT)
 
 
 # ---- the KV cache ------------------------------------------------------------------------
@@ -509,7 +511,7 @@ def test_cli_stream_never_prints_half_a_character(text, tok, byte_ids, capsys):
     one_byte_each = [byte_ids[b] for b in text.encode()]  # every non-ASCII character split
     for ids in (tok.encode(text, bos=False), one_byte_each):
         stats = GenerationStats(stop_reason="stop_token")
-        out = cli.stream(SimpleNamespace(tokenizer=tok), iter([*ids, eot]), stats)
+        out = run.stream(SimpleNamespace(tokenizer=tok), iter([*ids, eot]), stats)
         printed = capsys.readouterr()
         assert out == [*ids, eot]
         assert printed.out == text + "\n"  # the special stop token is not printed
@@ -539,7 +541,7 @@ def test_stream_decoder_releases_each_character_once_complete(text, tok, byte_id
 def load_once(monkeypatch):
     """The CLI tests run main() many times on one checkpoint: load it once per max_seq_len (the
     models are never modified; loading itself is tested in test_checkpoint.py)."""
-    real_load, loaded = npllama.loading.load, LOADED
+    real_load, loaded = npllama.formats.load, LOADED
 
     def load(path, **kwargs):
         key = (str(path), kwargs.get("dtype"), kwargs.get("max_seq_len"))
@@ -547,7 +549,7 @@ def load_once(monkeypatch):
             loaded[key] = real_load(path, **kwargs)
         return loaded[key]
 
-    monkeypatch.setattr(npllama.loading, "load", load)
+    monkeypatch.setattr(npllama.formats, "load", load)
 
 
 LOADED = {}
@@ -572,7 +574,7 @@ def test_cli_story_shows_prompt_tokens_and_top5(load_once, checkpoint, model, to
     assert all("p = " in line for line in lines[2 + len(ids):7 + len(ids)])
     assert top5 == list(np.argsort(-model.forward(ids)[-1])[:5])
     assert "continuation:" in out and "the answer is" in out.split("continuation:")[1]
-    assert f"{cli.STORY_TOKENS} new tokens" in err or "stop_token" in err
+    assert f"{run.STORY_TOKENS} new tokens" in err or "stop_token" in err
 
 
 def visible(tok, ids):
@@ -674,7 +676,7 @@ def test_cli_truncate_keeps_the_end_and_only_a_real_bos(load_once, checkpoint, m
     without BOS keeps 7 tokens of the end: its first token is text, not a BOS to keep."""
     if not bos:
         model = without_bos(model)
-        monkeypatch.setattr(npllama.loading, "load", lambda *args, **kwargs: model)
+        monkeypatch.setattr(npllama.formats, "load", lambda *args, **kwargs: model)
     ids = model.tokenizer.encode(" ".join(f"w{i}" for i in range(30)))
     code, out, err = run_cli(capsys, "-m", checkpoint, "-p", model.tokenizer.decode(ids[bos:]),
                              "--max-seq-len", 16, "--truncate")
@@ -700,7 +702,7 @@ def test_help_mentions_every_flag():
     result = subprocess.run([sys.executable, "-m", "npllama", "--help"], capture_output=True, text=True,
                             timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
-    declared = [s for a in cli.build_parser()._actions for s in a.option_strings]
+    declared = [s for a in run.build_parser()._actions for s in a.option_strings]
     for flag in {*FLAGS, *declared}:
         assert flag in result.stdout, flag
 

@@ -18,9 +18,10 @@ from gguf.quants import dequantize, quantize
 import npllama
 from npllama.config import RopeScaling
 from npllama.errors import CheckpointError, ConfigError, ModelNotFoundError, TokenizerError
+from npllama.formats.gguf import (GGML_TYPES, QuantizedTensor, dequantize_rows, ggml_type, meta_name, read_gguf,
+                                  read_gguf_file)
+from npllama.formats.shared import LazyRows
 from npllama.generate import Sampler
-from npllama.gguf import (GGML_TYPES, LazyRows, QuantizedTensor, dequantize_rows, ggml_type, meta_name,
-                          read_gguf, read_gguf_file)
 from npllama.model import Llama
 from npllama.tokenizer import gpt2_bytes_to_unicode
 from oracle.checkpoints import random_state_dict, tiny_args
@@ -41,7 +42,7 @@ ARGS = tiny_args(vocab_size=VOCAB, tie_embeddings=False)
 TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
             "{{ '<|im_start|>system\nYou are a test.<|im_end|>\n' }}{% endif %}...{% endfor %}")
 
-# Meta name -> llama.cpp name, the inverse of npllama.gguf.meta_name.
+# Meta name -> llama.cpp name, the inverse of npllama.formats.gguf.meta_name.
 GGUF_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
               "attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
               "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
@@ -387,7 +388,7 @@ COMPARED_LAYERS = (0, 29)
 
 @pytest.fixture(scope="module")
 def smollm2_path():
-    from npllama.default_model import DownloadError, ensure_default_model
+    from npllama.formats.default_model import DownloadError, ensure_default_model
     try:
         return ensure_default_model(verbose=False)
     except DownloadError as e:
@@ -461,7 +462,7 @@ def test_smollm2_first_and_last_layer_match_oracle(passage_run):
 def test_gguf_qk_rows_are_meta_layout(smollm2, passage_run):
     """llama.cpp's converter undoes HF's q/k permutation: the rows as stored give a low perplexity,
     the same rows with HF's permutation undone once more a far higher one."""
-    from npllama.hf import meta_rows_of_hf
+    from npllama.formats.hf import meta_rows_of_hf
     tokens, logits, *_ = passage_run
     a = smollm2.args
     permuted = copy.copy(smollm2)

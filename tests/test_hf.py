@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import npllama
 from npllama.config import RopeScaling
 from npllama.errors import CheckpointError, ConfigError, ModelNotFoundError, TokenizerError
-from npllama.hf import hf_model_args, meta_rows_of_hf, pre_tokenizer_name, read_hf, read_safetensors
+from npllama.formats.hf import hf_model_args, meta_rows_of_hf, pre_tokenizer_name, read_hf, read_safetensors
 from npllama.tokenizer import LLAMA3_PAT_STR, Tokenizer, gpt2_bytes_to_unicode, load_bpe_ranks
 from oracle.checkpoints import llama3_tokenizer_path, tiny_args, write_random_checkpoint
 
@@ -308,7 +308,7 @@ def test_safetensors_reader_matches_the_library(tmp_path):
 # ---- tokenizer.json -----------------------------------------------------------------------
 
 def test_tokenizer_json_gives_meta_ids(tokenizer_files):
-    from npllama.hf import hf_tokenizer
+    from npllama.formats.hf import hf_tokenizer
     hf = hf_tokenizer(tokenizer_files)
     meta = Tokenizer.from_llama3_model(llama3_tokenizer_path())
     assert hf.n_words == meta.n_words and hf.special_tokens == meta.special_tokens
@@ -332,7 +332,7 @@ def test_add_bos_defaults_to_the_post_processor(tmp_path, tokenizer_files, post_
     """tokenizer_config.json without add_bos_token: the post-processor decides. Llama 3's puts
     <|begin_of_text|> before $A; a plain ByteLevel one (SmolLM2's) adds nothing, even though
     bos_token names a token."""
-    from npllama.hf import hf_tokenizer
+    from npllama.formats.hf import hf_tokenizer
     data = json.loads((tokenizer_files / "tokenizer.json").read_text())
     if post_processor != "Llama 3's template":
         data["post_processor"] = post_processor
@@ -362,7 +362,7 @@ def test_pre_tokenizer_names(pre, name):
 
 
 def test_tokenizer_json_errors(tmp_path, tokenizer_files):
-    from npllama.hf import hf_tokenizer
+    from npllama.formats.hf import hf_tokenizer
     data = json.loads((tokenizer_files / "tokenizer.json").read_text())
     data["pre_tokenizer"] = {"type": "Metaspace"}
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))

@@ -11,10 +11,10 @@ import torch
 
 import npllama
 from npllama.config import ModelArgs, load_params
+from npllama.formats.shared import LazyRows
 from npllama.layers import keep
-from npllama.gguf import LazyRows
 from npllama.model import LAYER_TRACE_NAMES
-from npllama.weights import StreamedWeight, TilePool
+from npllama.resident_or_streamed import StreamedWeight, TilePool
 from oracle.checkpoints import (llama3_8b_args, llama32_1b_args, random_state_dict, tiny_args,
                                 write_random_checkpoint)
 from oracle.compare import BFLOAT16_BOUND, FLOAT32_BOUND, compare_traces, format_table

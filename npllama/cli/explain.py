@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import FLOAT32_IN_BF16_MODE, Llama
+from ..model import FLOAT32_IN_BF16_MODE, Llama
+from .common import load_for_prompt, subcommand_parser
 
 TOP_K = 5  # next-token candidates listed in the last step
 
@@ -249,8 +250,6 @@ def write_figures(directory, model: Llama, tokens, trace: dict, layer: int, head
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import subcommand_parser
-
     p = subcommand_parser("explain", "Walk through one forward pass step by step, in the notebook's "
                           "order and with its names: every array shown is the forward pass's own "
                           "intermediate.")
@@ -258,24 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", type=int, default=0, help="the attention head to show in detail")
     p.add_argument("--plots", type=Path, metavar="DIR", help="also write PNG figures into DIR "
                    "(needs matplotlib: pip install \"npllama[plot]\")")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute precision; bfloat16 emulates the notebook's dtype flow")
     return p
-
-
-def load_for_prompt(model_path, prompt: str, dtype: str) -> tuple[Llama, list[int]]:
-    """The model, sized for this prompt, and the prompt's tokens. A token is at least one byte, so
-    the prompt's UTF-8 length (plus begin-of-text) bounds its token count before it is tokenized."""
-    from .cli import default_model_path
-    from .loading import load
-
-    model = load(model_path or default_model_path(), dtype=dtype,
-                 max_seq_len=len(prompt.encode("utf-8")) + 2, verbose=True)
-    tokens = model.tokenizer.encode(prompt)
-    if not tokens:
-        raise SystemExit("error: the prompt is empty and this tokenizer adds no begin-of-text token: "
-                         "give a prompt with -p")
-    return model, tokens
 
 
 def main(argv: list[str]) -> int:

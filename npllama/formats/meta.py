@@ -30,8 +30,8 @@ from typing import BinaryIO, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from .config import ModelArgs
-from .errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
+from ..errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
+from .shared import few
 
 # --- What data.pkl may name --------------------------------------------------------------
 
@@ -283,12 +283,6 @@ _SHARD_AXES = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_em
                "wo": 1, "w2": 1}
 
 
-def _few(names: Sequence[str], limit: int = 5) -> str:
-    """A list short enough for an error message."""
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more if names else "none"
-
-
 def _shard_axis(name: str) -> int | None:
     """The axis along which Meta split tensor `name` across shards; None if replicated."""
     if name.endswith("norm.weight"):
@@ -337,8 +331,8 @@ class MergedShards(Mapping):
                 extra = sorted(shard.keys() - shards[0].keys())
                 lacks = sorted(shards[0].keys() - shard.keys())
                 raise CheckpointError(f"{shard_name} and {names[0]} hold different tensors "
-                                      f"(only in {shard_name}: {_few(extra)}; missing from it: "
-                                      f"{_few(lacks)}): the shards are not from one checkpoint")
+                                      f"(only in {shard_name}: {few(extra)}; missing from it: "
+                                      f"{few(lacks)}): the shards are not from one checkpoint")
         self._shards = list(shards)
         # A single shard is the whole tensor: nothing to split, so any name is fine.
         self._axes = {name: _shard_axis(name) if len(shards) > 1 else None for name in shards[0]}
@@ -383,60 +377,7 @@ def read_meta_checkpoint(directory: str | Path) -> MergedShards:
         raise ModelNotFoundError(f"{directory} has no consolidated.*.pth: {expected}")
     missing = [f"consolidated.{i:02d}.pth" for i in range(max(found) + 1) if i not in found]
     if missing:
-        raise ModelNotFoundError(f"{directory} lacks {_few(missing)}: the shards must be numbered "
+        raise ModelNotFoundError(f"{directory} lacks {few(missing)}: the shards must be numbered "
                                  f"from 00 without gaps; download the missing ones")
     paths = [found[i] for i in sorted(found)]
     return merge_shards([read_pth(p) for p in paths], [str(p) for p in paths])
-
-
-# --- Checking weights against the configuration ---------------------------------------------
-
-_WEIGHT_DTYPES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
-_FFN = "hidden_dim from dim, multiple_of, ffn_dim_multiplier"
-# Which configuration fields a tensor's expected shape comes from, keyed by its module name.
-_SHAPE_ORIGINS = {"w1": _FFN, "w2": _FFN, "w3": _FFN, "wq": "n_heads, dim", "wo": "n_heads, dim",
-                  "wk": "n_kv_heads, dim", "wv": "n_kv_heads, dim",
-                  "tok_embeddings": "vocab_size, dim", "output": "vocab_size, dim"}
-
-
-def checked_size(path: Path, suffix: str, header: str, header_bytes: int) -> int:
-    """The size of a weights file that exists and can hold its header, or a clear error."""
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path} not found: expected a {suffix} file")
-    size = path.stat().st_size
-    if size < header_bytes:
-        raise CheckpointError(f"{path} is {size} bytes, too short for a {header} header: the "
-                              "download was interrupted; download it again")
-    return size
-
-
-def check_weights(weights: Mapping[str, np.ndarray], args: ModelArgs, source: str,
-                  config: str = "params.json") -> ModelArgs:
-    """Check tensor names, shapes and dtypes against what `args` implies, before any math.
-
-    Returns `args`, with tie_embeddings set if the checkpoint has no output.weight
-    (Llama 3.2 reuses tok_embeddings as the output projection). MergedShards are
-    checked from their specs, without concatenating anything."""
-    specs = weights.specs if isinstance(weights, MergedShards) else \
-        {name: (a.shape, a.dtype) for name, a in weights.items()}
-    if "output.weight" not in specs and not args.tie_embeddings:
-        args = replace(args, tie_embeddings=True)
-    expected = args.weight_shapes()
-    missing = [name for name in expected if name not in specs]
-    if missing:
-        raise CheckpointError(f"{source} has no {_few(missing)}, which {config} implies: "
-                              "the checkpoint is incomplete or not a Llama 3 model")
-    extra = [name for name in specs if name not in expected]
-    if extra:
-        raise CheckpointError(f"{source} has tensors {config} does not imply: {_few(extra)}; "
-                              f"the checkpoint and {config} disagree (e.g. on n_layers)")
-    for name, shape in expected.items():
-        actual, dtype = specs[name]
-        if tuple(actual) != shape:
-            origin = _SHAPE_ORIGINS.get(name.split(".")[-2], "dim")
-            raise CheckpointError(f"{source}: {name} has shape {tuple(actual)} but {config} implies "
-                                  f"{shape} ({origin}): the checkpoint and {config} disagree")
-        if dtype not in _WEIGHT_DTYPES:
-            raise CheckpointError(f"{source}: {name} has dtype {dtype}; npllama computes with "
-                                  "bfloat16, float16 or float32 weights, convert it to one of them")
-    return args

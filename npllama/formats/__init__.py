@@ -7,11 +7,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import check_weights, read_meta_checkpoint
-from .config import load_params
-from .errors import ConfigError, ModelNotFoundError
-from .model import Llama
-from .tokenizer import Tokenizer
+from ..config import load_params
+from ..errors import ConfigError, ModelNotFoundError
+from ..model import Llama
+from ..tokenizer import Tokenizer
+from .meta import read_meta_checkpoint
+from .shared import check_weights
 
 EXPECTED = ("a Meta checkpoint directory (params.json, consolidated.00.pth, tokenizer.model), a "
             "Hugging Face Llama directory (config.json, model.safetensors, tokenizer.json) or a .gguf file")

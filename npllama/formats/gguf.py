@@ -37,11 +37,11 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from .checkpoint import check_weights, checked_size
-from .config import ModelArgs, RopeScaling
-from .errors import CheckpointError, ConfigError, TokenizerError
-from .layers import rope_frequencies, scale_rope_frequencies
-from .tokenizer import SPECIAL_TOKEN_TYPES, Tokenizer
+from ..config import ModelArgs, RopeScaling
+from ..errors import CheckpointError, ConfigError, TokenizerError
+from ..layers import rope_frequencies, scale_rope_frequencies
+from ..tokenizer import SPECIAL_TOKEN_TYPES, Tokenizer
+from .shared import LazyRows, check_weights, checked_size
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -309,49 +309,6 @@ def dequantize_rows(blocks: np.ndarray, qtype: GGMLType) -> np.ndarray:
 
 
 # --- Weights -----------------------------------------------------------------------------
-
-class LazyRows:
-    """A stored [rows, cols] matrix that becomes a NumPy array only when it is used.
-
-    `np.asarray(t)` produces all of it; `t[rows]` only those rows, so an embedding lookup
-    decodes T rows of the table and the streamed matmul one tile at a time. `shape`, `dtype`
-    and `size` describe the array it becomes, so code that checks or sizes weights never
-    produces them. Nothing is cached: the model keeps its own float32 copy when it fits.
-    Subclasses say how rows are made (`rows`): dequantized (GGUF), or reordered (HF's q/k).
-    """
-
-    ndim = 2
-
-    def __init__(self, shape: tuple[int, int], dtype, name: str = ""):
-        self.shape, self.dtype, self.name = tuple(shape), np.dtype(dtype), name
-
-    def rows(self, index) -> np.ndarray:
-        """The rows `index` (an int, slice or integer array) selects, as an array."""
-        raise NotImplementedError
-
-    @property
-    def size(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self.rows(slice(None))
-        return out if dtype is None else out.astype(dtype, copy=False)
-
-    def astype(self, dtype) -> np.ndarray:
-        return np.asarray(self, dtype=dtype)
-
-    def __getitem__(self, index) -> np.ndarray:
-        rows, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
-        if rows is Ellipsis or rows is None:
-            return np.asarray(self)[index]
-        out = self.rows(rows)
-        if not rest:
-            return out
-        return out[rest] if out.ndim == 1 else out[(slice(None), *rest)]
-
 
 class QuantizedTensor(LazyRows):
     """A quantized GGUF matrix, dequantized to float32 row by row when used."""

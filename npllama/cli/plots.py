@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NpllamaError
+from ..errors import NpllamaError
 
 TOP_K_BARS = 10  # candidates in the next-token bar chart
 MAX_TICK_LABELS = 40  # beyond this many tokens, label every n-th one so labels stay readable

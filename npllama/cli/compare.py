@@ -20,6 +20,8 @@ import warnings
 
 import numpy as np
 
+from .common import load_for_prompt, subcommand_parser
+
 MAX_NAMED = 12  # failing steps named in the summary line; the table marks every one
 INSTALL_ORACLE = ('compare runs the torch oracle, which needs torch. Install the CPU build, then the '
                   'oracle extra:\n'
@@ -28,12 +30,9 @@ INSTALL_ORACLE = ('compare runs the torch oracle, which needs torch. Install the
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import subcommand_parser
-
     p = subcommand_parser("compare", "Run npllama and the torch oracle on the same prompt and compare "
-                          "every named intermediate; exit 1 if any exceeds its bound.")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="float32, or bfloat16: the notebook's dtype flow on both sides")
+                          "every named intermediate (in float32, or in the bfloat16 flow on both sides); "
+                          "exit 1 if any exceeds its bound.")
     p.add_argument("--per-layer", action="store_true",
                    help="start each oracle layer from npllama's own input to that layer, so rounding "
                         "differences do not compound over the layers (bf16 on deep models needs this)")
@@ -99,8 +98,6 @@ def main(argv: list[str]) -> int:
     except ImportError as e:
         print(f"error: {INSTALL_ORACLE}\n({e})", file=sys.stderr)
         return 2
-    from .explain import load_for_prompt
-
     model, tokens = load_for_prompt(args.model, args.prompt, args.dtype)
     bf16 = args.dtype == "bfloat16"
     ours, theirs = {}, {}

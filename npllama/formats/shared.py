@@ -1,0 +1,120 @@
+"""What the checkpoint formats share: the checks every loaded file passes before any math, and
+matrices whose rows are produced only when used.
+
+Every reader (Meta's .pth, GGUF, Hugging Face) hands back a mapping from Meta's tensor names to
+arrays, or to `LazyRows` where the stored bytes are not the matrix itself (quantized blocks,
+HF's reordered q/k rows); `check_weights` then holds names, shapes and dtypes against the
+configuration, reading only shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from ..config import ModelArgs
+from ..errors import CheckpointError, ModelNotFoundError
+
+
+def few(names: Sequence[str], limit: int = 5) -> str:
+    """A list short enough for an error message."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more if names else "none"
+
+
+
+_WEIGHT_DTYPES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
+_FFN = "hidden_dim from dim, multiple_of, ffn_dim_multiplier"
+# Which configuration fields a tensor's expected shape comes from, keyed by its module name.
+_SHAPE_ORIGINS = {"w1": _FFN, "w2": _FFN, "w3": _FFN, "wq": "n_heads, dim", "wo": "n_heads, dim",
+                  "wk": "n_kv_heads, dim", "wv": "n_kv_heads, dim",
+                  "tok_embeddings": "vocab_size, dim", "output": "vocab_size, dim"}
+
+
+def checked_size(path: Path, suffix: str, header: str, header_bytes: int) -> int:
+    """The size of a weights file that exists and can hold its header, or a clear error."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} not found: expected a {suffix} file")
+    size = path.stat().st_size
+    if size < header_bytes:
+        raise CheckpointError(f"{path} is {size} bytes, too short for a {header} header: the "
+                              "download was interrupted; download it again")
+    return size
+
+
+def check_weights(weights: Mapping[str, np.ndarray], args: ModelArgs, source: str,
+                  config: str = "params.json") -> ModelArgs:
+    """Check tensor names, shapes and dtypes against what `args` implies, before any math.
+
+    Returns `args`, with tie_embeddings set if the checkpoint has no output.weight
+    (Llama 3.2 reuses tok_embeddings as the output projection). A mapping with
+    `specs` (name -> (shape, dtype): MergedShards) is checked from them, without producing any tensor."""
+    specs = getattr(weights, "specs", None) or {name: (a.shape, a.dtype) for name, a in weights.items()}
+    if "output.weight" not in specs and not args.tie_embeddings:
+        args = replace(args, tie_embeddings=True)
+    expected = args.weight_shapes()
+    missing = [name for name in expected if name not in specs]
+    if missing:
+        raise CheckpointError(f"{source} has no {few(missing)}, which {config} implies: "
+                              "the checkpoint is incomplete or not a Llama 3 model")
+    extra = [name for name in specs if name not in expected]
+    if extra:
+        raise CheckpointError(f"{source} has tensors {config} does not imply: {few(extra)}; "
+                              f"the checkpoint and {config} disagree (e.g. on n_layers)")
+    for name, shape in expected.items():
+        actual, dtype = specs[name]
+        if tuple(actual) != shape:
+            origin = _SHAPE_ORIGINS.get(name.split(".")[-2], "dim")
+            raise CheckpointError(f"{source}: {name} has shape {tuple(actual)} but {config} implies "
+                                  f"{shape} ({origin}): the checkpoint and {config} disagree")
+        if dtype not in _WEIGHT_DTYPES:
+            raise CheckpointError(f"{source}: {name} has dtype {dtype}; npllama computes with "
+                                  "bfloat16, float16 or float32 weights, convert it to one of them")
+    return args
+
+
+class LazyRows:
+    """A stored [rows, cols] matrix that becomes a NumPy array only when it is used.
+
+    `np.asarray(t)` produces all of it; `t[rows]` only those rows, so an embedding lookup
+    decodes T rows of the table and the streamed matmul one tile at a time. `shape`, `dtype`
+    and `size` describe the array it becomes, so code that checks or sizes weights never
+    produces them. Nothing is cached: the model keeps its own float32 copy when it fits.
+    Subclasses say how rows are made (`rows`): dequantized (GGUF), or reordered (HF's q/k).
+    """
+
+    ndim = 2
+
+    def __init__(self, shape: tuple[int, int], dtype, name: str = ""):
+        self.shape, self.dtype, self.name = tuple(shape), np.dtype(dtype), name
+
+    def rows(self, index) -> np.ndarray:
+        """The rows `index` (an int, slice or integer array) selects, as an array."""
+        raise NotImplementedError
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self.rows(slice(None))
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def astype(self, dtype) -> np.ndarray:
+        return np.asarray(self, dtype=dtype)
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        if rows is Ellipsis or rows is None:
+            return np.asarray(self)[index]
+        out = self.rows(rows)
+        if not rest:
+            return out
+        return out[rest] if out.ndim == 1 else out[(slice(None), *rest)]
