@@ -1,18 +1,21 @@
-"""Model configuration: the one source of truth for every size in the model.
+"""Model configuration: the one source of truth for every size in the model, and for the names
+of its weights.
 
-Read from Meta's params.json (other formats build the same dataclass from their
-own metadata). Nothing in npllama hard-codes a size: the notebook's 17 tokens,
-`head // 4`, `/ 128 ** 0.5` and `range(64) / 64` are all derived from here.
+Every checkpoint format builds the same `ModelArgs` from its own metadata (params.json,
+config.json, GGUF keys: npllama/formats/). Nothing in npllama hard-codes a size: the notebook's 17
+tokens, `head // 4`, `/ 128 ** 0.5` and `range(64) / 64` are all derived from here.
+`LAYER_TENSORS` and `GLOBAL_TENSORS` name each weight in every format npllama reads; the readers,
+the shape checks and the forward pass derive their names from this one table.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, fields
-from pathlib import Path
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
 
-from .errors import ConfigError, ModelNotFoundError
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -80,97 +83,111 @@ class ModelArgs:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
+    @property
+    def q_width(self) -> int:
+        """Rows of wq: every query head's head_dim outputs, side by side."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        """Rows of wk and wv: one head_dim block per key/value head."""
+        return self.n_kv_heads * self.head_dim
+
+    def shape_of(self, tensor: Tensor) -> tuple[int, ...]:
+        return tuple(getattr(self, size) for size in tensor.shape)
+
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Meta's tensor names and the shape params.json implies for each."""
-        d, hd, hidden = self.dim, self.head_dim, self.hidden_dim
-        shapes = {"tok_embeddings.weight": (self.vocab_size, d), "norm.weight": (d,)}
-        if not self.tie_embeddings:
-            shapes["output.weight"] = (self.vocab_size, d)
+        """Meta's name and shape of every weight this configuration implies."""
+        shapes = {t.meta: self.shape_of(t) for t in GLOBAL_TENSORS
+                  if not (t is OUTPUT and self.tie_embeddings)}
         for i in range(self.n_layers):
-            p = f"layers.{i}."
-            shapes[p + "attention.wq.weight"] = (self.n_heads * hd, d)
-            shapes[p + "attention.wk.weight"] = (self.n_kv_heads * hd, d)
-            shapes[p + "attention.wv.weight"] = (self.n_kv_heads * hd, d)
-            shapes[p + "attention.wo.weight"] = (d, self.n_heads * hd)
-            shapes[p + "feed_forward.w1.weight"] = (hidden, d)
-            shapes[p + "feed_forward.w2.weight"] = (d, hidden)
-            shapes[p + "feed_forward.w3.weight"] = (hidden, d)
-            shapes[p + "attention_norm.weight"] = (d,)
-            shapes[p + "ffn_norm.weight"] = (d,)
+            shapes.update({layer_name(t.meta, i): self.shape_of(t) for t in LAYER_TENSORS})
         return shapes
 
-    def to_params(self) -> dict:
-        """The params.json dict Meta would write for this model."""
-        params = {
-            "dim": self.dim,
-            "n_layers": self.n_layers,
-            "n_heads": self.n_heads,
-            "n_kv_heads": self.n_kv_heads,
-            "vocab_size": self.vocab_size,
-            "multiple_of": self.multiple_of,
-            "ffn_dim_multiplier": self.ffn_dim_multiplier,
-            "norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
-            "use_scaled_rope": self.rope_scaling is not None,
-        }
-        if self.rope_scaling is not None and self.rope_scaling.factor != RopeScaling.factor:
-            params["rope_scaling_factor"] = self.rope_scaling.factor
-        return {k: v for k, v in params.items() if v is not None}
+
+class Tensor(NamedTuple):
+    """One weight of a Llama, as each checkpoint format names it."""
+
+    meta: str  # Meta's name; per-layer names follow LAYER_PREFIX
+    shape: tuple[str, ...]  # the ModelArgs sizes of its axes: [out, in] for a matrix
+    split_axis: int | None  # the axis Meta's model-parallel shards split it on (None: replicated)
+    gguf: str  # llama.cpp's name
+    hf: str  # Hugging Face's name
+
+    @property
+    def key(self) -> str:
+        """The short name the forward pass uses: wq, w2, attention_norm..."""
+        return self.meta.split(".")[-2]
 
 
-# Keys of params.json that have no safe default: guessing them is how other ports
-# ended up with rope_theta = 10000 (Llama 2's) or norm_eps = 1e-6 on Llama 3.
-REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "vocab_size", "norm_eps", "rope_theta")
-# Keys Meta writes that npllama has no use for (vision, quantization, training).
-IGNORED_PARAMS = ("max_batch_size", "vision_chunk_size", "vision_max_num_chunks",
-                  "vision_num_cross_attention_layers", "quantization_args", "lora_args",
-                  "vision_model", "moe_args")
+# Per layer. Meta splits column-parallel layers (wq, wk, wv, w1, w3) by output rows and
+# row-parallel ones (wo, w2) by input columns, each followed by an all-reduce; norms are replicated.
+# The order is the one random test checkpoints draw their values in.
+LAYER_TENSORS = (
+    #      Meta                      shape                  split  GGUF                  Hugging Face
+    Tensor("attention.wq.weight",    ("q_width", "dim"),    0,     "attn_q.weight",      "self_attn.q_proj.weight"),
+    Tensor("attention.wk.weight",    ("kv_width", "dim"),   0,     "attn_k.weight",      "self_attn.k_proj.weight"),
+    Tensor("attention.wv.weight",    ("kv_width", "dim"),   0,     "attn_v.weight",      "self_attn.v_proj.weight"),
+    Tensor("attention.wo.weight",    ("dim", "q_width"),    1,     "attn_output.weight", "self_attn.o_proj.weight"),
+    Tensor("feed_forward.w1.weight", ("hidden_dim", "dim"), 0,     "ffn_gate.weight",    "mlp.gate_proj.weight"),
+    Tensor("feed_forward.w2.weight", ("dim", "hidden_dim"), 1,     "ffn_down.weight",    "mlp.down_proj.weight"),
+    Tensor("feed_forward.w3.weight", ("hidden_dim", "dim"), 0,     "ffn_up.weight",      "mlp.up_proj.weight"),
+    Tensor("attention_norm.weight",  ("dim",),              None,  "attn_norm.weight",   "input_layernorm.weight"),
+    Tensor("ffn_norm.weight",        ("dim",),              None,  "ffn_norm.weight",    "post_attention_layernorm.weight"),
+)
+# Whole model. Llama 3 splits the embedding by vocabulary rows (Llama 2 split it by columns).
+GLOBAL_TENSORS = (
+    Tensor("tok_embeddings.weight",  ("vocab_size", "dim"), 0,     "token_embd.weight",  "model.embed_tokens.weight"),
+    Tensor("norm.weight",            ("dim",),              None,  "output_norm.weight", "model.norm.weight"),
+    Tensor("output.weight",          ("vocab_size", "dim"), 0,     "output.weight",      "lm_head.weight"),
+)
+# Where a layer's index goes in each format's names: layers.3.attention.wq.weight, blk.3.attn_q.weight.
+LAYER_PREFIX = {"meta": "layers.{i}.", "gguf": "blk.{i}.", "hf": "model.layers.{i}."}
+EMBEDDING, NORM, OUTPUT = GLOBAL_TENSORS  # by role; the output may reuse the embedding (tied)
+# What the derived sizes are made of, for messages about a tensor of the wrong shape.
+SIZE_ORIGINS = {"q_width": "n_heads * head_dim", "kv_width": "n_kv_heads * head_dim",
+                "hidden_dim": "from dim, multiple_of and ffn_dim_multiplier"}
 
 
-def load_params(path: str | Path, max_seq_len: int | None = None) -> ModelArgs:
-    """ModelArgs from a Meta params.json."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelNotFoundError(
-            f"{path} not found: a Meta checkpoint directory holds params.json next to "
-            "consolidated.00.pth and tokenizer.model"
-        )
-    try:
-        params = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(params, dict):
-        raise ConfigError(f"{path} must hold a JSON object, got {type(params).__name__}")
-    missing = [k for k in REQUIRED_PARAMS if k not in params]
-    if missing:
-        raise ConfigError(
-            f"{path} has no {', '.join(missing)}: npllama does not guess these "
-            "(Llama 3 uses norm_eps 1e-05 and rope_theta 500000.0); add them to the file"
-        )
-    known = {f.name for f in fields(ModelArgs)} | {"use_scaled_rope", "rope_scaling_factor"} | set(IGNORED_PARAMS)
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ConfigError(f"{path} has keys npllama does not understand: {', '.join(unknown)}")
-    if params.get("vocab_size", 0) < 0:
-        raise ConfigError(f"{path}: vocab_size is {params['vocab_size']}; set it to the tokenizer's size")
+def explain_shape(tensor: Tensor) -> str:
+    """e.g. "(hidden_dim, dim); hidden_dim from dim, multiple_of and ffn_dim_multiplier"."""
+    origins = [f"{size} {'= ' * (not SIZE_ORIGINS[size].startswith('from'))}{SIZE_ORIGINS[size]}"
+               for size in tensor.shape if size in SIZE_ORIGINS]
+    return f"({', '.join(tensor.shape)})" + "".join(f"; {o}" for o in origins)
 
-    use_scaled_rope = bool(params.get("use_scaled_rope", False))
-    scaling = None
-    if use_scaled_rope:
-        scaling = RopeScaling(factor=float(params.get("rope_scaling_factor", 8.0)))
-    try:
-        return ModelArgs(
-            dim=params["dim"],
-            n_layers=params["n_layers"],
-            n_heads=params["n_heads"],
-            n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
-            vocab_size=params["vocab_size"],
-            norm_eps=float(params["norm_eps"]),
-            rope_theta=float(params["rope_theta"]),
-            multiple_of=params.get("multiple_of", 256),
-            ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-            rope_scaling=scaling,
-            max_seq_len=max_seq_len or 8192,
-        )
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+
+def layer_name(name: str, i: int, fmt: str = "meta") -> str:
+    return LAYER_PREFIX[fmt].format(i=i) + name
+
+
+def _name_pattern(fmt: str) -> re.Pattern:
+    prefix = re.escape(LAYER_PREFIX[fmt]).replace(re.escape("{i}"), r"(\d+)")
+    return re.compile(prefix + "(.+)")
+
+
+_LAYER_PATTERNS = {fmt: _name_pattern(fmt) for fmt in LAYER_PREFIX}
+
+
+def split_layer_name(name: str, fmt: str = "meta") -> tuple[int, Tensor] | tuple[None, Tensor] | None:
+    """(layer index, table row) of a tensor name in format `fmt`; (None, row) for a global
+    tensor; None if it is not a Llama weight."""
+    for t in GLOBAL_TENSORS:
+        if getattr(t, fmt) == name:
+            return None, t
+    m = _LAYER_PATTERNS[fmt].fullmatch(name)
+    if m:
+        for t in LAYER_TENSORS:
+            if getattr(t, fmt) == m[2]:
+                return int(m[1]), t
+    return None
+
+
+def meta_name(name: str, fmt: str) -> str | None:
+    """Meta's name for a tensor named `name` in format fmt ("gguf", "hf"); None if not a Llama weight."""
+    found = split_layer_name(name, fmt)
+    if found is None:
+        return None
+    i, t = found
+    return t.meta if i is None else layer_name(t.meta, i)
+
+

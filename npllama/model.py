@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .config import ModelArgs
+from .config import EMBEDDING, NORM, OUTPUT, ModelArgs
 from .errors import PromptTooLongError
 from .layers import (apply_rope, attention, causal_mask, embed, feed_forward, keep, linear,
                      rms_norm, rope_frequencies, rope_tables)
@@ -95,8 +95,8 @@ class Llama:
         self.layers = [LayerWeights.from_checkpoint(weights, i, matrix, vector) for i in range(args.n_layers)]
         if self.resident:
             self.layers = [layer.fuse() for layer in self.layers]
-        self.norm = vector(weights["norm.weight"])  # [D]
-        output = weights["tok_embeddings.weight" if args.tie_embeddings else "output.weight"]
+        self.norm = vector(weights[NORM.meta])  # [D]
+        output = weights[(EMBEDDING if args.tie_embeddings else OUTPUT).meta]
         self.output = matrix(output)  # [V, D]
         cos, sin = rope_tables(rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling),
                                args.max_seq_len)
@@ -144,7 +144,7 @@ class Llama:
         sin = self.rope_sin[start_pos:start_pos + n_new]  # [T, hd/2]
         mask = causal_mask(n_new, start_pos)  # [T, S]
 
-        h = step("embedding", embed(tokens, self.weights["tok_embeddings.weight"]))  # [T, D]
+        h = step("embedding", embed(tokens, self.weights[EMBEDDING.meta]))  # [T, D]
         for i, layer in enumerate(self.layers):
             layer_step = prefixed(step, f"layers.{i}.")
             h = transformer_block(h, layer, args, cos, sin, mask,

@@ -24,6 +24,8 @@ import ml_dtypes
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from .config import LAYER_TENSORS, layer_name
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # float32 bytes of one tile: twice the 1 MB L2 of the machine this was tuned on (the shared L3
 # still holds a tile between its upcast and its matmul). Measured on 4096-wide bf16 rows with
@@ -146,15 +148,6 @@ class LayerWeights:
 
     @classmethod
     def from_checkpoint(cls, weights: Mapping[str, np.ndarray], i: int, matrix, vector) -> LayerWeights:
-        p = f"layers.{i}."
-        return cls(
-            attention_norm=vector(weights[p + "attention_norm.weight"]),
-            wq=matrix(weights[p + "attention.wq.weight"]),
-            wk=matrix(weights[p + "attention.wk.weight"]),
-            wv=matrix(weights[p + "attention.wv.weight"]),
-            wo=matrix(weights[p + "attention.wo.weight"]),
-            ffn_norm=vector(weights[p + "ffn_norm.weight"]),
-            w1=matrix(weights[p + "feed_forward.w1.weight"]),
-            w2=matrix(weights[p + "feed_forward.w2.weight"]),
-            w3=matrix(weights[p + "feed_forward.w3.weight"]),
-        )
+        """Layer i's weights, each made ready by `matrix` or `vector` (an upcast, a rounding, a stream)."""
+        return cls(**{t.key: (matrix if len(t.shape) == 2 else vector)(weights[layer_name(t.meta, i)])
+                      for t in LAYER_TENSORS})

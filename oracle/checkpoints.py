@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from npllama.config import ModelArgs
+from npllama.formats.meta import params_json
 
 LLAMA3_VOCAB_SIZE = 128256  # 128000 BPE ranks + 256 special tokens
 
@@ -70,7 +71,7 @@ def write_random_checkpoint(directory: str | Path, args: ModelArgs, seed: int = 
     """Write params.json, consolidated.00.pth and tokenizer.model into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "params.json").write_text(json.dumps(args.to_params(), indent=2))
+    (directory / "params.json").write_text(json.dumps(params_json(args), indent=2))
     torch.save(random_state_dict(args, seed, dtype), directory / "consolidated.00.pth")
     shutil.copyfile(llama3_tokenizer_path(), directory / "tokenizer.model")
     return directory

@@ -486,8 +486,8 @@ def test_check_weights_accepts_a_matching_checkpoint():
 def test_check_weights_wrong_shape():
     weights = fake_weights(tiny_args())
     with pytest.raises(CheckpointError, match=r"consolidated.00.pth: layers.0.feed_forward.w1.weight has "
-                       r"shape \(224, 64\) but params.json implies \(256, 64\) \(hidden_dim from dim, "
-                       r"multiple_of, ffn_dim_multiplier\): the checkpoint and params.json disagree"):
+                       r"shape \(224, 64\) but params.json implies \(256, 64\) = \(hidden_dim, dim\); hidden_dim "
+                       r"from dim, multiple_of and ffn_dim_multiplier: the checkpoint and params.json disagree"):
         check_weights(weights, tiny_args(ffn_dim_multiplier=1.5), "consolidated.00.pth")
 
 

@@ -18,8 +18,8 @@ from gguf.quants import dequantize, quantize
 import npllama
 from npllama.config import RopeScaling
 from npllama.errors import CheckpointError, ConfigError, ModelNotFoundError, TokenizerError
-from npllama.formats.gguf import (GGML_TYPES, QuantizedTensor, dequantize_rows, ggml_type, meta_name, read_gguf,
-                                  read_gguf_file)
+from npllama.config import meta_name
+from npllama.formats.gguf import GGML_TYPES, QuantizedTensor, dequantize_rows, ggml_type, read_gguf, read_gguf_file
 from npllama.formats.shared import LazyRows
 from npllama.generate import Sampler
 from npllama.model import Llama
@@ -42,7 +42,7 @@ ARGS = tiny_args(vocab_size=VOCAB, tie_embeddings=False)
 TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
             "{{ '<|im_start|>system\nYou are a test.<|im_end|>\n' }}{% endif %}...{% endfor %}")
 
-# Meta name -> llama.cpp name, the inverse of npllama.formats.gguf.meta_name.
+# Meta name -> llama.cpp name, spelled here independently of npllama.config's table.
 GGUF_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
               "attention_norm": "attn_norm", "attention.wq": "attn_q", "attention.wk": "attn_k",
               "attention.wv": "attn_v", "attention.wo": "attn_output", "ffn_norm": "ffn_norm",
@@ -373,10 +373,11 @@ def test_truncated_and_foreign_files(f32_file, tmp_path):
 
 
 def test_meta_names():
-    assert meta_name("blk.12.ffn_gate.weight") == "layers.12.feed_forward.w1.weight"
-    assert meta_name("token_embd.weight") == "tok_embeddings.weight"
-    assert meta_name("output_norm.weight") == "norm.weight"
-    assert meta_name("blk.0.attn_q.bias") is None and meta_name("blk.x.attn_q.weight") is None
+    for name in ARGS.weight_shapes():
+        assert meta_name(gguf_name(name), "gguf") == name
+    assert meta_name("blk.12.ffn_gate.weight", "gguf") == "layers.12.feed_forward.w1.weight"
+    for other in ("blk.0.attn_q.bias", "blk.x.attn_q.weight", "blk.1.attn_q.weight.x", "rope_freqs.weight"):
+        assert meta_name(other, "gguf") is None
 
 
 # ---- SmolLM2-135M-Instruct ----------------------------------------------------------------

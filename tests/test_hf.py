@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import npllama
-from npllama.config import RopeScaling
+from npllama.config import RopeScaling, meta_name
 from npllama.errors import CheckpointError, ConfigError, ModelNotFoundError, TokenizerError
 from npllama.formats.hf import hf_model_args, meta_rows_of_hf, pre_tokenizer_name, read_hf, read_safetensors
 from npllama.tokenizer import LLAMA3_PAT_STR, Tokenizer, gpt2_bytes_to_unicode, load_bpe_ranks
@@ -206,6 +206,14 @@ def test_weights_are_zero_copy_and_qk_rows_restored(meta_checkpoint, tokenizer_f
             assert isinstance(w, np.ndarray) and w.dtype == ml_dtypes.bfloat16
             assert not w.flags.writeable and not w.flags.owndata  # a view of the memory map
             np.testing.assert_array_equal(w, expected)
+
+
+def test_meta_names():
+    args = tiny_args()
+    hf = hf_state_dict({name: torch.zeros(shape) for name, shape in args.weight_shapes().items()}, args)
+    assert sorted(meta_name(name, "hf") for name in hf) == sorted(args.weight_shapes())
+    for other in ("model.layers.0.self_attn.q_proj.bias", "model.layers.x.mlp.up_proj.weight", "lm_head"):
+        assert meta_name(other, "hf") is None
 
 
 def test_meta_rows_of_hf_inverts_hf_permute():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import npllama
-from npllama.config import ModelArgs, load_params
+from npllama.config import ModelArgs
+from npllama.formats.meta import load_params
 from npllama.formats.shared import LazyRows
 from npllama.layers import keep
 from npllama.model import LAYER_TRACE_NAMES
@@ -252,7 +253,8 @@ def test_fused_projections_equal_separate_ones(tmp_path):
 def test_rope_scaling_factor_is_read_from_params_json(tmp_path):
     """Llama 3.2 ships rope_scaling_factor 32; silently using Llama 3.1's 8 changes every angle
     beyond 8192 / (2 pi) positions' wavelengths."""
-    from npllama.config import RopeScaling, load_params
+    from npllama.config import RopeScaling
+    from npllama.formats.meta import load_params
     from npllama.layers import rope_frequencies
 
     args = tiny_args(rope_scaling=RopeScaling(factor=32.0))
@@ -337,3 +339,47 @@ def test_weight_shapes_are_metas(args, layer, globals_):
     for i in range(args.n_layers):
         expected.update({f"layers.{i}.{name}": shape for name, shape in layer.items()})
     assert args.weight_shapes() == expected
+
+
+# --- params.json: every key is read, ignored on purpose, or refused ---------------------------
+
+def edit_params(directory, **changes):
+    params = json.loads((directory / "params.json").read_text())
+    params.update(changes)
+    (directory / "params.json").write_text(json.dumps({k: v for k, v in params.items() if v is not None}))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"ffn_hidden_dim": 256}, "keys npllama does not know: ffn_hidden_dim"),
+    ({"rope_scaling": {"factor": 32}}, "keys npllama does not know: rope_scaling"),
+    ({"vision_chunk_size": 560}, "sets vision_chunk_size: it describes a vision model"),
+    ({"vision_model": {"cross_attention_adapter": {"num_layers": 8}}}, "a vision model"),
+    ({"quantization_args": {"scheme": "int4_weight_int8_dynamic_activation"}}, "a quantized checkpoint"),
+    ({"lora_args": {"rank": 16, "scale": 2.0}}, "LoRA adapters"),
+    ({"moe_args": {"num_experts": 16}}, "mixture-of-experts"),
+    ({"rope_scaling_factor": 32.0, "use_scaled_rope": False}, "rope_scaling_factor 32.0 but not use_scaled_rope"),
+    ({"rope_scaling_factor": 32.0, "use_scaled_rope": None}, "rope_scaling_factor 32.0 but not use_scaled_rope"),
+])
+def test_params_keys_that_would_change_the_model_are_refused(tmp_path, changes, message):
+    write_random_checkpoint(tmp_path, tiny_args())
+    edit_params(tmp_path, **changes)
+    with pytest.raises(npllama.ConfigError, match=message) as e:
+        npllama.load(tmp_path)
+    assert "params.json" in str(e.value)
+
+
+def test_params_keys_that_do_not_change_the_model_are_accepted(tmp_path):
+    write_random_checkpoint(tmp_path, tiny_args())
+    reference = npllama.load(tmp_path).forward([1, 2, 3])
+    edit_params(tmp_path, max_batch_size=32, vision_chunk_size=-1, vision_max_num_chunks=4,
+                vision_num_cross_attention_layers=-1, quantization_args=None, lora_args=None)
+    np.testing.assert_array_equal(npllama.load(tmp_path).forward([1, 2, 3]), reference)
+
+
+def test_params_max_seq_len_is_the_default_context(tmp_path):
+    write_random_checkpoint(tmp_path, tiny_args())
+    assert npllama.load(tmp_path).args.max_seq_len == 8192  # Llama 3's, when the file says nothing
+    edit_params(tmp_path, max_seq_len=64)
+    model = npllama.load(tmp_path)
+    assert model.args.max_seq_len == 64 and model.rope_cos.shape[0] == 64
+    assert npllama.load(tmp_path, max_seq_len=128).args.max_seq_len == 128  # the caller's wins

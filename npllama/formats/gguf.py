@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from ..config import ModelArgs, RopeScaling
+from ..config import EMBEDDING, OUTPUT, ModelArgs, RopeScaling, meta_name
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..layers import rope_frequencies, scale_rope_frequencies
 from ..tokenizer import SPECIAL_TOKEN_TYPES, Tokenizer
@@ -325,28 +325,8 @@ class QuantizedTensor(LazyRows):
         return f"QuantizedTensor({self.name!r}, {self.qtype.name}, shape={self.shape})"
 
 
-# llama.cpp's names -> Meta's: per layer (blk.N.attn_q.weight -> layers.N.attention.wq.weight)...
-_LAYER_NAMES = {
-    "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
-    "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
-    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
-}
-# ...and for the whole model.
-_GLOBAL_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
-                 "output.weight": "output.weight"}
 # Not a weight: Llama 3.1's RoPE scaling, written by llama.cpp as one factor per frequency.
 ROPE_FREQS = "rope_freqs.weight"
-
-
-def meta_name(gguf_name: str) -> str | None:
-    """Meta's name for a llama.cpp tensor name; None if it is not a Llama weight."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight" \
-            and parts[2] in _LAYER_NAMES:
-        return f"layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.weight"
-    return None
 
 
 class GGUFWeights(Mapping):
@@ -372,9 +352,6 @@ class GGUFWeights(Mapping):
     def __len__(self) -> int:
         return len(self._infos)
 
-    def gguf_name(self, name: str) -> str:
-        return self._infos[name].name
-
     def qtypes(self) -> dict[str, int]:
         """How many tensors of each ggml type, e.g. {"Q4_1": 210, "F32": 61, "Q8_0": 1}."""
         counts: dict[str, int] = {}
@@ -388,7 +365,7 @@ def _weights(file: GGUFFile) -> GGUFWeights:
     for name, info in file.tensors.items():
         if name == ROPE_FREQS:
             continue
-        meta = meta_name(name)
+        meta = meta_name(name, "gguf")
         if meta is None:
             raise CheckpointError(f"{file.path} holds tensor {name}, which a Llama model does not have "
                                   "(npllama runs plain Llama: no biases, no fused qkv, no experts)")
@@ -460,13 +437,13 @@ def gguf_model_args(file: GGUFFile) -> ModelArgs:
                           f"{file.metadata[f'{arch}.expert_count']}); npllama runs dense Llama models only")
     n_heads = _get(file, f"{arch}.attention.head_count", int)
     dim = _get(file, f"{arch}.embedding_length", int)
-    embedding = file.tensors.get("token_embd.weight")
+    embedding = file.tensors.get(EMBEDDING.gguf)
     if embedding is None:
-        raise CheckpointError(f"{file.path} has no tensor token_embd.weight; the file is incomplete")
+        raise CheckpointError(f"{file.path} has no tensor {EMBEDDING.gguf}; the file is incomplete")
     vocab_size = embedding.shape[0]
     stated = _get(file, f"{arch}.vocab_size", int, vocab_size)
     if stated != vocab_size:
-        raise ConfigError(f"{file.path}: {arch}.vocab_size is {stated} but token_embd.weight has "
+        raise ConfigError(f"{file.path}: {arch}.vocab_size is {stated} but {EMBEDDING.gguf} has "
                           f"{vocab_size} rows; the file is inconsistent")
     # llama.cpp's defaults where the key may be absent (old Llama 1/2 conversions).
     theta = float(_get(file, f"{arch}.rope.freq_base", (int, float), 10000.0))
@@ -480,7 +457,7 @@ def gguf_model_args(file: GGUFFile) -> ModelArgs:
             norm_eps=float(_get(file, f"{arch}.attention.layer_norm_rms_epsilon", (int, float))),
             rope_theta=theta,
             ffn_hidden_dim=_get(file, f"{arch}.feed_forward_length", int),
-            tie_embeddings="output.weight" not in file.tensors,
+            tie_embeddings=OUTPUT.gguf not in file.tensors,
         )
     except ConfigError as e:
         raise ConfigError(f"{file.path}: {e}") from None

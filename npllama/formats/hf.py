@@ -34,7 +34,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from ..config import ModelArgs, RopeScaling
+from ..config import OUTPUT, ModelArgs, RopeScaling, meta_name
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError, TokenizerError
 from ..tokenizer import (LLAMA3_PAT_STR, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED,
                         Tokenizer)
@@ -93,30 +93,6 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 # --- Weights -------------------------------------------------------------------------------
 
 INDEX_FILE = "model.safetensors.index.json"
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attention_norm.weight",
-    "self_attn.q_proj.weight": "attention.wq.weight",
-    "self_attn.k_proj.weight": "attention.wk.weight",
-    "self_attn.v_proj.weight": "attention.wv.weight",
-    "self_attn.o_proj.weight": "attention.wo.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "feed_forward.w1.weight",
-    "mlp.down_proj.weight": "feed_forward.w2.weight",
-    "mlp.up_proj.weight": "feed_forward.w3.weight",
-}
-_GLOBAL_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-                 "lm_head.weight": "output.weight"}
-
-
-def meta_name(hf_name: str) -> str | None:
-    """Meta's name for a Hugging Face Llama tensor name; None if it is not a Llama weight."""
-    if hf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[hf_name]
-    m = _LAYER.fullmatch(hf_name)
-    if m and m[2] in _LAYER_NAMES:
-        return f"layers.{int(m[1])}.{_LAYER_NAMES[m[2]]}"
-    return None
 
 
 def meta_rows_of_hf(n_rows: int, n_heads: int) -> np.ndarray:
@@ -203,15 +179,15 @@ def hf_weights(directory: Path, args: ModelArgs) -> HFWeights:
     for hf_name, array in read_hf_tensors(directory).items():
         if hf_name.endswith("rotary_emb.inv_freq"):  # a buffer older transformers saved; recomputed
             continue
-        if hf_name == "lm_head.weight" and args.tie_embeddings:
+        if hf_name == OUTPUT.hf and args.tie_embeddings:
             continue  # some tied checkpoints save the shared matrix twice
-        meta = meta_name(hf_name)
+        meta = meta_name(hf_name, "hf")
         if meta is None:
             raise CheckpointError(f"{directory} holds tensor {hf_name}, which a Llama model does not have "
                                   "(npllama runs plain LlamaForCausalLM: no biases, no adapters)")
         tensors[meta], names[meta] = array, hf_name
-    if not args.tie_embeddings and "output.weight" not in tensors:
-        raise CheckpointError(f"{directory} has no lm_head.weight and config.json does not set "
+    if not args.tie_embeddings and OUTPUT.meta not in tensors:
+        raise CheckpointError(f"{directory} has no {OUTPUT.hf} and config.json does not set "
                               "tie_word_embeddings: the checkpoint is incomplete")
     return HFWeights(tensors, names, args)
 

@@ -1,4 +1,5 @@
-"""Meta's checkpoints (consolidated.NN.pth) read without torch, safely and without copying.
+"""Meta's checkpoint directories: params.json, consolidated.NN.pth and tokenizer.model, read
+without torch, safely and without copying.
 
 A `torch.save` file is a zip archive: `data.pkl` pickles the dict's structure and
 `data/<key>` holds each storage's raw bytes, uncompressed. Two things follow:
@@ -10,12 +11,18 @@ A `torch.save` file is a zip archive: `data.pkl` pickles the dict's structure an
 - Speed: storages are stored, not compressed, so each tensor is a NumPy view of
   one read-only memory map of the whole file. Opening an 8B model (16 GB) reads
   only the zip directory and data.pkl; the OS pages weights in as they are used.
+
+A model too big for one GPU is saved as model-parallel shards, consolidated.00.pth, .01...,
+each holding a slice of every split tensor (config.LAYER_TENSORS says which axis); they are
+merged lazily, tensor by tensor, when used.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
 import collections
+import json
+import math
 import pickle
 import re
 import struct
@@ -30,8 +37,101 @@ from typing import BinaryIO, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from ..errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
-from .shared import few
+from ..config import GLOBAL_TENSORS, LAYER_TENSORS, ModelArgs, RopeScaling, split_layer_name
+from ..errors import CheckpointError, ConfigError, ModelNotFoundError, UnsafeCheckpointError
+from ..tokenizer import Tokenizer
+from .shared import check_weights, few
+
+# --- params.json ----------------------------------------------------------------------------
+
+# Keys with no safe default: guessing them is how other ports ended up with rope_theta 10000
+# (Llama 2's) or norm_eps 1e-6 on Llama 3.
+REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "vocab_size", "norm_eps", "rope_theta")
+# Keys read when present, with Meta's defaults (llama_models/llama3/args.py). max_seq_len is not
+# a Meta key (its generator takes it as an argument) but some exports state it: it is then the
+# model's default context, which load(max_seq_len=...) overrides.
+OPTIONAL_PARAMS = {"n_kv_heads": None, "multiple_of": 256, "ffn_dim_multiplier": None,
+                   "use_scaled_rope": False, "rope_scaling_factor": RopeScaling.factor,
+                   "max_seq_len": ModelArgs.max_seq_len}
+# Keys of Meta's trainer and batch generator that do not change the model: accepted, unused.
+IGNORED_PARAMS = ("max_batch_size", "vision_max_num_chunks")
+# Keys that, set, describe a model npllama does not run, and what that model is.
+REFUSED_PARAMS = {"vision_chunk_size": "a vision model (Llama 3.2 Vision)",
+                  "vision_num_cross_attention_layers": "a vision model (Llama 3.2 Vision)",
+                  "vision_model": "a vision model (Llama 3.2 Vision)",
+                  "quantization_args": "a quantized checkpoint (int4/int8 weights with scales); use the "
+                                       "bf16 release",
+                  "lora_args": "a checkpoint with LoRA adapters, which npllama does not apply",
+                  "moe_args": "a mixture-of-experts model (Llama 4)"}
+
+
+def _is_set(value) -> bool:
+    """Meta writes absent vision settings as -1 and absent sub-configs as null or {}."""
+    return value not in (None, -1, 0, {}, [])
+
+
+def load_params(path: str | Path) -> ModelArgs:
+    """ModelArgs from a Meta params.json: every key is read, ignored on purpose, or refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} not found: a Meta checkpoint directory holds params.json "
+                                 "next to consolidated.00.pth and tokenizer.model")
+    try:
+        params = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(params).__name__}")
+    missing = [k for k in REQUIRED_PARAMS if k not in params]
+    if missing:
+        raise ConfigError(f"{path} has no {', '.join(missing)}: npllama does not guess these "
+                          "(Llama 3 uses norm_eps 1e-05 and rope_theta 500000.0); add them to the file")
+    unknown = sorted(set(params) - {*REQUIRED_PARAMS, *OPTIONAL_PARAMS, *IGNORED_PARAMS, *REFUSED_PARAMS})
+    if unknown:
+        raise ConfigError(f"{path} has keys npllama does not know: {', '.join(unknown)}. It reads "
+                          f"{', '.join(REQUIRED_PARAMS + tuple(OPTIONAL_PARAMS))}; a key it does not "
+                          "know may change the model, so it is not ignored")
+    refused = [k for k in REFUSED_PARAMS if _is_set(params.get(k))]
+    if refused:
+        raise ConfigError(f"{path} sets {refused[0]}: it describes {REFUSED_PARAMS[refused[0]]}; "
+                          "npllama runs dense text-only Llama 3 models")
+    p = {**OPTIONAL_PARAMS, **params}
+    if "rope_scaling_factor" in params and not p["use_scaled_rope"]:
+        raise ConfigError(f"{path} gives rope_scaling_factor {params['rope_scaling_factor']} but not "
+                          "use_scaled_rope: true; the two contradict each other, fix one")
+    try:
+        return ModelArgs(
+            dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+            n_kv_heads=p["n_kv_heads"] or p["n_heads"], vocab_size=p["vocab_size"],
+            norm_eps=float(p["norm_eps"]), rope_theta=float(p["rope_theta"]), multiple_of=p["multiple_of"],
+            ffn_dim_multiplier=p["ffn_dim_multiplier"], max_seq_len=p["max_seq_len"],
+            rope_scaling=RopeScaling(factor=float(p["rope_scaling_factor"])) if p["use_scaled_rope"] else None)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def params_json(args: ModelArgs) -> dict:
+    """The params.json Meta would write for this model (the inverse of load_params)."""
+    s = args.rope_scaling
+    if s is not None and replace(s, factor=RopeScaling.factor) != RopeScaling():
+        raise ConfigError(f"params.json can state only Llama 3.1's scaled RoPE with another factor, not {s}")
+    params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
+              "n_kv_heads": args.n_kv_heads, "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
+              "ffn_dim_multiplier": args.ffn_dim_multiplier, "norm_eps": args.norm_eps,
+              "rope_theta": args.rope_theta, "use_scaled_rope": s is not None}
+    if s is not None and s.factor != RopeScaling.factor:
+        params["rope_scaling_factor"] = s.factor
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def read_meta(directory: str | Path) -> tuple[ModelArgs, MergedShards, Tokenizer]:
+    """Configuration, weights and tokenizer of a Meta checkpoint directory."""
+    directory = Path(directory)
+    args = load_params(directory / "params.json")
+    weights = read_meta_checkpoint(directory)
+    args = check_weights(weights, args, str(directory))
+    return args, weights, Tokenizer.from_llama3_model(directory / "tokenizer.model")
+
 
 # --- What data.pkl may name --------------------------------------------------------------
 
@@ -275,23 +375,13 @@ def read_pth(path: str | Path) -> dict[str, np.ndarray]:
 
 # --- Model-parallel shards -----------------------------------------------------------------
 
-# Meta splits each tensor across model-parallel ranks along the axis its layer is
-# parallel on: column-parallel layers (and Llama 3's vocab-parallel embedding) by
-# output rows, row-parallel layers (wo, w2) by input columns. Norms are replicated.
-# (Llama 2 split tok_embeddings on axis 1; these rules are Llama 3's.)
-_SHARD_AXES = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embeddings": 0,
-               "wo": 1, "w2": 1}
-
-
 def _shard_axis(name: str) -> int | None:
     """The axis along which Meta split tensor `name` across shards; None if replicated."""
-    if name.endswith("norm.weight"):
-        return None
-    axes = [_SHARD_AXES[part] for part in name.split(".") if part in _SHARD_AXES]
-    if len(axes) != 1:
+    found = split_layer_name(name)
+    if found is None:
         raise CheckpointError(f"{name} is not a Llama 3 tensor: npllama does not know how Meta "
                               "splits it across model-parallel shards")
-    return axes[0]
+    return found[1].split_axis
 
 
 def _merged_shape(name: str, parts: Sequence[np.ndarray], names: Sequence[str],

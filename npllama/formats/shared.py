@@ -16,7 +16,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from ..config import ModelArgs
+from ..config import OUTPUT, ModelArgs, explain_shape, split_layer_name
 from ..errors import CheckpointError, ModelNotFoundError
 
 
@@ -26,13 +26,8 @@ def few(names: Sequence[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more if names else "none"
 
 
-
+# What the forward pass upcasts from; anything else (float64, int8...) is refused at load.
 _WEIGHT_DTYPES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
-_FFN = "hidden_dim from dim, multiple_of, ffn_dim_multiplier"
-# Which configuration fields a tensor's expected shape comes from, keyed by its module name.
-_SHAPE_ORIGINS = {"w1": _FFN, "w2": _FFN, "w3": _FFN, "wq": "n_heads, dim", "wo": "n_heads, dim",
-                  "wk": "n_kv_heads, dim", "wv": "n_kv_heads, dim",
-                  "tok_embeddings": "vocab_size, dim", "output": "vocab_size, dim"}
 
 
 def checked_size(path: Path, suffix: str, header: str, header_bytes: int) -> int:
@@ -54,7 +49,7 @@ def check_weights(weights: Mapping[str, np.ndarray], args: ModelArgs, source: st
     (Llama 3.2 reuses tok_embeddings as the output projection). A mapping with
     `specs` (name -> (shape, dtype): MergedShards) is checked from them, without producing any tensor."""
     specs = getattr(weights, "specs", None) or {name: (a.shape, a.dtype) for name, a in weights.items()}
-    if "output.weight" not in specs and not args.tie_embeddings:
+    if OUTPUT.meta not in specs and not args.tie_embeddings:
         args = replace(args, tie_embeddings=True)
     expected = args.weight_shapes()
     missing = [name for name in expected if name not in specs]
@@ -68,9 +63,9 @@ def check_weights(weights: Mapping[str, np.ndarray], args: ModelArgs, source: st
     for name, shape in expected.items():
         actual, dtype = specs[name]
         if tuple(actual) != shape:
-            origin = _SHAPE_ORIGINS.get(name.split(".")[-2], "dim")
             raise CheckpointError(f"{source}: {name} has shape {tuple(actual)} but {config} implies "
-                                  f"{shape} ({origin}): the checkpoint and {config} disagree")
+                                  f"{shape} = {explain_shape(split_layer_name(name)[1])}: the checkpoint "
+                                  f"and {config} disagree")
         if dtype not in _WEIGHT_DTYPES:
             raise CheckpointError(f"{source}: {name} has dtype {dtype}; npllama computes with "
                                   "bfloat16, float16 or float32 weights, convert it to one of them")
