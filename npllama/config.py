@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .errors import ConfigError
+from .errors import ConfigError, PromptTooLongError
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,22 @@ class ModelArgs:
         for i in range(self.n_layers):
             shapes.update({layer_name(t.meta, i): self.shape_of(t) for t in LAYER_TENSORS})
         return shapes
+
+
+def fits(n_cached: int, n_new: int, context: int, generating: bool = False) -> bool:
+    """The one rule for what fits: every token, cached, fed in, or generated next, needs a
+    position below the context length. `generating`: the prompt must leave one for a new token."""
+    return n_cached + n_new + generating <= context
+
+
+def check_fits(n_cached: int, n_new: int, context: int, generating: bool = False) -> None:
+    if not fits(n_cached, n_new, context, generating):
+        raise PromptTooLongError(
+            f"{n_cached + n_new + generating} positions needed ({n_new} new tokens"
+            f"{f' after {n_cached} cached ones' if n_cached else ''}"
+            f"{', and 1 to generate' if generating else ''}) but max_seq_len is {context}: shorten the "
+            "prompt, load the model with a larger max_seq_len (--max-seq-len), or pass --truncate to "
+            "keep only the prompt's end")
 
 
 class Tensor(NamedTuple):

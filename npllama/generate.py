@@ -13,21 +13,28 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import PromptTooLongError
+from .config import check_fits, fits
 
 
-def softmax64(logits: np.ndarray) -> np.ndarray:
-    """Probabilities in float64: the tail of a 128k-way distribution underflows in float32."""
+def next_token_probs(logits: np.ndarray) -> np.ndarray:
+    """The next-token distribution of one position's logits, as every part of npllama computes
+    it: in float64, where the tail of a 128k-way distribution does not underflow, and after
+    subtracting the largest logit, so that exp() never overflows however large they are."""
     z = logits.astype(np.float64)  # [V]
     e = np.exp(z - z.max())  # [V]
     return e / e.sum()  # [V]
 
 
+def top_tokens(probs: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k most probable tokens, most probable first, ties broken by the lower id."""
+    return np.argsort(-probs, kind="stable")[:k]  # [k]
+
+
 def top_k_filter(probs: np.ndarray, k: int) -> np.ndarray:
-    """Zero all but the k most probable tokens (ties at the boundary broken by token id)."""
+    """Zero all but the k most probable tokens."""
     if k <= 0 or k >= len(probs):
         return probs
-    keep = np.argsort(-probs, kind="stable")[:k]  # [k]
+    keep = top_tokens(probs, k)  # [k]
     out = np.zeros_like(probs)  # [V]
     out[keep] = probs[keep]
     return out
@@ -67,7 +74,7 @@ class Sampler:
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """The distribution a token is drawn from, after temperature, top-k and top-p."""
-        probs = top_k_filter(softmax64(logits / self.temperature), self.top_k)  # [V]
+        probs = top_k_filter(next_token_probs(logits / self.temperature), self.top_k)  # [V]
         # Renormalise between the filters, as Hugging Face and llama.cpp do: top-p's p is a
         # fraction of what top-k kept, not of the whole vocabulary.
         probs = top_p_filter(probs / probs.sum(), self.top_p)  # [V]
@@ -122,20 +129,16 @@ def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: S
     stop_ids = set(model.tokenizer.stop_ids if stop_ids is None else stop_ids)
     if cache is None:
         cache = model.new_cache()
-    context = min(cache.max_seq_len, model.args.max_seq_len)
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token (e.g. the BOS token)")
-    if start_pos + len(prompt) >= context:
-        raise PromptTooLongError(
-            f"the prompt has {len(prompt)} tokens{f' after {start_pos} cached ones' if start_pos else ''}"
-            f"; max_seq_len is {context}, which leaves no room to generate: shorten the "
-            "prompt, raise --max-seq-len, or pass --truncate to keep only its end")
+    context = model.context_length(cache)
+    check_fits(start_pos, len(prompt), context, generating=True)
     stats.prompt_tokens = len(prompt)
 
     t0 = time.perf_counter()
     logits = model.forward(prompt, start_pos, cache, last_only=True)[-1]  # [V]
     stats.prefill_seconds = time.perf_counter() - t0
-    pos = stats.cached_positions = start_pos + len(prompt)
+    pos = stats.cached_positions = start_pos + len(prompt)  # where the next token goes
     stats.stop_reason = "max_new_tokens"
     t0 = time.perf_counter()
     for i in range(max_new_tokens):
@@ -145,10 +148,11 @@ def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: S
         if token in stop_ids:
             stats.stop_reason = "stop_token"
             break
-        if pos >= context:
+        if i + 1 == max_new_tokens:
+            break
+        if not fits(pos, 1, context, generating=True):  # no position left for another token
             stats.stop_reason = "max_seq_len"
             break
-        if i + 1 < max_new_tokens:
-            logits = model.forward([token], pos, cache, last_only=True)[-1]  # [V]
-            pos = stats.cached_positions = pos + 1
-            stats.decode_seconds = time.perf_counter() - t0
+        logits = model.forward([token], pos, cache, last_only=True)[-1]  # [V]
+        pos = stats.cached_positions = pos + 1
+        stats.decode_seconds = time.perf_counter() - t0

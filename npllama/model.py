@@ -10,8 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .config import EMBEDDING, NORM, OUTPUT, ModelArgs
-from .errors import PromptTooLongError
+from .config import EMBEDDING, NORM, OUTPUT, ModelArgs, check_fits
 from .layers import (apply_rope, attention, causal_mask, embed, feed_forward, keep, linear,
                      rms_norm, rope_frequencies, rope_tables)
 from .resident_or_streamed import (BF16, LayerWeights, StreamedWeight, TilePool, default_weights_budget,
@@ -42,6 +41,12 @@ LAYER_TRACE_NAMES = (
 # scores (and the cached keys) stay float32 in its bf16 flow; softmax's output is cast to bf16.
 FLOAT32_IN_BF16_MODE = ("q_rot", "k_rot", "scores", "masked_scores")
 TRACE_NAMES = ("embedding", *(f"layers.{{i}}.{n}" for n in LAYER_TRACE_NAMES), "norm", "logits")
+
+
+def rounded_to_bf16(name: str, dtype: str) -> bool:
+    """Whether the intermediate `name` (a TRACE_NAMES entry, layer prefix or not) holds bf16
+    values in this compute dtype: everything in the bf16 flow but FLOAT32_IN_BF16_MODE."""
+    return dtype == "bfloat16" and name.rsplit(".", 1)[-1] not in FLOAT32_IN_BF16_MODE
 
 
 class KVCache:
@@ -105,6 +110,10 @@ class Llama:
     def new_cache(self, max_seq_len: int | None = None) -> KVCache:
         return KVCache(self.args, max_seq_len or self.args.max_seq_len)
 
+    def context_length(self, cache: KVCache | None = None) -> int:
+        """Positions a sequence may use: the model's max_seq_len, or the cache's if smaller."""
+        return min(self.args.max_seq_len, cache.max_seq_len if cache else self.args.max_seq_len)
+
     def generate(self, prompt, max_new_tokens: int = 256, sampler=None, **kwargs):
         """An iterator of new token ids: see npllama.generate.generate."""
         from .generate import generate
@@ -115,7 +124,7 @@ class Llama:
         dtype flow, records into `trace` when asked, and otherwise costs one function call."""
         if self.dtype == "bfloat16":
             def step(name, x):
-                if name.rsplit(".", 1)[-1] not in FLOAT32_IN_BF16_MODE:
+                if rounded_to_bf16(name, self.dtype):
                     x = round_to_bf16(x)
                 if trace is not None:
                     trace[name] = x
@@ -165,11 +174,7 @@ class Llama:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.args.vocab_size})")
         if cache is None and start_pos != 0:
             raise ValueError("start_pos > 0 needs the cache that holds positions 0..start_pos-1")
-        limit = min(self.args.max_seq_len, cache.max_seq_len if cache else self.args.max_seq_len)
-        if start_pos + len(tokens) > limit:
-            raise PromptTooLongError(
-                f"{start_pos + len(tokens)} positions do not fit in max_seq_len={limit}: "
-                "shorten the prompt or load the model with a larger max_seq_len")
+        check_fits(start_pos, len(tokens), self.context_length(cache))
         return tokens
 
 

@@ -154,9 +154,17 @@ class Oracle:
         self.cache_v = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.args.n_layers)]
 
     @torch.inference_mode()
-    def forward(self, tokens, start_pos: int = 0, trace: dict | None = None) -> np.ndarray:
+    def forward(self, tokens, start_pos: int = 0, trace: dict | None = None,
+                inputs: dict | None = None) -> np.ndarray:
         """float32 logits [T, V]; `trace` receives every intermediate as a float32 NumPy array
-        in npllama's layout and names."""
+        in npllama's layout and names.
+
+        `inputs`, an npllama trace of the same tokens, makes every layer (and the final norm and
+        the output layer) start from npllama's own input to it instead of the oracle's: end to
+        end, a difference of one rounding step anywhere is carried into every later layer and
+        grows (in the bf16 flow a 30-layer model drifts past the bound by layer 3 or 4 although
+        each layer, given the same input, agrees within it). Feeding both the same input tests
+        each layer alone."""
         args, w = self.args, self.weights
         tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
         n_new = len(tokens)
@@ -171,11 +179,16 @@ class Oracle:
                 return x
             return record
 
+        def given(name, x):  # the step's own input, or npllama's (exact: bf16 flow values are bf16)
+            return x if inputs is None else torch.from_numpy(np.ascontiguousarray(inputs[name])).to(self.dtype)
+
         h = recorder("")("embedding", embed(tokens, w["tok_embeddings.weight"]))
         for i, layer in enumerate(self.layers):
+            h = given("embedding" if i == 0 else f"layers.{i - 1}.out", h)
             h = transformer_block(h, layer, args, freqs_cis, mask, self.cache_k[i], self.cache_v[i],
                                   start_pos, recorder(f"layers.{i}."))
-        h = recorder("")("norm", rms_norm(h, w["norm.weight"], args.norm_eps))
+        h = given(f"layers.{args.n_layers - 1}.out", h)
+        h = given("norm", recorder("")("norm", rms_norm(h, w["norm.weight"], args.norm_eps)))
         return recorder("")("logits", linear(h, w["output.weight"])).float().numpy()
 
     def greedy(self, prompt: list[int], n_new: int) -> list[int]:

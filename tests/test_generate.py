@@ -28,7 +28,7 @@ from npllama.chat import Llama3Chat
 from npllama.cli import run
 from npllama.cli.common import THE_PROMPT
 from npllama.config import ModelArgs, RopeScaling
-from npllama.generate import GenerationStats, Sampler, softmax64, top_k_filter, top_p_filter
+from npllama.generate import GenerationStats, Sampler, next_token_probs, top_k_filter, top_p_filter
 from npllama.layers import rope_frequencies, rope_tables
 from npllama.model import Llama
 from npllama.tokenizer import StreamDecoder, load_bpe_ranks
@@ -380,8 +380,8 @@ def test_timings_count_each_forward_pass_once(monkeypatch, n_new):
 
 @pytest.mark.parametrize("where", ["model", "cache"])
 def test_stops_when_the_context_is_full(where):
-    """16 positions: a 5-token prompt leaves room for 11 fed-back tokens plus a last one
-    chosen from the 16th position's logits."""
+    """16 positions: after a 5-token prompt, 11 new tokens take positions 5..15. The last is
+    chosen from position 14's logits and never fed back: the cache then holds 15 positions."""
     if where == "model":
         model, _ = small_model(max_seq_len=16)
         cache = None
@@ -391,8 +391,8 @@ def test_stops_when_the_context_is_full(where):
     stats = GenerationStats()
     out = list(model.generate([1, 2, 3, 4, 5], 100, Sampler(0), stop_ids=(), stats=stats, cache=cache))
     assert stats.stop_reason == "max_seq_len"
-    assert stats.cached_positions == 16
-    assert len(out) == 12
+    assert stats.cached_positions == 15
+    assert len(out) == 11
 
 
 def test_cache_larger_than_model_context_stops_cleanly():
@@ -404,12 +404,12 @@ def test_cache_larger_than_model_context_stops_cleanly():
 
 def test_prompt_too_long_is_a_clear_error():
     model, _ = small_model(max_seq_len=16)
-    for n in (16, 40):  # 16 fills the context and leaves no room to generate
-        with pytest.raises(npllama.PromptTooLongError, match="16") as e:
+    for n in (16, 40):  # 16 fills the context and leaves no position for a new token
+        with pytest.raises(npllama.PromptTooLongError, match=f"{n + 1} positions needed .* max_seq_len is 16"):
             list(model.generate(list(range(n)), 4, Sampler(0), stop_ids=()))
-        assert not isinstance(e.value, IndexError)
-    assert len(list(model.generate(list(range(15)), 4, Sampler(0), stop_ids=()))) == 2
-    with pytest.raises(npllama.PromptTooLongError, match="max_seq_len=16"):
+    assert len(list(model.generate(list(range(15)), 4, Sampler(0), stop_ids=()))) == 1
+    model.forward(list(range(16)))  # a forward pass may use every position
+    with pytest.raises(npllama.PromptTooLongError, match="max_seq_len is 16"):
         model.forward(list(range(17)))  # not an IndexError from the RoPE tables
     with pytest.raises(npllama.PromptTooLongError, match="16"):  # cached positions count too
         list(model.generate([1, 2], 4, Sampler(0), stop_ids=(), cache=model.new_cache(), start_pos=14))
@@ -676,7 +676,8 @@ def test_cli_truncate_keeps_the_end_and_only_a_real_bos(load_once, checkpoint, m
     without BOS keeps 7 tokens of the end: its first token is text, not a BOS to keep."""
     if not bos:
         model = without_bos(model)
-        monkeypatch.setattr(npllama.formats, "load", lambda *args, **kwargs: model)
+        load = npllama.formats.load
+        monkeypatch.setattr(npllama.formats, "load", lambda *args, **kwargs: without_bos(load(*args, **kwargs)))
     ids = model.tokenizer.encode(" ".join(f"w{i}" for i in range(30)))
     code, out, err = run_cli(capsys, "-m", checkpoint, "-p", model.tokenizer.decode(ids[bos:]),
                              "--max-seq-len", 16, "--truncate")

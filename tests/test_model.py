@@ -209,7 +209,7 @@ def test_missing_tokenizer(tmp_path):
 def test_bad_tokens_and_too_long_prompts(tmp_path):
     write_random_checkpoint(tmp_path, tiny_args())
     model = npllama.load(tmp_path, max_seq_len=16)
-    with pytest.raises(npllama.PromptTooLongError, match="max_seq_len=16"):
+    with pytest.raises(npllama.PromptTooLongError, match="max_seq_len is 16"):
         model.forward(list(range(17)))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model.forward([model.args.vocab_size])

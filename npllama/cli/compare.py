@@ -9,7 +9,7 @@ oracle cannot run (no torch). torch is imported here only, never by the rest of 
 
 End to end, each difference is carried into every later layer; `--per-layer` instead starts each
 oracle layer from npllama's own input to it, which isolates each layer's math. float32 passes
-either way; the bf16 flow of a deep model passes only per layer (see oracle_trace_per_layer).
+either way; the bf16 flow of a deep model passes only per layer (see Oracle.forward).
 """
 
 from __future__ import annotations
@@ -47,47 +47,6 @@ def oracle_state_dict(model, torch) -> dict:
         return {name: torch.from_numpy(np.asarray(w, dtype=np.float32)) for name, w in model.weights.items()}
 
 
-def oracle_trace_per_layer(oracle, tokens, ours: dict) -> dict:
-    """The oracle's trace with every layer (and the final norm, and the output layer) started from
-    npllama's own input to it, as recorded in `ours`.
-
-    End to end, a difference of one rounding step anywhere is carried into every later layer and
-    grows: in the bf16 flow a 30-layer model drifts past the bound by layer 3 or 4 although each
-    layer, given the same input, agrees within it. Feeding both the same input tests each layer alone.
-    """
-    import torch
-
-    from oracle import reference as R
-
-    args, w, theirs = oracle.args, oracle.weights, {}
-    n_new = len(tokens)
-
-    def recorder(prefix):  # as Oracle.forward records: float32 NumPy in npllama's layout
-        def record(name, x):
-            a = x.float()
-            theirs[prefix + name] = (a.transpose(0, 1) if name in R.HEAD_MAJOR else a).numpy().copy()
-            return x
-        return record
-
-    def given(name):  # npllama's array, in the oracle's dtype (exact: bf16 flow values are bf16)
-        return torch.from_numpy(np.ascontiguousarray(ours[name])).to(oracle.dtype)
-
-    with torch.inference_mode():
-        recorder("")("embedding", R.embed(torch.as_tensor(np.asarray(tokens), dtype=torch.long),
-                                          w["tok_embeddings.weight"]))
-        oracle.reset()
-        for i in range(args.n_layers):
-            p = f"layers.{i}."
-            layer = {name[len(p):]: t for name, t in w.items() if name.startswith(p)}
-            R.transformer_block(given("embedding" if i == 0 else f"layers.{i - 1}.out"), layer, args,
-                                oracle.freqs_cis[:n_new], R.causal_mask(n_new, 0), oracle.cache_k[i],
-                                oracle.cache_v[i], 0, recorder(p))
-        last = f"layers.{args.n_layers - 1}.out"
-        recorder("")("norm", R.rms_norm(given(last), w["norm.weight"], args.norm_eps))
-        recorder("")("logits", R.linear(given("norm"), w["output.weight"]))
-    return theirs
-
-
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -104,10 +63,7 @@ def main(argv: list[str]) -> int:
     model.forward(tokens, trace=ours)
     oracle = Oracle(model.args, oracle_state_dict(model, torch),
                     dtype=torch.bfloat16 if bf16 else torch.float32, max_seq_len=len(tokens))
-    if args.per_layer:
-        theirs = oracle_trace_per_layer(oracle, tokens, ours)
-    else:
-        oracle.forward(tokens, trace=theirs)
+    oracle.forward(tokens, trace=theirs, inputs=ours if args.per_layer else None)
     rows = compare_traces(ours, theirs, BFLOAT16_BOUND if bf16 else FLOAT32_BOUND)
 
     mode = "each layer from npllama's input to it" if args.per_layer else "end to end"

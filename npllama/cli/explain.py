@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model import FLOAT32_IN_BF16_MODE, Llama
+from ..generate import next_token_probs, top_tokens
+from ..model import Llama, rounded_to_bf16
 from .common import load_for_prompt, subcommand_parser
 
 TOP_K = 5  # next-token candidates listed in the last step
@@ -54,18 +55,6 @@ def residual_rms(trace: dict, n_layers: int) -> np.ndarray:
     return np.stack([np.sqrt(np.mean(np.square(h, dtype=np.float64), axis=-1)) for h in stream])  # [L+1, T]
 
 
-def next_token_probs(logits: np.ndarray) -> np.ndarray:
-    """Softmax of the last position's logits, in float64 so that small probabilities keep their digits."""
-    z = logits[-1].astype(np.float64)  # [V]
-    e = np.exp(z - z.max())  # [V]
-    return e / e.sum()  # [V]
-
-
-def top_k(probs: np.ndarray, k: int) -> np.ndarray:
-    """Ids of the k most probable tokens, most probable first."""
-    return np.argsort(-probs, kind="stable")[:k]  # [k]
-
-
 def explain_steps(model: Llama, tokens, trace: dict, layer: int = 0, head: int = 0) -> list[Step]:
     """The notebook's steps for `layer` and `head`, from the trace of model.forward(tokens, trace=...)."""
     a = model.args
@@ -79,13 +68,13 @@ def explain_steps(model: Llama, tokens, trace: dict, layer: int = 0, head: int =
     def from_trace(name, math, key, index=(), note="", **kw):
         array = trace[key][index] if index != () else trace[key]
         where = f"trace[{key!r}]" + (f"[{describe_index(index)}]" if index != () else "")
-        bf16 = model.dtype == "bfloat16" and key.rsplit(".", 1)[-1] not in FLOAT32_IN_BF16_MODE
+        bf16 = rounded_to_bf16(key, model.dtype)
         return Step(name, math, array, where, note, bf16, **kw)
 
     pieces = tuple(f"{i:>5} {int(t):>8}  {piece(int(t))!r}" for i, t in enumerate(tokens))
     rms = residual_rms(trace, a.n_layers)  # [L+1, T]
-    probs = next_token_probs(trace["logits"])  # [V]
-    best = top_k(probs, TOP_K)  # [k]
+    probs = next_token_probs(trace["logits"][-1])  # [V]
+    best = top_tokens(probs, TOP_K)  # [k]
     freqs_cis = model.rope_cos[:n_tokens] + 1j * model.rope_sin[:n_tokens]  # [T, hd/2] complex
 
     group = f"kv head {kv_head} of {a.n_kv_heads}, shared by query heads " \
@@ -236,8 +225,8 @@ def write_figures(directory, model: Llama, tokens, trace: dict, layer: int, head
     pieces = [piece(int(t)) for t in tokens]
     position = len(tokens) - 1  # the last prompt position: the one whose query predicts the next token
     p = f"layers.{layer}."
-    probs = next_token_probs(trace["logits"])  # [V]
-    best = top_k(probs, plots.TOP_K_BARS)  # [k]
+    probs = next_token_probs(trace["logits"][-1])  # [V]
+    best = top_tokens(probs, plots.TOP_K_BARS)  # [k]
     return [
         plots.plot_rope(directory / "rope.png", model.rope_cos[position], model.rope_sin[position], position,
                         model.args.rope_theta),

@@ -7,11 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from ..chat import chat_format_for
-from ..errors import PromptTooLongError
-from ..generate import GenerationStats, Sampler
+from ..config import check_fits, fits
+from ..generate import GenerationStats, Sampler, next_token_probs, top_tokens
 from ..tokenizer import StreamDecoder
 from .common import (THE_PROMPT, add_dtype_option, add_model_option, load_model, new_parser,
                      read_prompt_file)
@@ -69,7 +67,9 @@ def run(args) -> int:
         return chat(model, sampler, args, prompt)
     prompt = THE_PROMPT if prompt is None else prompt
     tokens = model.tokenizer.encode(prompt, bos=None)
-    tokens = fit_prompt(tokens, args, model.tokenizer.bos_id)
+    if args.truncate:
+        tokens = fit_prompt(tokens, model.context_length(), model.tokenizer.bos_id)
+    check_fits(0, len(tokens), model.context_length(), generating=True)  # before the story, not after
     if args.max_new_tokens is None:
         show_story(model, tokens)
         n_new = STORY_TOKENS
@@ -89,20 +89,20 @@ def check_args(args) -> None:
         raise SystemExit(f"error: --file {args.file} does not exist")
     if args.max_new_tokens is not None and args.max_new_tokens < 0:
         raise SystemExit(f"error: -n must be >= 0, got {args.max_new_tokens}")
-    if args.max_seq_len < 2:
-        raise SystemExit(f"error: --max-seq-len must be at least 2, got {args.max_seq_len}")
+    if not fits(0, 1, args.max_seq_len, generating=True):
+        raise SystemExit(f"error: --max-seq-len must leave room for a prompt token and a new one, "
+                         f"got {args.max_seq_len}")
 
 
-def fit_prompt(tokens: list[int], args, bos_id: int | None) -> list[int]:
-    """With --truncate, keep the prompt's end so at least some tokens can be generated, and its
-    first token if that is the tokenizer's BOS (a tokenizer without one, SmolLM2's, has no token
-    to keep: its first token is text like any other)."""
-    room = args.max_seq_len - 1
-    if not args.truncate or len(tokens) <= room:
+def fit_prompt(tokens: list[int], context: int, bos_id: int | None) -> list[int]:
+    """--truncate: a prompt that does not fit keeps its end, in half the context (the other half
+    is left to generate), and its first token if that is the tokenizer's BOS (a tokenizer without
+    one, SmolLM2's, has no token to keep: its first token is text like any other)."""
+    if fits(0, len(tokens), context, generating=True):
         return tokens
-    keep = room // 2 or 1
-    print(f"(prompt truncated from {len(tokens)} to {keep} tokens to fit --max-seq-len "
-          f"{args.max_seq_len})", file=sys.stderr)
+    keep = (context - 1) // 2 or 1
+    print(f"(prompt truncated from {len(tokens)} to {keep} tokens to fit --max-seq-len {context})",
+          file=sys.stderr)
     head = tokens[:1] if bos_id is not None and tokens[0] == bos_id and keep > 1 else []
     return head + tokens[len(tokens) - (keep - len(head)):]
 
@@ -113,11 +113,9 @@ def show_story(model, tokens: list[int]) -> None:
     print(f"prompt: {len(tokens)} tokens")
     for t in tokens:
         print(f"  {t:>7}  {tok.piece(t)!r}")
-    logits = model.forward(tokens, last_only=True)[-1]  # [V]
-    probs = np.exp(logits - logits.max())  # [V]
-    probs /= probs.sum()
+    probs = next_token_probs(model.forward(tokens, last_only=True)[-1])  # [V]
     print("next token, top 5:")
-    for t in np.argsort(-probs)[:5]:
+    for t in top_tokens(probs, 5):
         print(f"  {t:>7}  {tok.piece(int(t))!r:<16} p = {probs[t]:.4f}")
 
 
@@ -160,9 +158,6 @@ def chat(model, sampler, args, one_shot: str | None) -> int:
         tokens = fmt.encode_dialog(messages)
         # Reuse the cache for the shared prefix of this dialog and the last one; feed only the rest.
         start = common_prefix(cached, tokens)
-        if len(tokens) >= cache.max_seq_len:
-            raise PromptTooLongError(f"the conversation has {len(tokens)} tokens and --max-seq-len is "
-                                     f"{cache.max_seq_len}: start a new chat or raise --max-seq-len")
         stats = GenerationStats()
         reply = stream(model, model.generate(tokens[start:], n_new, sampler, stop_ids=fmt.stop_ids,
                                              stats=stats, cache=cache, start_pos=start), stats)
