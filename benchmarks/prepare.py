@@ -1,9 +1,9 @@
 """The models the benchmark runs, written or found once and cached.
 
 - tiny:    oracle.checkpoints.tiny_args(), a 2-layer Meta checkpoint (for --quick).
-- smollm2: the default SmolLM2-135M GGUF (npllama.default_model.ensure_default_model(), else
-           /tmp/smollm2.gguf). torch cannot read GGUF, so its baseline gets npllama's decoded
-           weights (`model.weights`) saved once as a float32 torch state dict.
+- smollm2: the default SmolLM2-135M GGUF (npllama's ensure_default_model()). torch cannot read
+           GGUF, so its baseline gets npllama's decoded weights (`model.weights`) saved once as a
+           float32 torch state dict.
 - 1b:      a random Llama-3.2-1B shape (oracle.checkpoints.llama32_1b_args()), stored bf16 as
            Meta ships it, computed in float32 by both engines (5 GB: fits in RAM).
 - 8b:      a random Meta-Llama-3-8B (16 GB bf16), only with --with-8b. It is written tensor by
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -27,12 +28,11 @@ from pathlib import Path
 
 import torch
 
-from npllama.config import ModelArgs, RopeScaling
+from npllama_internals import ModelArgs, RopeScaling, ensure_default_model
 from oracle.checkpoints import (llama3_8b_args, llama3_tokenizer_path, llama32_1b_args, random_values,
                                 tiny_args, write_random_checkpoint)
 
 MODEL_NAMES = ("tiny", "smollm2", "1b", "8b")
-SMOLLM2_FALLBACK = Path("/tmp/smollm2.gguf")
 GB = 1 << 30
 
 
@@ -69,7 +69,7 @@ def random_checkpoint(cache_dir: Path, name: str, args: ModelArgs, streaming: bo
     partial = cache_dir / f"{name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    n_bytes = 2 * sum(_numel(s) for s in args.weight_shapes().values())
+    n_bytes = 2 * sum(math.prod(s) for s in args.weight_shapes().values())
     need = (2 if streaming else 1) * n_bytes + GB
     free = shutil.disk_usage(cache_dir).free
     progress(f"writing {name} ({n_bytes / GB:.1f} GB bf16) into {final}; free disk {free / GB:.0f} GB, "
@@ -87,13 +87,6 @@ def random_checkpoint(cache_dir: Path, name: str, args: ModelArgs, streaming: bo
     return final
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def write_random_checkpoint_streaming(directory: Path, args: ModelArgs, seed: int = 0,
                                       chunk_elements: int = 1 << 24) -> Path:
     """Same files and distribution as oracle.checkpoints.write_random_checkpoint (bf16, each
@@ -109,7 +102,7 @@ def write_random_checkpoint_streaming(directory: Path, args: ModelArgs, seed: in
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for i, (name, shape) in enumerate(args.weight_shapes().items()):
-        n = _numel(shape)
+        n = math.prod(shape)
         path = tmp / f"{i}.bin"
         with open(path, "wb") as f:
             for start in range(0, n, chunk_elements):
@@ -126,20 +119,6 @@ def write_random_checkpoint_streaming(directory: Path, args: ModelArgs, seed: in
 
 # --- SmolLM2 ------------------------------------------------------------------------------
 
-def smollm2_path() -> Path:
-    """The default model's GGUF: from npllama.default_model when it exists, else /tmp/smollm2.gguf."""
-    try:
-        from npllama.default_model import ensure_default_model
-    except ImportError as e:
-        if SMOLLM2_FALLBACK.exists():
-            progress(f"npllama.default_model not importable ({e}); using {SMOLLM2_FALLBACK}")
-            return SMOLLM2_FALLBACK
-        raise Skip(f"smollm2: npllama.default_model is not importable ({e}) and "
-                   f"{SMOLLM2_FALLBACK} does not exist") from None
-    path = ensure_default_model()
-    return Path(path)
-
-
 def torch_weights_from_npllama(model_path: Path, cache_dir: Path) -> Path:
     """npllama's decoded weights of a model torch cannot read (GGUF), saved once as a float32
     state dict with Meta's names, plus the ModelArgs npllama derived, for the torch baseline."""
@@ -152,10 +131,7 @@ def torch_weights_from_npllama(model_path: Path, cache_dir: Path) -> Path:
     if out.exists():
         return out
     progress(f"converting npllama's weights of {model_path} into {out} for the torch baseline")
-    try:
-        model = npllama.load(model_path)
-    except npllama.NpllamaError as e:
-        raise Skip(f"smollm2: npllama cannot load {model_path} yet: {e}") from None
+    model = npllama.load(model_path)
     state = {name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in model.weights.items()}
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")
@@ -183,7 +159,7 @@ def prepare(name: str, cache_dir: Path) -> dict:
                     label="random Meta-Llama-3-8B, bf16 file memory-mapped; "
                           "npllama float32 compute, torch bf16")
     if name == "smollm2":
-        path = smollm2_path()
+        path = Path(ensure_default_model())
         torch_path = torch_weights_from_npllama(path, cache_dir)
         return dict(name=name, kind="gguf", path=str(path), torch_weights=str(torch_path),
                     torch_dtype="float32", weights_budget=None,

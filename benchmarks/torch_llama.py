@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from npllama.config import ModelArgs, RopeScaling
+from npllama_internals import ModelArgs, RopeScaling
 from oracle.reference import rope_frequencies, rope_tables
 
 LAYER_NAMES = ("attention_norm.weight", "attention.wq.weight", "attention.wk.weight",

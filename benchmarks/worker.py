@@ -30,6 +30,7 @@ sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 import numpy as np  # noqa: E402
 
 import prepare  # noqa: E402
+from npllama_internals import LINEAR_CALLERS, StreamedWeight, TilePool, load_params  # noqa: E402
 from stats import read_memory, summary  # noqa: E402
 
 TAG = ""
@@ -70,16 +71,15 @@ class NpllamaEngine:
 
     def describe(self) -> dict:
         m = self.model
-        return {"resident": getattr(m, "resident", None), "dtype": m.dtype,
-                "weight_bytes_per_token": npllama_weight_bytes(m)}
+        return {"resident": m.resident, "dtype": m.dtype,
+                "weight_bytes_per_token": {"bytes": npllama_weight_bytes(m),
+                                           "method": "measured from model.layers and model.output"}}
 
 
-def _nbytes(w):
-    """Bytes a matmul streams for one weight: a float32 copy, or the stored (mapped) matrix."""
-    if isinstance(w, np.ndarray):
-        return w.nbytes
-    stored = getattr(w, "stored", None)  # npllama.weights.StreamedWeight
-    return stored.nbytes if isinstance(stored, np.ndarray) else None
+def matrix_bytes(w) -> int:
+    """Bytes a matmul streams for one weight: the float32 array, or a streamed one's stored
+    (memory-mapped) matrix."""
+    return w.stored.nbytes if isinstance(w, StreamedWeight) else w.nbytes
 
 
 def _read_weights(layer) -> list:
@@ -94,36 +94,11 @@ def _read_weights(layer) -> list:
     return [w for name, w in fields.items() if w is not None and name not in skip]
 
 
-def npllama_weight_bytes(model) -> dict:
-    """Bytes of weights one decode step reads: every layer matrix and the output matrix in the
-    form the matmul reads them (the embedding table is not counted: one row is read).
-    Found by looking at model.layers / model.output; if that layout changed, estimated from the
-    shapes at 4 bytes (resident float32) or the stored itemsize (memory-mapped)."""
-    try:
-        total = 0
-        for layer in model.layers:
-            for w in _read_weights(layer):
-                n = _nbytes(w)
-                if n is None:
-                    raise TypeError(type(w))
-                total += n
-        n = _nbytes(model.output)
-        if n is None:
-            raise TypeError(type(model.output))
-        return {"bytes": total + n, "method": "measured from model.layers and model.output"}
-    except (AttributeError, TypeError) as e:
-        resident = getattr(model, "resident", True)
-        itemsize = 4 if resident else model.weights["layers.0.attention.wq.weight"].dtype.itemsize
-        return {"bytes": itemsize * _matmul_params(model.args),
-                "method": f"estimated ({e!r}): {itemsize} bytes per matmul parameter"}
-
-
-def _matmul_params(args) -> int:
-    shapes = args.weight_shapes()
-    n = sum(int(np.prod(s)) for k, s in shapes.items() if k != "tok_embeddings.weight")
-    if args.tie_embeddings:
-        n += args.vocab_size * args.dim  # the output matmul reads the embedding table
-    return n
+def npllama_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every layer's arrays and the output matrix in the
+    form the matmul reads them (the embedding table is not counted: one row is read)."""
+    return sum(matrix_bytes(w) for layer in model.layers for w in _read_weights(layer)) + \
+        matrix_bytes(model.output)
 
 
 class TorchEngine:
@@ -139,7 +114,6 @@ class TorchEngine:
         """State dict load + model build. A Meta .pth is memory-mapped (bf16 stays mapped,
         float32 compute copies it into RAM, as npllama's float32 copy); npllama's decoded
         float32 weights (GGUF models) are read into RAM like npllama's."""
-        from npllama.config import load_params
         from torch_llama import TorchLlama
         torch = self.torch
         self.model = None
@@ -215,7 +189,6 @@ class Server:
     def setup(self) -> dict:
         """KV cache, fixed prompts, and an untimed warm-up: first calls pay for lazy
         initialisation (thread pools, page faults in the cache and in new buffers)."""
-        import npllama.config
         cfg, engine = self.cfg, self.engine
         engine.new_cache()
         args = engine.model.args
@@ -224,8 +197,7 @@ class Server:
                                          args.vocab_size, seed=2)
         engine.forward(self.prompt[:cfg["decode_prompt"]], 0)
         decode_steps(engine, 0, cfg["decode_prompt"], 2)
-        is_args = isinstance(args, npllama.config.ModelArgs)
-        return {"info": engine.describe(), "model_args": prepare.args_to_json(args) if is_args else None}
+        return {"info": engine.describe(), "model_args": prepare.args_to_json(args)}
 
     def prefill(self, n: int) -> dict:
         return {"seconds": timed(self.engine.forward, self.prompt[:n], 0)[0]}
@@ -285,7 +257,6 @@ class Probes:
         w = rng.standard_normal((rows, cols), dtype=np.float32)  # [out, in]
         x = rng.standard_normal(cols, dtype=np.float32)  # [in]
         wt, xt = torch.from_numpy(w), torch.from_numpy(x)[None]
-        from npllama.weights import StreamedWeight, TilePool
         b = w.astype(ml_dtypes.bfloat16)  # [out, in] bf16
         streamed = StreamedWeight(b, TilePool(cfg["threads"]))
         out = np.empty_like(w)
@@ -382,28 +353,25 @@ def matmul_breakdown(engine, ctx: int, steps: int) -> dict:
     """Time and GB/s of each weight matmul of a decode step, without cProfile's overhead: the
     `linear` that npllama's model and layers modules call is wrapped (in this process only) by
     one that times each call and names it from the weight it was given."""
-    import npllama.layers
-    import npllama.model
     model = engine.model
     names = {id(model.output): "output"}
     for layer in model.layers:
         names.update({id(w): f for f, w in vars(layer).items() if w is not None})
     times: dict[str, list] = {}
-    modules = [m for m in (npllama.model, npllama.layers) if hasattr(m, "linear")]
-    originals = {m: m.linear for m in modules}
+    originals = {m: m.linear for m in LINEAR_CALLERS}
 
     def make(original):
         def timed_linear(x, w):
             t0 = time.perf_counter()
             y = original(x, w)
-            rec = times.setdefault(names.get(id(w), f"other {getattr(w, 'shape', '?')}"), [0.0, 0, 0])
+            rec = times.setdefault(names.get(id(w), f"other {w.shape}"), [0.0, 0, 0])
             rec[0] += time.perf_counter() - t0
             rec[1] += 1
-            rec[2] += _nbytes(w) or 0
+            rec[2] += matrix_bytes(w)
             return y
         return timed_linear
 
-    for m in modules:
+    for m in LINEAR_CALLERS:
         m.linear = make(originals[m])
     try:
         t0 = time.perf_counter()
