@@ -1,7 +1,7 @@
 """npllama against a torch baseline doing the same work, side by side, in one run.
 
-    python benchmarks/bench.py                      # smollm2 and 1b, 3 repeats (~30-40 min)
-    python benchmarks/bench.py --quick              # tiny model, proves the script works (< 60 s)
+    python benchmarks/bench.py                      # smollm2 and 1b, 3 repeats (half an hour or more)
+    python benchmarks/bench.py --quick              # tiny model, proves the script works (a minute)
     python benchmarks/bench.py --models 1b --decode-tokens 32 --contexts 128,1024
     python benchmarks/bench.py --with-8b --models 8b --contexts 128,1024   # writes a 16 GB file
     python benchmarks/bench.py --models 1b --profile                      # + cProfile of decode
@@ -300,9 +300,9 @@ def cpu_ns(pid: int) -> int:
 
 def wait_until_idle(pids: list[int], window: float = 0.02, busy: float = 0.05, timeout: float = 3.0) -> float:
     """Wait until the processes use less than `busy` of a core over `window` seconds; return the
-    seconds waited. BLAS and OpenMP worker threads spin for a while after each call (OpenBLAS for
-    ~0.1-0.3 s here): measured right after the other engine, an engine would share the cores
-    with that spinning (it made torch's 8-token prefill 50x slower in --quick)."""
+    seconds waited. BLAS and OpenMP worker threads spin for a while after each call: measured
+    right after the other engine, an engine would share the cores with that spinning, which
+    costs a short measurement (a small prefill) many times its own time."""
     t0 = time.perf_counter()
     while pids and time.perf_counter() - t0 < timeout:
         before = sum(cpu_ns(p) for p in pids)
