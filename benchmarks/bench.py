@@ -59,11 +59,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-import interleave  # noqa: E402
-from interleave import engine_cfg, measure_engines, run_worker  # noqa: E402
-from machine import code_info, machine_info  # noqa: E402
+from interleave import engine_cfg, measure_engines, run_in_worker  # noqa: E402
+from machine import QuietMachine, code_info, machine_info  # noqa: E402
 from prepare import MODEL_NAMES, default_cache_dir  # noqa: E402
 from report import ENGINES, bandwidth_summary, check_targets, derive, render  # noqa: E402
+from stats import progress  # noqa: E402
 
 QUICK = dict(models="tiny", max_wait=0, prefill="8,16", decode_tokens=4, decode_prompt=8, contexts="32,64",
              context_steps=2, prefill_chunk=32, bw_mb=16, repeats=2, profile_steps=2, profile_context=16)
@@ -170,62 +170,69 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
+def bandwidth_probe(a: argparse.Namespace, threads: int, when: str) -> dict:
+    tag = f"bandwidth/{when}"
+    progress("bench", f"bandwidth probe ({when}, {a.bw_mb} MB float32 matrix)")
+    probe = run_in_worker(tag, a.threads, ("probes", dict(threads=threads, mb=a.bw_mb)),
+                          ("bandwidth", dict(repeats=a.repeats)))
+    for p in probe.get("probes", {}).values():
+        progress(tag, f"{p['label']}: {p['median']:.2f} GB/s")
+    return probe
+
+
+def benchmark_model(a: argparse.Namespace, name: str, threads: int, quiet: QuietMachine) -> dict:
+    progress("bench", f"=== {name}: preparing ===")
+    prep = run_in_worker(f"{name}/prepare", a.threads, ("prepare", dict(name=name, cache_dir=str(a.cache_dir))))
+    if prep["status"] != "ok":
+        reason = prep.get("reason") or prep.get("error")
+        progress("bench", f"{name} skipped: {reason}")
+        return {"status": prep["status"], "reason": reason}
+    progress("bench", f"=== {name}: {' and '.join(a.engines)}, interleaved ===")
+    engines, during = measure_engines(a, name, prep["spec"], threads, quiet)
+    return {"status": "ok", "spec": prep["spec"], "settings": engine_cfg(a, threads),
+            "prepare_peak_memory_mb": prep["peak_memory_sampled_mb"], "engines": engines,
+            "bandwidth_during_decode": during}
+
+
+def profile_decode(a: argparse.Namespace, name: str, spec: dict, threads: int) -> dict:
+    tag = f"{name}/profile"
+    progress("bench", f"=== {name}: profiling npllama decode ===")
+    prof = run_in_worker(tag, a.threads, ("engine", dict(engine="npllama", spec=spec, cfg=engine_cfg(a, threads))),
+                         ("load", {}), ("profile", dict(out=str(a.json.parent / f"profile-{name}.prof"))))
+    if prof["status"] == "ok":
+        mm = prof["matmuls"]
+        progress(tag, f"{prof['steps']} decode steps at context {prof['context']}: "
+                 f"{prof['ms_per_token_profiled']:.1f} ms/token under cProfile (stats in {prof['prof_file']}); "
+                 f"matmuls {mm['matmul_ms_per_token']:.1f} of {mm['ms_per_token']:.1f} ms/token without it")
+    return prof
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     started = time.perf_counter()
     machine = machine_info()
     threads = a.threads or machine.get("numpy_blas_threads") or machine["cores_available"]
-    settings = dict(vars(a), threads=threads, models=a.models, cache_dir=str(a.cache_dir),
-                    json=str(a.json), markdown=str(a.markdown) if a.markdown else None)
+    settings = dict(vars(a), threads=threads, cache_dir=str(a.cache_dir), json=str(a.json),
+                    markdown=str(a.markdown) if a.markdown else None)
     results = {"created": datetime.datetime.now().isoformat(timespec="seconds"),
                "command": [sys.executable, *sys.argv], "settings": settings, "machine": machine,
                "code": code_info(), "models": {}, "profiles": {}}
-    env_threads = a.threads  # only forced on the children when asked
-
-    cols = 4096 if a.bw_mb >= 64 else 1024
-    rows = max(1, a.bw_mb * 2**20 // (4 * cols))
-
-    probe_cfg = dict(engine="probe", threads=threads, bw_rows=rows, bw_cols=cols)
-
-    def probe(when: str) -> dict:
-        print(f"[bench] bandwidth probe ({when}, {a.bw_mb} MB float32 matrix)", file=sys.stderr, flush=True)
-        return run_worker("bandwidth", {"cfg": dict(threads=threads, bw_rows=rows, bw_cols=cols,
-                                                    repeats=a.repeats)}, f"bandwidth/{when}", env_threads)
-
+    quiet = QuietMachine(a.max_wait, a.wait_budget)
     # Probed before and after the models: the limit is the best median of the two, so a busy
     # moment during one probe does not make every engine look closer to the limit than it is.
-    probes = {"start": probe("start")}
+    probes = {"start": bandwidth_probe(a, threads, "start")}
     for name in a.models:
-        print(f"[bench] === {name}: preparing ===", file=sys.stderr, flush=True)
-        prep = run_worker("prepare", {"model": name, "cache_dir": str(a.cache_dir)}, f"{name}/prepare",
-                          env_threads)
-        if prep.get("status") != "ok":
-            reason = prep.get("reason") or prep.get("error")
-            print(f"[bench] {name} skipped: {reason}", file=sys.stderr, flush=True)
-            results["models"][name] = {"status": prep["status"], "reason": reason}
-            continue
-        spec = prep["spec"]
-        model = {"status": "ok", "spec": spec, "settings": engine_cfg(a, "", threads),
-                 "prepare_peak_memory_mb": prep["peak_memory_sampled_mb"], "engines": {}}
-        print(f"[bench] === {name}: {' and '.join(a.engines)}, interleaved ===", file=sys.stderr, flush=True)
-        engines, during = measure_engines(a, name, spec, threads, probe_cfg)
-        model["engines"], model["bandwidth_during_decode"] = engines, during
-        results["models"][name] = model
-        if a.profile:
-            print(f"[bench] === {name}: profiling npllama decode ===", file=sys.stderr, flush=True)
-            cfg = engine_cfg(a, "npllama", threads)
-            cfg["profile_out"] = str(a.json.parent / f"profile-{name}.prof")
-            results["profiles"][name] = run_worker("profile", {"spec": spec, "cfg": cfg},
-                                                   f"{name}/profile", env_threads)
-
-    probes["end"] = probe("end")
+        model = results["models"][name] = benchmark_model(a, name, threads, quiet)
+        if a.profile and model["status"] == "ok":
+            results["profiles"][name] = profile_decode(a, name, model["spec"], threads)
+    probes["end"] = bandwidth_probe(a, threads, "end")
     results["bandwidth"] = bandwidth_summary(probes)
     for model in results["models"].values():
         if model["status"] == "ok":
             derive(model, results["bandwidth"].get("limit_gb_s"))
     results["targets"] = check_targets(results["models"])
     results["wall_s"] = time.perf_counter() - started
-    results["waited_for_quiet_machine_s"] = interleave.WAITED["s"]
+    results["waited_for_quiet_machine_s"] = quiet.waited
     text = render(results)
     print(text)
     if a.markdown:
@@ -233,7 +240,7 @@ def main(argv=None) -> int:
         a.markdown.write_text(text + "\n")
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(results, indent=1))
-    print(f"[bench] done in {results['wall_s']:.0f}s; JSON in {a.json}", file=sys.stderr, flush=True)
+    progress("bench", f"done in {results['wall_s']:.0f}s; JSON in {a.json}")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""The machine the benchmark runs on: what it is, which npllama it measures, and how busy other
-processes keep it (the waits before each measurement and the foreign load during it)."""
+"""The machine the benchmark runs on: what it is, which npllama it measures, how busy other
+processes keep it (the waits before each measurement, the foreign load during it), and what it
+can do (the bandwidth probes, run in a worker process)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import platform
 import subprocess
 import time
 from pathlib import Path
+
+from stats import progress, summary, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,15 +131,97 @@ class ForeignLoad:
         return max(0.0, foreign / 1e9 / wall) if wall > 0 else 0.0
 
 
-def wait_for_quiet_machine(pids, max_wait: float, threshold: float = 0.25,
-                           window: float = 0.5) -> tuple[float, float]:
-    """Wait (at most max_wait seconds) until other processes use under `threshold` cores over a
+class QuietMachine:
+    """Before each measurement, waits until other processes use under `threshold` cores over a
     `window`: on a 2-core machine one busy neighbour halves what an engine gets, and its two BLAS
-    threads then wait for each other at every call. Returns (seconds waited, last foreign load)."""
-    t0 = time.perf_counter()
-    while True:
-        load = ForeignLoad(pids)
-        time.sleep(window)
-        cores = load.cores()
-        if cores < threshold or time.perf_counter() - t0 >= max_wait:
-            return time.perf_counter() - t0, cores
+    threads then wait for each other at every call. At most `max_wait` seconds each time and
+    `budget` seconds in the whole run (--max-wait, --wait-budget); `waited` is the total."""
+
+    def __init__(self, max_wait: float, budget: float, threshold: float = 0.25, window: float = 0.5):
+        self.max_wait, self.budget, self.threshold, self.window = max_wait, budget, threshold, window
+        self.waited = 0.0
+
+    def wait(self, pids: list[int], tag: str) -> float | None:
+        """Seconds waited, None once waiting is off (--max-wait 0, or the budget spent)."""
+        if self.max_wait <= 0 or self.waited >= self.budget:
+            return None
+        t0, limit = time.perf_counter(), min(self.max_wait, self.budget - self.waited)
+        while True:
+            load = ForeignLoad(pids)
+            time.sleep(self.window)
+            cores = load.cores()
+            if cores < self.threshold or time.perf_counter() - t0 >= limit:
+                break
+        waited = time.perf_counter() - t0
+        self.waited += waited
+        if cores >= self.threshold:
+            progress(tag, f"machine still busy after {waited:.0f}s ({cores:.1f} cores used by other "
+                     "processes): measuring anyway")
+        if self.waited >= self.budget:
+            progress(tag, f"waited {self.waited:.0f}s in all for a quiet machine (--wait-budget): from "
+                     "now on measuring without waiting")
+        return waited
+
+
+# --- What the machine can do (measured in a worker process) ---------------------------------
+
+class Probes:
+    """GB/s of a float32 matrix-vector product over an `mb`-megabyte matrix, far larger than the
+    caches (the weight bytes a decode step must stream), three ways; and of bf16 -> float32
+    upcasts, whole-matrix and through npllama's streamed tiles."""
+
+    def __init__(self, threads: int, mb: int):
+        import ml_dtypes
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        from npllama_internals import StreamedWeight, TilePool
+        torch.set_num_threads(threads)
+        cols = 4096 if mb >= 64 else 1024
+        rows = max(1, mb * 2**20 // (4 * cols))
+        self.matrix = [rows, cols]
+        rng = np.random.default_rng(0)
+        w = rng.standard_normal((rows, cols), dtype=np.float32)  # [out, in]
+        x = rng.standard_normal(cols, dtype=np.float32)  # [in]
+        wt, xt = torch.from_numpy(w), torch.from_numpy(x)[None]  # [out, in], [1, in]
+        b = w.astype(ml_dtypes.bfloat16)  # [out, in] bf16
+        streamed = StreamedWeight(b, TilePool(threads))
+        out = np.empty_like(w)  # [out, in]
+        out.fill(0)  # touch the pages once so the preallocated case measures the copy alone
+        self.probes = {
+            "matvec_numpy_gemv": ("float32 W @ x (NumPy, sgemv)", w.nbytes, lambda: w @ x),
+            "matvec_numpy_linear": ("float32 x[None] @ W.T (NumPy, npllama's linear)", w.nbytes,
+                                    lambda: x[None] @ w.T),
+            "matvec_torch_linear": ("float32 F.linear(x[None], W) (torch)", w.nbytes,
+                                    lambda: F.linear(xt, wt)),
+            "upcast_astype": ("bf16 -> float32, .astype (new array)", b.nbytes,
+                              lambda: b.astype(np.float32)),
+            "upcast_into": ("bf16 -> float32 into a preallocated array", b.nbytes,
+                            lambda: np.copyto(out, b)),
+            # The streamed path's ceiling: what an 8B decode step does with every matrix.
+            "streamed_matvec": ("bf16 x[None] @ W.T streamed by npllama's tiles (GB/s of bf16)",
+                                b.nbytes, lambda: x[None] @ streamed.T),
+        }
+
+    def run(self, keys, repeats: int) -> dict:
+        res = {}
+        for key in keys:
+            label, nbytes, fn = self.probes[key]
+            fn()  # warm-up
+            rates = [nbytes / timed(fn)[0] / 1e9 for _ in range(repeats)]
+            res[key] = dict(summary(rates, "GB/s"), label=label)
+        return res
+
+    def bandwidth(self, repeats: int) -> dict:
+        """Every probe; the limit is the best median of the matrix-vector ones."""
+        probes = self.run(self.probes, max(repeats, 5))
+        best = max((k for k in probes if k.startswith("matvec")), key=lambda k: probes[k]["median"])
+        return {"matrix": self.matrix, "probes": probes, "limit_gb_s": probes[best]["median"],
+                "limit_probe": best}
+
+    def matvec(self) -> dict:
+        """The limit alone, between decode measurements: under the same conditions as they."""
+        res = self.run([k for k in self.probes if k.startswith("matvec")], 5)
+        return {"gb_s": max(r["median"] for r in res.values()),
+                "probes": {k: r["median"] for k, r in res.items()}}

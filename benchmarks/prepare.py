@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 from npllama_internals import ModelArgs, RopeScaling, ensure_default_model
 from oracle.checkpoints import (llama3_8b_args, llama3_tokenizer_path, llama32_1b_args, random_values,
                                 tiny_args, write_random_checkpoint)
+from stats import progress
 
 MODEL_NAMES = ("tiny", "smollm2", "1b", "8b")
 GB = 1 << 30
@@ -44,19 +44,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("NPLLAMA_BENCH_CACHE", "~/.cache/npllama/bench")).expanduser()
 
 
-def args_to_json(args: ModelArgs) -> dict:
-    return dataclasses.asdict(args)
-
-
 def args_from_json(d: dict) -> ModelArgs:
     d = dict(d)
     if d.get("rope_scaling") is not None:
         d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     return ModelArgs(**d)
-
-
-def progress(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 # --- Meta checkpoints ---------------------------------------------------------------------
@@ -72,7 +64,7 @@ def random_checkpoint(cache_dir: Path, name: str, args: ModelArgs, streaming: bo
     n_bytes = 2 * sum(math.prod(s) for s in args.weight_shapes().values())
     need = (2 if streaming else 1) * n_bytes + GB
     free = shutil.disk_usage(cache_dir).free
-    progress(f"writing {name} ({n_bytes / GB:.1f} GB bf16) into {final}; free disk {free / GB:.0f} GB, "
+    progress("bench", f"writing {name} ({n_bytes / GB:.1f} GB bf16) into {final}; free disk {free / GB:.0f} GB, "
              f"needs {need / GB:.0f} GB while writing")
     if free < need:
         raise Skip(f"{name}: needs {need / GB:.0f} GB free in {cache_dir}, only {free / GB:.0f} GB: "
@@ -83,7 +75,7 @@ def random_checkpoint(cache_dir: Path, name: str, args: ModelArgs, streaming: bo
     else:
         write_random_checkpoint(partial, args, seed=0)
     partial.rename(final)
-    progress(f"wrote {name} in {time.perf_counter() - t0:.0f}s")
+    progress("bench", f"wrote {name} in {time.perf_counter() - t0:.0f}s")
     return final
 
 
@@ -130,12 +122,12 @@ def torch_weights_from_npllama(model_path: Path, cache_dir: Path) -> Path:
     out = cache_dir / f"{model_path.stem}-{st.st_size}-{int(st.st_mtime)}.torch-f32.pt"
     if out.exists():
         return out
-    progress(f"converting npllama's weights of {model_path} into {out} for the torch baseline")
+    progress("bench", f"converting npllama's weights of {model_path} into {out} for the torch baseline")
     model = npllama.load(model_path)
     state = {name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in model.weights.items()}
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")
-    torch.save({"args": args_to_json(model.args), "state_dict": state}, tmp)
+    torch.save({"args": dataclasses.asdict(model.args), "state_dict": state}, tmp)
     tmp.rename(out)
     return out
 
