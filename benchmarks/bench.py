@@ -65,20 +65,18 @@ from prepare import MODEL_NAMES, default_cache_dir  # noqa: E402
 from report import ENGINES, bandwidth_summary, check_targets, derive, render  # noqa: E402
 from stats import progress  # noqa: E402
 
-QUICK = dict(models="tiny", max_wait=0, prefill="8,16", decode_tokens=4, decode_prompt=8, contexts="32,64",
-             context_steps=2, prefill_chunk=32, bw_mb=16, repeats=2, profile_steps=2, profile_context=16)
-
 
 # --- Command line ---------------------------------------------------------------------------
 
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    return [positive_int(v) for v in text.split(",")]
 
 
 def name_list(choices):
@@ -91,15 +89,34 @@ def name_list(choices):
     return parse
 
 
+# The options whose default --quick shrinks: name: (type, default, default with --quick, help).
+SIZES = {
+    "models": (name_list(MODEL_NAMES), "smollm2,1b", "tiny", "comma-separated models: " + ", ".join(MODEL_NAMES)),
+    "repeats": (positive_int, "3", "2", "timed runs per figure (median, min, max)"),
+    "prefill": (positive_ints, "16,128,512", "8,16", "prompt lengths for prefill tok/s"),
+    "decode_tokens": (positive_int, "128", "4", "greedy decode steps timed per repeat"),
+    "decode_prompt": (positive_int, "16", "8", "prompt length before the decode steps"),
+    "contexts": (positive_ints, "128,1024,4096", "32,64", "cache lengths at which decode time per token "
+                 "is measured"),
+    "context_steps": (positive_int, "16", "2", "decode steps timed per repeat at each context length"),
+    "prefill_chunk": (positive_int, "512", "32", "tokens per forward pass when filling the cache to a "
+                      "context length"),
+    "max_wait": (float, "30", "0", "before each measurement, wait up to this many seconds for other "
+                 "processes to use under 0.25 cores (0: never wait); the cores they used during each "
+                 "measurement are recorded either way"),
+    "bw_mb": (positive_int, "256", "16", "MB of the float32 matrix of the bandwidth probe (far larger "
+              "than the caches)"),
+    "profile_steps": (positive_int, "8", "2", "decode steps profiled"),
+    "profile_context": (positive_int, "128", "16", "cache length when profiling"),
+}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark npllama against a torch eager baseline (same weights, same dtype, "
                     "same threads): load, prefill, decode, decode at long context, memory, and "
                     "decode as a percentage of the machine's measured bandwidth limit.",
         epilog="How each figure is measured: see the docstring of benchmarks/bench.py.")
-    p.add_argument("--models", type=name_list(MODEL_NAMES), default=None,
-                   help="comma-separated models: tiny, smollm2, 1b, 8b [default: smollm2,1b; "
-                        "tiny with --quick]")
     p.add_argument("--with-8b", action="store_true",
                    help="allow the 8b model (writes a 16 GB random checkpoint once, needs 33 GB free "
                         "disk while writing); adds 8b to --models if not listed")
@@ -108,41 +125,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the script works (CI), in under a minute; its figures mean nothing")
     p.add_argument("--engines", type=name_list(ENGINES), default=list(ENGINES),
                    help="engines to run [default: npllama,torch]")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median, min, max) "
-                   "[default: 3; 2 with --quick]")
-    p.add_argument("--prefill", type=int_list, default=None, help="prompt lengths for prefill tok/s "
-                   "[default: 16,128,512]")
-    p.add_argument("--decode-tokens", type=int, default=None, help="greedy decode steps timed per "
-                   "repeat [default: 128]")
-    p.add_argument("--decode-prompt", type=int, default=None, help="prompt length before the decode "
-                   "steps [default: 16]")
-    p.add_argument("--contexts", type=int_list, default=None, help="cache lengths at which decode "
-                   "time per token is measured [default: 128,1024,4096]")
-    p.add_argument("--context-steps", type=int, default=None, help="decode steps timed per repeat "
-                   "at each context length [default: 16]")
-    p.add_argument("--prefill-chunk", type=int, default=None, help="tokens per forward pass when "
-                   "filling the cache to a context length [default: 512]")
+    for key, (kind, default, quick, text) in SIZES.items():
+        p.add_argument("--" + key.replace("_", "-"), type=kind,
+                       help=f"{text} [default: {default}; {quick} with --quick]")
     p.add_argument("--threads", type=int, default=None, help="threads for both engines: "
                    "torch.set_num_threads, and OPENBLAS/OMP_NUM_THREADS for NumPy [default: the "
                    "threads NumPy's BLAS uses]")
     p.add_argument("--torch-gqa", choices=("sdpa", "repeat_kv"), default="sdpa",
                    help="torch attention: SDPA with enable_gqa (no copies), or Meta's repeat_kv copies "
                         "[default: sdpa]")
-    p.add_argument("--max-wait", type=float, default=None,
-                   help="before each measurement, wait up to this many seconds for other processes "
-                        "to use under 0.25 cores (0: never wait); the cores they used during each "
-                        "measurement are recorded either way [default: 30; 0 with --quick]")
     p.add_argument("--wait-budget", type=float, default=900,
                    help="stop waiting for a quiet machine once this many seconds have been spent "
                         "waiting in the whole run [default: 900]")
-    p.add_argument("--bw-mb", type=int, default=None, help="MB of the float32 matrix of the bandwidth "
-                   "probe (far larger than the caches) [default: 256]")
     p.add_argument("--profile", action="store_true",
                    help="also cProfile npllama's decode steps on each model (stats in the JSON, "
                         ".prof files next to it)")
-    p.add_argument("--profile-steps", type=int, default=None, help="decode steps profiled [default: 8]")
-    p.add_argument("--profile-context", type=int, default=None, help="cache length when profiling "
-                   "[default: 128]")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                    help="where random checkpoints and converted weights are written once "
                         "[default: $NPLLAMA_BENCH_CACHE or ~/.cache/npllama/bench]")
@@ -150,25 +147,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JSON results [default: benchmarks/results/latest.json]")
     p.add_argument("--markdown", type=Path, default=None, help="also write the markdown tables here")
     a = p.parse_args(argv)
-    defaults = dict(models="smollm2,1b", prefill="16,128,512", decode_tokens=128, decode_prompt=16,
-                    contexts="128,1024,4096", context_steps=16, prefill_chunk=512, bw_mb=256, repeats=3,
-                    profile_steps=8, profile_context=128, max_wait=30)
-    if a.quick:
-        defaults.update(QUICK)
-    for key, value in defaults.items():
+    for key, (kind, default, quick, _) in SIZES.items():
         if getattr(a, key) is None:
-            parser = {"models": name_list(MODEL_NAMES), "prefill": int_list, "contexts": int_list}.get(key)
-            setattr(a, key, parser(value) if parser else value)
+            setattr(a, key, kind(quick if a.quick else default))
     if a.with_8b and "8b" not in a.models:
         a.models.append("8b")
     if "8b" in a.models and not a.with_8b:
         p.error("the 8b model writes a 16 GB checkpoint: pass --with-8b to confirm")
-    for key in ("repeats", "decode_tokens", "decode_prompt", "context_steps", "prefill_chunk", "bw_mb",
-                "profile_steps", "profile_context"):
-        if getattr(a, key) <= 0:
-            p.error(f"--{key.replace('_', '-')} must be positive")
     return a
 
+
+# --- The run --------------------------------------------------------------------------------
 
 def bandwidth_probe(a: argparse.Namespace, threads: int, when: str) -> dict:
     tag = f"bandwidth/{when}"
