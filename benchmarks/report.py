@@ -69,38 +69,40 @@ def speedup(a: dict | None, b: dict | None, higher_is_better: bool) -> str:
     return f"{r:.2f}x"
 
 
+def table(*head: str) -> list[str]:
+    """A markdown table's header lines."""
+    return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+
+
+def row(*cells) -> str:
+    return "|" + "|".join(f" {c} " if c != "" else " " for c in cells) + "|"
+
+
 def model_table(model: dict) -> list[str]:
-    e = model["engines"]
-    np_, th = e.get("npllama", {}), e.get("torch", {})
-    if np_.get("status") != "ok":
-        np_ = {}
-    if th.get("status") != "ok":
-        th = {}
+    np_, th = ({} if e.get("status") != "ok" else e for e in
+               (model["engines"].get("npllama", {}), model["engines"].get("torch", {})))
     ref = np_ or th
-    lines = ["| figure | npllama | torch | npllama speedup |", "|---|---|---|---|"]
+    lines = table("figure", "npllama", "torch", "npllama speedup")
 
-    def row(label, key, higher_is_better, sub=None):
-        a = np_.get(key, {}) if sub is None else np_.get(key, {}).get(sub)
-        b = th.get(key, {}) if sub is None else th.get(key, {}).get(sub)
-        lines.append(f"| {label} | {cell(a)} | {cell(b)} | {speedup(a, b, higher_is_better)} |")
-
-    row("load (s)", "load_s", False)
-    for n in ref.get("prefill_tok_s", {}):
-        row(f"prefill {n} tokens (tok/s)", "prefill_tok_s", True, n)
-    row(f"decode {model['settings']['decode_tokens']} tokens (tok/s)", "decode_tok_s", True)
-    for n in ref.get("decode_ms_at_context", {}):
-        row(f"decode at context {n} (ms/token)", "decode_ms_at_context", False, n)
+    def timing(label, higher_is_better, key, sub=None):
+        a, b = (x.get(key, {}) if sub is None else x.get(key, {}).get(sub) for x in (np_, th))
+        lines.append(row(label, cell(a), cell(b), speedup(a, b, higher_is_better)))
 
     def plain(label, get):
         vals = []
         for x in (np_, th):
             try:
                 vals.append(get(x))
-            except (KeyError, TypeError):
-                vals.append(None)
-        lines.append(f"| {label} | {vals[0] if vals[0] is not None else '-'} | "
-                     f"{vals[1] if vals[1] is not None else '-'} | |")
+            except (KeyError, TypeError):  # an engine that failed has no figures
+                vals.append("-")
+        lines.append(row(label, *vals, ""))
 
+    timing("load (s)", False, "load_s")
+    for n in ref.get("prefill_tok_s", {}):
+        timing(f"prefill {n} tokens (tok/s)", True, "prefill_tok_s", n)
+    timing(f"decode {model['settings']['decode_tokens']} tokens (tok/s)", True, "decode_tok_s")
+    for n in ref.get("decode_ms_at_context", {}):
+        timing(f"decode at context {n} (ms/token)", False, "decode_ms_at_context", n)
     if ref.get("context_slowdown"):
         cs = ref["context_slowdown"]
         plain(f"decode slowdown, context {cs['to']} vs {cs['from']}",
@@ -108,9 +110,9 @@ def model_table(model: dict) -> list[str]:
     plain("weights read per decode step (MB)",
           lambda x: fmt(x["info"]["weight_bytes_per_token"]["bytes"] / 2**20))
     plain("decode weight traffic (GB/s)", lambda x: fmt(x["decode_gb_s"]))
-    bw = model.get("bandwidth_during_decode")
-    if bw:
-        lines.append(f"| bandwidth limit probed between decode rounds (GB/s) | {cell(bw)} | | |")
+    if model.get("bandwidth_during_decode"):
+        lines.append(row("bandwidth limit probed between decode rounds (GB/s)",
+                         cell(model["bandwidth_during_decode"]), "", ""))
     plain("decode, % of bandwidth limit (probed alongside)", lambda x: cell(x["decode_bandwidth_pct"]))
     plain("decode, % of the run's best probe "
           f"({fmt(ref.get('decode_bandwidth_pct_of_run_best', {}).get('limit_gb_s'))} GB/s)",
@@ -123,6 +125,30 @@ def model_table(model: dict) -> list[str]:
     plain("RssAnon / RssFile after load (MB)",
           lambda x: " / ".join(fmt(x["memory"]["after_load"][k]) for k in ("RssAnon", "RssFile")))
     return lines
+
+
+def model_notes(model: dict) -> list[str]:
+    notes = []
+    for name, e in model["engines"].items():
+        if e["status"] != "ok":
+            notes.append(f"{name} failed: {e['error']}")
+        else:
+            notes.append(f"{name} worker: {e['wall_s']:.0f} s wall, {e['cpu_s']:.0f} s CPU; 1-minute load "
+                         f"average {e['loadavg_1min']['start']:.1f} -> {e['loadavg_1min']['end']:.1f} "
+                         "(counting the benchmark's own threads)")
+    ga = model.get("greedy_agreement")
+    if ga:
+        notes.append(f"greedy tokens: the first {ga['leading_tokens_equal']} of {ga['of']} agree "
+                     "between the engines (a check that both do the same work)")
+    th, npi = (model["engines"].get(e, {}) for e in ("torch", "npllama"))
+    if th.get("status") == "ok":
+        notes.append(f"torch: {th['info']['dtype']}, attention {th['info']['gqa']}, "
+                     f"{th['info']['num_threads']} threads")
+    if npi.get("status") == "ok":
+        notes.append(f"npllama: {npi['info']['dtype']} compute, weights "
+                     f"{'resident float32' if npi['info']['resident'] else 'memory-mapped'}; "
+                     f"weights read per step {npi['info']['weight_bytes_per_token']['method']}")
+    return [f"- {n}" for n in notes]
 
 
 def bandwidth_summary(probes: dict) -> dict:
@@ -139,14 +165,12 @@ def bandwidth_summary(probes: dict) -> dict:
 
 def bandwidth_table(bw: dict) -> list[str]:
     rows, cols = bw["matrix"]
-    whens = [w for w, p in bw["probes"].items() if p.get("status") == "ok"]
-    lines = [f"| bandwidth probe ({rows}x{cols} float32 = {rows * cols * 4 / 2**20:.0f} MB) | "
-             + " | ".join(f"GB/s, {w} of run" for w in whens) + " |", "|---" * (1 + len(whens)) + "|"]
-    first = bw["probes"][whens[0]]["probes"]
-    for key, p in first.items():
+    whens = [w for w, p in bw["probes"].items() if p["status"] == "ok"]
+    lines = table(f"bandwidth probe ({rows}x{cols} float32 = {rows * cols * 4 / 2**20:.0f} MB)",
+                  *(f"GB/s, {w} of run" for w in whens))
+    for key, p in bw["probes"][whens[0]]["probes"].items():
         mark = " **(limit)**" if bw["limit_probe"].startswith(key + " ") else ""
-        lines.append(f"| {p['label']}{mark} | "
-                     + " | ".join(cell(bw["probes"][w]["probes"].get(key)) for w in whens) + " |")
+        lines.append(row(p["label"] + mark, *(cell(bw["probes"][w]["probes"].get(key)) for w in whens)))
     lines.append(f"\nBandwidth limit: {bw['limit_gb_s']:.2f} GB/s ({bw['limit_probe']}, the best "
                  "median of the matrix-vector probes).")
     return lines
@@ -196,71 +220,44 @@ def check_targets(models: dict) -> list[dict]:
     return out
 
 
+def profile_section(name: str, prof: dict) -> list[str]:
+    if prof["status"] != "ok":
+        return [f"## profile {name}: failed", "", prof["error"]]
+    steps, mm = prof["steps"], prof["matmuls"]
+    lines = [f"## npllama decode profile, {name} (context {prof['context']}, {steps} steps, "
+             f"{fmt(prof['ms_per_token_profiled'])} ms/token under cProfile)", "",
+             *table("function", "calls/token", "self ms/token", "cumulative ms/token")]
+    lines += [row(f"`{r['function']}`", f"{r['calls'] / steps:.0f}", fmt(r["tottime_ms_per_token"]),
+                  fmt(r["cumtime_ms_per_token"])) for r in prof["top_tottime"][:15]]
+    lines += ["", f"Weight matmuls timed one by one (no profiler): {fmt(mm['matmul_ms_per_token'])} of "
+                  f"{fmt(mm['ms_per_token'])} ms/token; the rest "
+                  f"({fmt(mm['ms_per_token'] - mm['matmul_ms_per_token'])} ms) is everything else.", "",
+              *table("weight", "calls/token", "ms/token", "GB/s")]
+    by_time = sorted(mm["by_weight"].items(), key=lambda kv: -kv[1]["ms_per_token"])
+    return lines + [row(w, f"{r['calls_per_token']:.0f}", fmt(r["ms_per_token"]), fmt(r["gb_s"]))
+                    for w, r in by_time]
+
+
 def render(results: dict) -> str:
-    m = results["machine"]
-    s = results["settings"]
+    m, s, code = results["machine"], results["settings"], results["code"]
+    blas = m.get("numpy_blas") or {}
     out = [f"# npllama benchmark, {results['created']}", "",
-           f"{m.get('cpu', '?')}, {m.get('cores_available')} cores, {m.get('ram_gb')} GB RAM; "
-           f"numpy {m['numpy']} ({(m.get('numpy_blas') or {}).get('name', '?')} "
-           f"{(m.get('numpy_blas') or {}).get('version', '')}, {m.get('numpy_blas_threads')} threads), "
-           f"torch {m['torch']} ({s['threads']} threads). "
-           f"npllama at {(results['code']['commit'] or '?')[:10]}"
-           f"{' + uncommitted changes' if results['code']['dirty'] else ''}. "
+           f"{m.get('cpu', '?')}, {m['cores_available']} cores, {m.get('ram_gb')} GB RAM; "
+           f"numpy {m['numpy']} ({blas.get('name', '?')} {blas.get('version', '')}, "
+           f"{m['numpy_blas_threads']} threads), torch {m['torch']} ({s['threads']} threads). "
+           f"npllama at {(code['commit'] or '?')[:10]}{' + uncommitted changes' if code['dirty'] else ''}. "
            f"Timings: median (min-max) of {s['repeats']} runs.", ""]
-    if results.get("bandwidth", {}).get("status") == "ok":
+    if results["bandwidth"]["status"] == "ok":
         out += bandwidth_table(results["bandwidth"]) + [""]
     for name, model in results["models"].items():
         if model["status"] != "ok":
-            out += [f"## {name}: skipped", "", model.get("reason") or model.get("error", ""), ""]
-            continue
-        out += [f"## {name}: {model['spec']['label']}", ""]
-        out += model_table(model)
-        notes = []
-        for eng, e in model["engines"].items():
-            if e.get("status") != "ok":
-                notes.append(f"{eng} failed: {e.get('error')}")
-            elif "loadavg_1min" in e:
-                notes.append(f"{eng} worker: {e['wall_s']:.0f} s wall, {e['cpu_s']:.0f} s CPU; 1-minute load "
-                             f"average {e['loadavg_1min']['start']:.1f} -> {e['loadavg_1min']['end']:.1f} "
-                             "(counting the benchmark's own threads)")
-        ga = model.get("greedy_agreement")
-        if ga:
-            notes.append(f"greedy tokens: the first {ga['leading_tokens_equal']} of {ga['of']} agree "
-                         "between the engines (a check that both do the same work)")
-        th = model["engines"].get("torch", {})
-        if th.get("status") == "ok":
-            notes.append(f"torch: {th['info']['dtype']}, attention {th['info']['gqa']}, "
-                         f"{th['info']['num_threads']} threads")
-        npi = model["engines"].get("npllama", {})
-        if npi.get("status") == "ok":
-            notes.append(f"npllama: {npi['info']['dtype']} compute, weights "
-                         f"{'resident float32' if npi['info']['resident'] else 'memory-mapped'}; "
-                         f"weights read per step {npi['info']['weight_bytes_per_token']['method']}")
-        out += [""] + [f"- {n}" for n in notes] + [""]
-    if results.get("targets"):
-        out += ["## Issue targets (npllama)", "", "| model | target | measured | met |", "|---|---|---|---|"]
-        for t in results["targets"]:
-            out.append(f"| {t['model']} | {t['target']} | {fmt(t['value'])} {t['unit']} | "
-                       f"{'yes' if t['met'] else 'NO'} |")
-        out.append("")
-    for name, prof in results.get("profiles", {}).items():
-        if prof.get("status") != "ok":
-            out += [f"## profile {name}: failed", "", prof.get("error", ""), ""]
-            continue
-        out += [f"## npllama decode profile, {name} (context {prof['context']}, {prof['steps']} steps, "
-                f"{fmt(prof['ms_per_token_profiled'])} ms/token under cProfile)", "",
-                "| function | calls/token | self ms/token | cumulative ms/token |", "|---|---|---|---|"]
-        for r in prof["top_tottime"][:15]:
-            out.append(f"| `{r['function']}` | {r['calls'] / prof['steps']:.0f} | "
-                       f"{fmt(r['tottime_ms_per_token'])} | {fmt(r['cumtime_ms_per_token'])} |")
-        mm = prof.get("matmuls")
-        if mm and mm["by_weight"]:
-            out += ["", f"Weight matmuls timed one by one (no profiler): {fmt(mm['matmul_ms_per_token'])} of "
-                        f"{fmt(mm['ms_per_token'])} ms/token; the rest "
-                        f"({fmt(mm['ms_per_token'] - mm['matmul_ms_per_token'])} ms) is everything else.", "",
-                    "| weight | calls/token | ms/token | GB/s |", "|---|---|---|---|"]
-            for name, r in sorted(mm["by_weight"].items(), key=lambda kv: -kv[1]["ms_per_token"]):
-                out.append(f"| {name} | {r['calls_per_token']:.0f} | {fmt(r['ms_per_token'])} | "
-                           f"{fmt(r['gb_s'])} |")
-        out.append("")
+            out += [f"## {name}: skipped", "", model["reason"], ""]
+        else:
+            out += [f"## {name}: {model['spec']['label']}", "", *model_table(model), "", *model_notes(model), ""]
+    if results["targets"]:
+        out += ["## Issue targets (npllama)", "", *table("model", "target", "measured", "met")]
+        out += [row(t["model"], t["target"], f"{fmt(t['value'])} {t['unit']}", "yes" if t["met"] else "NO")
+                for t in results["targets"]] + [""]
+    for name, prof in results["profiles"].items():
+        out += profile_section(name, prof) + [""]
     return "\n".join(out)
