@@ -4,7 +4,6 @@ can do (the bandwidth probes, run in a worker process)."""
 
 from __future__ import annotations
 
-import ctypes
 import glob
 import hashlib
 import os
@@ -19,18 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def blas_threads() -> int | None:
-    """Threads OpenBLAS (as bundled with NumPy) will use, asked from the library itself."""
+    """Threads NumPy's BLAS will use, asked from the library itself (torch's is not NumPy's)."""
     import numpy as np
-    for lib in glob.glob(str(Path(np.__file__).parent.parent / "numpy.libs" / "*openblas*")):
-        try:
-            cdll = ctypes.CDLL(lib)
-        except OSError:
-            continue
-        for sym in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
-                    "openblas_get_num_threads"):
-            if hasattr(cdll, sym):
-                return int(getattr(cdll, sym)())
-    return None
+    from threadpoolctl import threadpool_info
+    bundled = Path(np.__file__).parent.parent / "numpy.libs"  # where NumPy's wheel keeps OpenBLAS
+    return next((p["num_threads"] for p in threadpool_info()
+                 if p["user_api"] == "blas" and Path(p["filepath"]).parent == bundled), None)
 
 
 def machine_info() -> dict:

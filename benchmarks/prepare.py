@@ -134,22 +134,25 @@ def torch_weights_from_npllama(model_path: Path, cache_dir: Path) -> Path:
 
 # --- What each model is -------------------------------------------------------------------
 
+# The random Meta checkpoints: name: (directory, ModelArgs, written streaming, torch dtype,
+# npllama's weights_budget, label in the report).
+RANDOM = {
+    "tiny": ("tiny", tiny_args, False, "float32", None,
+             "tiny random Llama 3 (2 layers, dim 64), bf16 file, float32 compute"),
+    "1b": ("llama32-1b-random", llama32_1b_args, False, "float32", None,
+           "random Llama-3.2-1B shape, bf16 file, float32 compute"),
+    "8b": ("llama3-8b-random", llama3_8b_args, True, "bfloat16", 0,
+           "random Meta-Llama-3-8B, bf16 file memory-mapped; npllama float32 compute, torch bf16"),
+}
+
+
 def prepare(name: str, cache_dir: Path) -> dict:
     """Make sure the model's files exist; return the spec the engine workers need."""
-    if name == "tiny":
-        path = random_checkpoint(cache_dir, "tiny", tiny_args(), streaming=False)
-        return dict(name=name, kind="meta", path=str(path), torch_dtype="float32",
-                    weights_budget=None,
-                    label="tiny random Llama 3 (2 layers, dim 64), bf16 file, float32 compute")
-    if name == "1b":
-        path = random_checkpoint(cache_dir, "llama32-1b-random", llama32_1b_args(), streaming=False)
-        return dict(name=name, kind="meta", path=str(path), torch_dtype="float32", weights_budget=None,
-                    label="random Llama-3.2-1B shape, bf16 file, float32 compute")
-    if name == "8b":
-        path = random_checkpoint(cache_dir, "llama3-8b-random", llama3_8b_args(), streaming=True)
-        return dict(name=name, kind="meta", path=str(path), torch_dtype="bfloat16", weights_budget=0,
-                    label="random Meta-Llama-3-8B, bf16 file memory-mapped; "
-                          "npllama float32 compute, torch bf16")
+    if name in RANDOM:
+        directory, args, streaming, torch_dtype, budget, label = RANDOM[name]
+        path = random_checkpoint(cache_dir, directory, args(), streaming)
+        return dict(name=name, kind="meta", path=str(path), torch_dtype=torch_dtype, weights_budget=budget,
+                    label=label)
     if name == "smollm2":
         path = Path(ensure_default_model())
         torch_path = torch_weights_from_npllama(path, cache_dir)

@@ -4,7 +4,7 @@ one JSON request per line to its stdin and reads one JSON reply per line from it
 
   {"op": "prepare", "name": ..., "cache_dir": ...}   write or find a model's files (prepare.py);
   {"op": "engine", "engine": "npllama" | "torch", "spec": ..., "cfg": ...}   then, for that engine
-      on that model: load, setup, prefill, decode, fill, decode_at, and (npllama) profile;
+      on that model: load, then setup, prefill, decode, fill, decode_at, or (npllama) profile;
   {"op": "probes", "threads": ..., "mb": ...}   then: bandwidth (every probe), matvec (the limit).
 
 A reply is a dict of figures, with the CPU seconds the process spent when it is a timing
@@ -46,8 +46,6 @@ class NpllamaEngine:
 
     def load(self):
         import npllama
-        self.model = None
-        gc.collect()
         budget = self.spec["weights_budget"]
         kwargs = {} if budget is None else {"weights_budget": budget}
         self.model = npllama.load(self.spec["path"], max_seq_len=self.max_seq_len, **kwargs)
@@ -104,8 +102,6 @@ class TorchEngine:
         float32 weights (GGUF models) are read into RAM like npllama's."""
         from torch_llama import TorchLlama
         torch = self.torch
-        self.model = None
-        gc.collect()
         if self.spec["kind"] == "meta":
             path = Path(self.spec["path"])
             args = load_params(path / "params.json", self.max_seq_len)
@@ -169,6 +165,8 @@ class Session:
         self.prompt = self.context_prompt = None
 
     def load(self) -> dict:
+        self.engine.model = None  # the previous repeat's model, freed before the next is timed
+        gc.collect()
         return {"seconds": timed(self.engine.load)[0]}
 
     def setup(self) -> dict:
