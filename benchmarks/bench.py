@@ -91,7 +91,8 @@ def name_list(choices):
 
 # The options whose default --quick shrinks: name: (type, default, default with --quick, help).
 SIZES = {
-    "models": (name_list(MODEL_NAMES), "smollm2,1b", "tiny", "comma-separated models: " + ", ".join(MODEL_NAMES)),
+    "models": (name_list(MODEL_NAMES), "smollm2,1b", "tiny",
+               "comma-separated models: " + ", ".join(MODEL_NAMES)),
     "repeats": (positive_int, "3", "2", "timed runs per figure (median, min, max)"),
     "prefill": (positive_ints, "16,128,512", "8,16", "prompt lengths for prefill tok/s"),
     "decode_tokens": (positive_int, "128", "4", "greedy decode steps timed per repeat"),
@@ -171,7 +172,8 @@ def bandwidth_probe(a: argparse.Namespace, threads: int, when: str) -> dict:
 
 def benchmark_model(a: argparse.Namespace, name: str, threads: int, quiet: QuietMachine) -> dict:
     progress("bench", f"=== {name}: preparing ===")
-    prep = run_in_worker(f"{name}/prepare", a.threads, ("prepare", dict(name=name, cache_dir=str(a.cache_dir))))
+    prep = run_in_worker(f"{name}/prepare", a.threads,
+                         ("prepare", dict(name=name, cache_dir=str(a.cache_dir))))
     if prep["status"] != "ok":
         reason = prep.get("reason") or prep.get("error")
         progress("bench", f"{name} skipped: {reason}")
@@ -186,13 +188,15 @@ def benchmark_model(a: argparse.Namespace, name: str, threads: int, quiet: Quiet
 def profile_decode(a: argparse.Namespace, name: str, spec: dict, threads: int) -> dict:
     tag = f"{name}/profile"
     progress("bench", f"=== {name}: profiling npllama decode ===")
-    prof = run_in_worker(tag, a.threads, ("engine", dict(engine="npllama", spec=spec, cfg=engine_cfg(a, threads))),
+    prof = run_in_worker(tag, a.threads,
+                         ("engine", dict(engine="npllama", spec=spec, cfg=engine_cfg(a, threads))),
                          ("load", {}), ("profile", dict(out=str(a.json.parent / f"profile-{name}.prof"))))
     if prof["status"] == "ok":
         mm = prof["matmuls"]
         progress(tag, f"{prof['steps']} decode steps at context {prof['context']}: "
-                 f"{prof['ms_per_token_profiled']:.1f} ms/token under cProfile (stats in {prof['prof_file']}); "
-                 f"matmuls {mm['matmul_ms_per_token']:.1f} of {mm['ms_per_token']:.1f} ms/token without it")
+                 f"{prof['ms_per_token_profiled']:.1f} ms/token under cProfile (stats in "
+                 f"{prof['prof_file']}); matmuls {mm['matmul_ms_per_token']:.1f} of "
+                 f"{mm['ms_per_token']:.1f} ms/token without it")
     return prof
 
 

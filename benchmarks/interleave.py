@@ -106,7 +106,8 @@ class Interleaved:
 
     def settle(self, worker: Worker) -> None:
         """Let the other workers' spinning BLAS/OpenMP threads go to sleep before measuring."""
-        others = [w.pid for w in (*self.engines.values(), self.probe) if w is not worker and w.proc.poll() is None]
+        others = [w.pid for w in (*self.engines.values(), self.probe)
+                  if w is not worker and w.proc.poll() is None]
         worker.results.setdefault("idle_wait_s", []).append(round(wait_until_idle(others), 3))
 
     def measure(self, worker: Worker, op: str, **request) -> dict | None:

@@ -64,8 +64,8 @@ def random_checkpoint(cache_dir: Path, name: str, args: ModelArgs, streaming: bo
     n_bytes = 2 * sum(math.prod(s) for s in args.weight_shapes().values())
     need = (2 if streaming else 1) * n_bytes + GB
     free = shutil.disk_usage(cache_dir).free
-    progress("bench", f"writing {name} ({n_bytes / GB:.1f} GB bf16) into {final}; free disk {free / GB:.0f} GB, "
-             f"needs {need / GB:.0f} GB while writing")
+    progress("bench", f"writing {name} ({n_bytes / GB:.1f} GB bf16) into {final}; free disk "
+             f"{free / GB:.0f} GB, needs {need / GB:.0f} GB while writing")
     if free < need:
         raise Skip(f"{name}: needs {need / GB:.0f} GB free in {cache_dir}, only {free / GB:.0f} GB: "
                    "free space or pass --cache-dir on a larger disk")
@@ -134,25 +134,21 @@ def torch_weights_from_npllama(model_path: Path, cache_dir: Path) -> Path:
 
 # --- What each model is -------------------------------------------------------------------
 
-# The random Meta checkpoints: name: (directory, ModelArgs, written streaming, torch dtype,
-# npllama's weights_budget, label in the report).
-RANDOM = {
-    "tiny": ("tiny", tiny_args, False, "float32", None,
-             "tiny random Llama 3 (2 layers, dim 64), bf16 file, float32 compute"),
-    "1b": ("llama32-1b-random", llama32_1b_args, False, "float32", None,
-           "random Llama-3.2-1B shape, bf16 file, float32 compute"),
-    "8b": ("llama3-8b-random", llama3_8b_args, True, "bfloat16", 0,
-           "random Meta-Llama-3-8B, bf16 file memory-mapped; npllama float32 compute, torch bf16"),
-}
-
-
 def prepare(name: str, cache_dir: Path) -> dict:
     """Make sure the model's files exist; return the spec the engine workers need."""
-    if name in RANDOM:
-        directory, args, streaming, torch_dtype, budget, label = RANDOM[name]
-        path = random_checkpoint(cache_dir, directory, args(), streaming)
-        return dict(name=name, kind="meta", path=str(path), torch_dtype=torch_dtype, weights_budget=budget,
-                    label=label)
+    if name == "tiny":
+        path = random_checkpoint(cache_dir, "tiny", tiny_args(), streaming=False)
+        return dict(name=name, kind="meta", path=str(path), torch_dtype="float32", weights_budget=None,
+                    label="tiny random Llama 3 (2 layers, dim 64), bf16 file, float32 compute")
+    if name == "1b":
+        path = random_checkpoint(cache_dir, "llama32-1b-random", llama32_1b_args(), streaming=False)
+        return dict(name=name, kind="meta", path=str(path), torch_dtype="float32", weights_budget=None,
+                    label="random Llama-3.2-1B shape, bf16 file, float32 compute")
+    if name == "8b":
+        path = random_checkpoint(cache_dir, "llama3-8b-random", llama3_8b_args(), streaming=True)
+        return dict(name=name, kind="meta", path=str(path), torch_dtype="bfloat16", weights_budget=0,
+                    label="random Meta-Llama-3-8B, bf16 file memory-mapped; "
+                          "npllama float32 compute, torch bf16")
     if name == "smollm2":
         path = Path(ensure_default_model())
         torch_path = torch_weights_from_npllama(path, cache_dir)

@@ -253,7 +253,8 @@ def render(results: dict) -> str:
         if model["status"] != "ok":
             out += [f"## {name}: skipped", "", model["reason"], ""]
         else:
-            out += [f"## {name}: {model['spec']['label']}", "", *model_table(model), "", *model_notes(model), ""]
+            out += [f"## {name}: {model['spec']['label']}", "", *model_table(model), "",
+                    *model_notes(model), ""]
     if results["targets"]:
         out += ["## Issue targets (npllama)", "", *table("model", "target", "measured", "met")]
         out += [row(t["model"], t["target"], f"{fmt(t['value'])} {t['unit']}", "yes" if t["met"] else "NO")

@@ -127,7 +127,7 @@ class TorchEngine:
                 "weight_bytes_per_token": {"bytes": n, "method": "layer matrices and output matrix"}}
 
 
-ENGINES = {"npllama": NpllamaEngine, "torch": TorchEngine}
+ENGINE_CLASSES = {"npllama": NpllamaEngine, "torch": TorchEngine}
 
 
 # --- Measurements ---------------------------------------------------------------------------
@@ -157,11 +157,10 @@ def fill(engine, tokens: np.ndarray, start: int, end: int, chunk: int) -> float:
 
 class Session:
     """One engine on one model, measured one request at a time, so that bench.py can interleave
-    two engines: load from other processes that comes and goes then falls on both alike instead
-    of on whichever ran last."""
+    the engines' measurements (interleave.Interleaved)."""
 
     def __init__(self, engine: str, spec: dict, cfg: dict):
-        self.engine, self.cfg = ENGINES[engine](spec, cfg), cfg
+        self.engine, self.cfg = ENGINE_CLASSES[engine](spec, cfg), cfg
         self.prompt = self.context_prompt = None
 
     def load(self) -> dict:

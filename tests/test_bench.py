@@ -102,7 +102,8 @@ def test_a_failed_request_is_kept_as_data():
     assert worker.ask("load") is None
     assert worker.ask("setup") is None
     out = worker.close()
-    assert out["status"] == "error" and out["error"].startswith("load: ") and "no-such-checkpoint" in out["error"]
+    assert out["status"] == "error" and out["error"].startswith("load: ")
+    assert "no-such-checkpoint" in out["error"]
     assert out["peak_memory_sampled_mb"]["VmRSS"] > 0 and out["wall_s"] > 0
 
 
