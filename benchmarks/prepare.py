@@ -1,9 +1,9 @@
 """The models the benchmark runs, written or found once and cached.
 
 - tiny:    oracle.checkpoints.tiny_args(), a 2-layer Meta checkpoint (for --quick).
-- smollm2: the default SmolLM2-135M GGUF (npllama.default_model.ensure_default_model(), else
-           /tmp/smollm2.gguf). torch cannot read GGUF, so its baseline gets npllama's decoded
-           weights (`model.weights`) saved once as a float32 torch state dict.
+- smollm2: the default SmolLM2-135M GGUF (npllama's ensure_default_model()). torch cannot read
+           GGUF, so its baseline gets npllama's decoded weights (`model.weights`) saved once as a
+           float32 torch state dict.
 - 1b:      a random Llama-3.2-1B shape (oracle.checkpoints.llama32_1b_args()), stored bf16 as
            Meta ships it, computed in float32 by both engines (5 GB: fits in RAM).
 - 8b:      a random Meta-Llama-3-8B (16 GB bf16), only with --with-8b. It is written tensor by
@@ -19,20 +19,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from npllama.config import ModelArgs, RopeScaling
+from npllama_internals import ModelArgs, RopeScaling, ensure_default_model
 from oracle.checkpoints import (llama3_8b_args, llama3_tokenizer_path, llama32_1b_args, random_values,
                                 tiny_args, write_random_checkpoint)
+from stats import progress
 
 MODEL_NAMES = ("tiny", "smollm2", "1b", "8b")
-SMOLLM2_FALLBACK = Path("/tmp/smollm2.gguf")
 GB = 1 << 30
 
 
@@ -44,19 +44,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("NPLLAMA_BENCH_CACHE", "~/.cache/npllama/bench")).expanduser()
 
 
-def args_to_json(args: ModelArgs) -> dict:
-    return dataclasses.asdict(args)
-
-
 def args_from_json(d: dict) -> ModelArgs:
     d = dict(d)
     if d.get("rope_scaling") is not None:
         d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     return ModelArgs(**d)
-
-
-def progress(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 # --- Meta checkpoints ---------------------------------------------------------------------
@@ -69,11 +61,11 @@ def random_checkpoint(cache_dir: Path, name: str, args: ModelArgs, streaming: bo
     partial = cache_dir / f"{name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    n_bytes = 2 * sum(_numel(s) for s in args.weight_shapes().values())
+    n_bytes = 2 * sum(math.prod(s) for s in args.weight_shapes().values())
     need = (2 if streaming else 1) * n_bytes + GB
     free = shutil.disk_usage(cache_dir).free
-    progress(f"writing {name} ({n_bytes / GB:.1f} GB bf16) into {final}; free disk {free / GB:.0f} GB, "
-             f"needs {need / GB:.0f} GB while writing")
+    progress("bench", f"writing {name} ({n_bytes / GB:.1f} GB bf16) into {final}; free disk "
+             f"{free / GB:.0f} GB, needs {need / GB:.0f} GB while writing")
     if free < need:
         raise Skip(f"{name}: needs {need / GB:.0f} GB free in {cache_dir}, only {free / GB:.0f} GB: "
                    "free space or pass --cache-dir on a larger disk")
@@ -83,15 +75,8 @@ def random_checkpoint(cache_dir: Path, name: str, args: ModelArgs, streaming: bo
     else:
         write_random_checkpoint(partial, args, seed=0)
     partial.rename(final)
-    progress(f"wrote {name} in {time.perf_counter() - t0:.0f}s")
+    progress("bench", f"wrote {name} in {time.perf_counter() - t0:.0f}s")
     return final
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def write_random_checkpoint_streaming(directory: Path, args: ModelArgs, seed: int = 0,
@@ -109,7 +94,7 @@ def write_random_checkpoint_streaming(directory: Path, args: ModelArgs, seed: in
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for i, (name, shape) in enumerate(args.weight_shapes().items()):
-        n = _numel(shape)
+        n = math.prod(shape)
         path = tmp / f"{i}.bin"
         with open(path, "wb") as f:
             for start in range(0, n, chunk_elements):
@@ -126,20 +111,6 @@ def write_random_checkpoint_streaming(directory: Path, args: ModelArgs, seed: in
 
 # --- SmolLM2 ------------------------------------------------------------------------------
 
-def smollm2_path() -> Path:
-    """The default model's GGUF: from npllama.default_model when it exists, else /tmp/smollm2.gguf."""
-    try:
-        from npllama.default_model import ensure_default_model
-    except ImportError as e:
-        if SMOLLM2_FALLBACK.exists():
-            progress(f"npllama.default_model not importable ({e}); using {SMOLLM2_FALLBACK}")
-            return SMOLLM2_FALLBACK
-        raise Skip(f"smollm2: npllama.default_model is not importable ({e}) and "
-                   f"{SMOLLM2_FALLBACK} does not exist") from None
-    path = ensure_default_model()
-    return Path(path)
-
-
 def torch_weights_from_npllama(model_path: Path, cache_dir: Path) -> Path:
     """npllama's decoded weights of a model torch cannot read (GGUF), saved once as a float32
     state dict with Meta's names, plus the ModelArgs npllama derived, for the torch baseline."""
@@ -151,15 +122,12 @@ def torch_weights_from_npllama(model_path: Path, cache_dir: Path) -> Path:
     out = cache_dir / f"{model_path.stem}-{st.st_size}-{int(st.st_mtime)}.torch-f32.pt"
     if out.exists():
         return out
-    progress(f"converting npllama's weights of {model_path} into {out} for the torch baseline")
-    try:
-        model = npllama.load(model_path)
-    except npllama.NpllamaError as e:
-        raise Skip(f"smollm2: npllama cannot load {model_path} yet: {e}") from None
+    progress("bench", f"converting npllama's weights of {model_path} into {out} for the torch baseline")
+    model = npllama.load(model_path)
     state = {name: torch.from_numpy(np.array(w, dtype=np.float32)) for name, w in model.weights.items()}
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".partial")
-    torch.save({"args": args_to_json(model.args), "state_dict": state}, tmp)
+    torch.save({"args": dataclasses.asdict(model.args), "state_dict": state}, tmp)
     tmp.rename(out)
     return out
 
@@ -170,8 +138,7 @@ def prepare(name: str, cache_dir: Path) -> dict:
     """Make sure the model's files exist; return the spec the engine workers need."""
     if name == "tiny":
         path = random_checkpoint(cache_dir, "tiny", tiny_args(), streaming=False)
-        return dict(name=name, kind="meta", path=str(path), torch_dtype="float32",
-                    weights_budget=None,
+        return dict(name=name, kind="meta", path=str(path), torch_dtype="float32", weights_budget=None,
                     label="tiny random Llama 3 (2 layers, dim 64), bf16 file, float32 compute")
     if name == "1b":
         path = random_checkpoint(cache_dir, "llama32-1b-random", llama32_1b_args(), streaming=False)
@@ -183,7 +150,7 @@ def prepare(name: str, cache_dir: Path) -> dict:
                     label="random Meta-Llama-3-8B, bf16 file memory-mapped; "
                           "npllama float32 compute, torch bf16")
     if name == "smollm2":
-        path = smollm2_path()
+        path = Path(ensure_default_model())
         torch_path = torch_weights_from_npllama(path, cache_dir)
         return dict(name=name, kind="gguf", path=str(path), torch_weights=str(torch_path),
                     torch_dtype="float32", weights_budget=None,

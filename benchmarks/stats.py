@@ -1,13 +1,26 @@
-"""Small shared pieces: timing summaries and memory as the kernel counts it."""
+"""Small shared pieces: timings and their summaries, memory as the kernel counts it, progress."""
 
 from __future__ import annotations
 
 import statistics
+import sys
 import threading
+import time
 from pathlib import Path
 
 # /proc/<pid>/status fields, in kB there, reported in MB.
 MEMORY_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
+
+
+def progress(tag: str, msg: str) -> None:
+    print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
+
+
+def timed(fn, *args):
+    """(seconds fn(*args) took, its result)"""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t0, out
 
 
 def summary(samples, unit: str) -> dict:
@@ -44,13 +57,14 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self):
+    def start(self) -> MemorySampler:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join()
+        return self.peak
 
     def _run(self):
         while not self._stop.is_set():

@@ -4,8 +4,8 @@ reference (llama_models/llama3/model.py) is, without fairscale and without nn.Mo
 Why not oracle.reference.Oracle? It is built to be checked, not timed: it computes the logits of
 every prompt position (a [512, vocab] matmul in a 512-token prefill where one row is needed),
 repeats each key/value head for its query heads (Meta's repeat_kv copies the whole cache every
-step: 150 ms per layer-step at 4k context on the benchmark machine, against 8 ms without the
-copy), and keeps keys token-major. A baseline that slow would flatter npllama. So this one:
+step, so at long context the copy, not the attention, sets the decode time), and keeps keys
+token-major. A baseline that slow would flatter npllama. So this one:
 
 - F.linear with the checkpoint's [out, in] weights, used in place (no nn.Linear copies): a
   memory-mapped bf16 state dict stays memory-mapped;
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from npllama.config import ModelArgs, RopeScaling
+from npllama_internals import ModelArgs, RopeScaling
 from oracle.reference import rope_frequencies, rope_tables
 
 LAYER_NAMES = ("attention_norm.weight", "attention.wq.weight", "attention.wk.weight",
@@ -104,7 +104,7 @@ class TorchLlama:
             if self.gqa == "repeat_kv":
                 keys, values = repeat_kv(keys, args.n_rep), repeat_kv(values, args.n_rep)  # [H, S, hd]
             # With a batch axis SDPA takes its fused CPU kernel (3-D inputs fall back to the
-            # unfused math path, 4x slower on small shapes).
+            # unfused math path).
             attn = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
                                                   enable_gqa=self.gqa == "sdpa")[0]  # [H, T, hd]
             h = h + F.linear(attn.transpose(0, 1).reshape(n_new, -1), wo)  # [T, D]

@@ -1,19 +1,21 @@
-"""One measurement in its own process, so that engines' memory never mixes: bench.py runs
-`python benchmarks/worker.py TASK JOB.json RESULT.json` and reads RESULT.json.
+"""The process every measurement runs in, so that each engine's memory is its own and a failure
+stays in its process. bench.py (interleave.Worker) starts `python benchmarks/worker.py`, writes
+one JSON request per line to its stdin and reads one JSON reply per line from its stdout:
 
-Tasks:
-  prepare    write or find a model's files (prepare.py), report its spec;
-  bandwidth  the machine's limits: large float32 matrix-vector products, bf16 -> float32 upcasts;
-  serve      one engine (npllama or torch) on one model, measuring what bench.py asks for
-             (load, prefill, decode, decode at context lengths, memory) one request at a time;
-  profile    cProfile of npllama's decode steps.
+  {"op": "prepare", "name": ..., "cache_dir": ...}   write or find a model's files (prepare.py);
+  {"op": "engine", "engine": "npllama" | "torch", "spec": ..., "cfg": ...}   then, for that engine
+      on that model: load, then setup, prefill, decode, fill, decode_at, or (npllama) profile;
+  {"op": "probes", "threads": ..., "mb": ...}   then: bandwidth (every probe), matvec (the limit).
 
-Progress goes to stderr; stdout carries only `serve`'s replies.
+A reply is a dict of figures, with the CPU seconds the process spent when it is a timing
+("seconds"), or {"error": "..."} with the traceback on stderr. Memory is not asked for: bench.py
+reads it from /proc/<pid>/status. Anything a library prints goes to stderr.
 """
 
 from __future__ import annotations
 
 import cProfile
+import dataclasses
 import gc
 import io
 import json
@@ -24,40 +26,26 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import numpy as np  # noqa: E402
 
 import prepare  # noqa: E402
-from stats import read_memory, summary  # noqa: E402
-
-TAG = ""
-
-
-def progress(msg: str) -> None:
-    print(f"[{TAG}] {msg}", file=sys.stderr, flush=True)
-
-
-def timed(fn, *args):
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return time.perf_counter() - t0, out
+from machine import Probes  # noqa: E402
+from npllama_internals import LINEAR_CALLERS, StreamedWeight, load_params  # noqa: E402
+from stats import timed  # noqa: E402
 
 
 # --- Engines: the same four calls on both sides --------------------------------------------
 
 class NpllamaEngine:
-    name = "npllama"
-
-    def __init__(self, spec: dict, max_seq_len: int):
-        self.spec, self.max_seq_len = spec, max_seq_len
+    def __init__(self, spec: dict, cfg: dict):
+        self.spec, self.max_seq_len = spec, cfg["max_seq_len"]
         self.model = self.cache = None
 
     def load(self):
         import npllama
-        self.model = None
-        gc.collect()
         budget = self.spec["weights_budget"]
         kwargs = {} if budget is None else {"weights_budget": budget}
         self.model = npllama.load(self.spec["path"], max_seq_len=self.max_seq_len, **kwargs)
@@ -70,16 +58,15 @@ class NpllamaEngine:
 
     def describe(self) -> dict:
         m = self.model
-        return {"resident": getattr(m, "resident", None), "dtype": m.dtype,
-                "weight_bytes_per_token": npllama_weight_bytes(m)}
+        return {"resident": m.resident, "dtype": m.dtype,
+                "weight_bytes_per_token": {"bytes": npllama_weight_bytes(m),
+                                           "method": "measured from model.layers and model.output"}}
 
 
-def _nbytes(w):
-    """Bytes a matmul streams for one weight: a float32 copy, or the stored (mapped) matrix."""
-    if isinstance(w, np.ndarray):
-        return w.nbytes
-    stored = getattr(w, "stored", None)  # npllama.weights.StreamedWeight
-    return stored.nbytes if isinstance(stored, np.ndarray) else None
+def matrix_bytes(w) -> int:
+    """Bytes a matmul streams for one weight: the float32 array, or a streamed one's stored
+    (memory-mapped) matrix."""
+    return w.stored.nbytes if isinstance(w, StreamedWeight) else w.nbytes
 
 
 def _read_weights(layer) -> list:
@@ -94,44 +81,18 @@ def _read_weights(layer) -> list:
     return [w for name, w in fields.items() if w is not None and name not in skip]
 
 
-def npllama_weight_bytes(model) -> dict:
-    """Bytes of weights one decode step reads: every layer matrix and the output matrix in the
-    form the matmul reads them (the embedding table is not counted: one row is read).
-    Found by looking at model.layers / model.output; if that layout changed, estimated from the
-    shapes at 4 bytes (resident float32) or the stored itemsize (memory-mapped)."""
-    try:
-        total = 0
-        for layer in model.layers:
-            for w in _read_weights(layer):
-                n = _nbytes(w)
-                if n is None:
-                    raise TypeError(type(w))
-                total += n
-        n = _nbytes(model.output)
-        if n is None:
-            raise TypeError(type(model.output))
-        return {"bytes": total + n, "method": "measured from model.layers and model.output"}
-    except (AttributeError, TypeError) as e:
-        resident = getattr(model, "resident", True)
-        itemsize = 4 if resident else model.weights["layers.0.attention.wq.weight"].dtype.itemsize
-        return {"bytes": itemsize * _matmul_params(model.args),
-                "method": f"estimated ({e!r}): {itemsize} bytes per matmul parameter"}
-
-
-def _matmul_params(args) -> int:
-    shapes = args.weight_shapes()
-    n = sum(int(np.prod(s)) for k, s in shapes.items() if k != "tok_embeddings.weight")
-    if args.tie_embeddings:
-        n += args.vocab_size * args.dim  # the output matmul reads the embedding table
-    return n
+def npllama_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: every layer's arrays and the output matrix in the
+    form the matmul reads them (the embedding table is not counted: one row is read)."""
+    return sum(matrix_bytes(w) for layer in model.layers for w in _read_weights(layer)) + \
+        matrix_bytes(model.output)
 
 
 class TorchEngine:
-    name = "torch"
-
-    def __init__(self, spec: dict, max_seq_len: int, gqa: str):
+    def __init__(self, spec: dict, cfg: dict):
         import torch
-        self.torch, self.spec, self.max_seq_len, self.gqa = torch, spec, max_seq_len, gqa
+        torch.set_num_threads(cfg["threads"])
+        self.torch, self.spec, self.max_seq_len, self.gqa = torch, spec, cfg["max_seq_len"], cfg["torch_gqa"]
         self.dtype = getattr(torch, spec["torch_dtype"])
         self.model = None
 
@@ -139,11 +100,8 @@ class TorchEngine:
         """State dict load + model build. A Meta .pth is memory-mapped (bf16 stays mapped,
         float32 compute copies it into RAM, as npllama's float32 copy); npllama's decoded
         float32 weights (GGUF models) are read into RAM like npllama's."""
-        from npllama.config import load_params
         from torch_llama import TorchLlama
         torch = self.torch
-        self.model = None
-        gc.collect()
         if self.spec["kind"] == "meta":
             path = Path(self.spec["path"])
             args = load_params(path / "params.json", self.max_seq_len)
@@ -167,6 +125,9 @@ class TorchEngine:
         return {"dtype": str(self.dtype).replace("torch.", ""), "gqa": self.gqa,
                 "num_threads": self.torch.get_num_threads(),
                 "weight_bytes_per_token": {"bytes": n, "method": "layer matrices and output matrix"}}
+
+
+ENGINE_CLASSES = {"npllama": NpllamaEngine, "torch": TorchEngine}
 
 
 # --- Measurements ---------------------------------------------------------------------------
@@ -194,38 +155,30 @@ def fill(engine, tokens: np.ndarray, start: int, end: int, chunk: int) -> float:
     return time.perf_counter() - t0
 
 
-class Server:
-    """One engine, driven by bench.py one measurement at a time (JSON lines on stdin/stdout), so
-    that the two engines' measurements can be interleaved: on a machine shared with other work,
-    load that comes and goes then falls on both engines alike instead of on whichever ran last."""
+class Session:
+    """One engine on one model, measured one request at a time, so that bench.py can interleave
+    the engines' measurements (interleave.Interleaved)."""
 
-    def __init__(self, spec: dict, cfg: dict):
-        if cfg["engine"] == "npllama":
-            self.engine = NpllamaEngine(spec, cfg["max_seq_len"])
-        else:
-            import torch
-            torch.set_num_threads(cfg["threads"])
-            self.engine = TorchEngine(spec, cfg["max_seq_len"], cfg["torch_gqa"])
-        self.cfg = cfg
+    def __init__(self, engine: str, spec: dict, cfg: dict):
+        self.engine, self.cfg = ENGINE_CLASSES[engine](spec, cfg), cfg
         self.prompt = self.context_prompt = None
 
     def load(self) -> dict:
+        self.engine.model = None  # the previous repeat's model, freed before the next is timed
+        gc.collect()
         return {"seconds": timed(self.engine.load)[0]}
 
     def setup(self) -> dict:
         """KV cache, fixed prompts, and an untimed warm-up: first calls pay for lazy
         initialisation (thread pools, page faults in the cache and in new buffers)."""
-        import npllama.config
         cfg, engine = self.cfg, self.engine
         engine.new_cache()
         args = engine.model.args
         self.prompt = tokens_for(max(cfg["prefill"] + [cfg["decode_prompt"]]), args.vocab_size, seed=1)
-        self.context_prompt = tokens_for(max(cfg["contexts"] + [cfg["profile_context"]]),
-                                         args.vocab_size, seed=2)
+        self.context_prompt = tokens_for(max(cfg["contexts"]), args.vocab_size, seed=2)
         engine.forward(self.prompt[:cfg["decode_prompt"]], 0)
         decode_steps(engine, 0, cfg["decode_prompt"], 2)
-        is_args = isinstance(args, npllama.config.ModelArgs)
-        return {"info": engine.describe(), "model_args": prepare.args_to_json(args) if is_args else None}
+        return {"info": engine.describe(), "model_args": dataclasses.asdict(args)}
 
     def prefill(self, n: int) -> dict:
         return {"seconds": timed(self.engine.forward, self.prompt[:n], 0)[0]}
@@ -243,122 +196,27 @@ class Server:
         """`steps` decode steps at positions ctx..; they are overwritten by the next fill."""
         return {"seconds": decode_steps(self.engine, int(self.context_prompt[ctx - 1]), ctx, steps)[0]}
 
-    def memory(self) -> dict:
-        return read_memory()
-
-
-def serve(spec: dict, cfg: dict) -> None:
-    # Replies go to the original stdout; anything else printed (by a library) goes to stderr.
-    replies = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    server = ProbeServer(cfg) if cfg["engine"] == "probe" else Server(spec, cfg)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        op = cmd.pop("op")
-        if op == "quit":
-            break
-        try:
-            cpu0 = time.process_time()
-            reply = getattr(server, op)(**cmd)
-            if isinstance(reply, dict) and "seconds" in reply:
-                reply["cpu_seconds"] = time.process_time() - cpu0
-        except Exception as e:
-            traceback.print_exc()
-            reply = {"error": f"{type(e).__name__}: {e}"}
-        replies.write(json.dumps(reply) + "\n")
-        replies.flush()
-
-
-# --- The machine's limits -------------------------------------------------------------------
-
-class Probes:
-    """GB/s of a float32 matrix-vector product over a matrix far larger than the caches (the
-    weight bytes a decode step must stream), three ways; and of bf16 -> float32 upcasts."""
-
-    def __init__(self, cfg: dict):
-        import ml_dtypes
-        import torch
-        import torch.nn.functional as F
-        torch.set_num_threads(cfg["threads"])
-        rows, cols = self.matrix = cfg["bw_rows"], cfg["bw_cols"]
-        rng = np.random.default_rng(0)
-        w = rng.standard_normal((rows, cols), dtype=np.float32)  # [out, in]
-        x = rng.standard_normal(cols, dtype=np.float32)  # [in]
-        wt, xt = torch.from_numpy(w), torch.from_numpy(x)[None]
-        from npllama.weights import StreamedWeight, TilePool
-        b = w.astype(ml_dtypes.bfloat16)  # [out, in] bf16
-        streamed = StreamedWeight(b, TilePool(cfg["threads"]))
-        out = np.empty_like(w)
-        out.fill(0)  # touch the pages once so the preallocated case measures the copy alone
-        self.probes = {
-            "matvec_numpy_gemv": ("float32 W @ x (NumPy, sgemv)", w.nbytes, lambda: w @ x),
-            "matvec_numpy_linear": ("float32 x[None] @ W.T (NumPy, npllama's linear)", w.nbytes,
-                                    lambda: x[None] @ w.T),
-            "matvec_torch_linear": ("float32 F.linear(x[None], W) (torch)", w.nbytes,
-                                    lambda: F.linear(xt, wt)),
-            "upcast_astype": ("bf16 -> float32, .astype (new array)", b.nbytes,
-                              lambda: b.astype(np.float32)),
-            "upcast_into": ("bf16 -> float32 into a preallocated array", b.nbytes,
-                            lambda: np.copyto(out, b)),
-            # The streamed path's ceiling: what an 8B decode step does with every matrix.
-            "streamed_matvec": ("bf16 x[None] @ W.T streamed by npllama's tiles (GB/s of bf16)",
-                                b.nbytes, lambda: x[None] @ streamed.T),
-        }
-
-    def run(self, keys, repeats: int, verbose: bool = True) -> dict:
-        res = {}
-        for key in keys:
-            label, nbytes, fn = self.probes[key]
-            fn()
-            rates = [nbytes / timed(fn)[0] / 1e9 for _ in range(repeats)]
-            res[key] = dict(summary(rates, "GB/s"), label=label)
-            if verbose:
-                progress(f"{label}: {np.median(rates):.2f} GB/s")
-        return res
-
-
-def run_bandwidth(cfg: dict) -> dict:
-    probes = Probes(cfg)
-    res = {"matrix": list(probes.matrix), "probes": probes.run(probes.probes, max(cfg["repeats"], 5))}
-    best = max((k for k in res["probes"] if k.startswith("matvec")), key=lambda k: res["probes"][k]["median"])
-    res["limit_gb_s"], res["limit_probe"] = res["probes"][best]["median"], best
-    return res
-
-
-class ProbeServer:
-    """The matrix-vector probe on request, so bench.py can measure the bandwidth limit between
-    decode measurements, under the same conditions (other processes, memory traffic) as they."""
-
-    def __init__(self, cfg: dict):
-        self.probes = Probes(cfg)
-
-    def matvec(self) -> dict:
-        res = self.probes.run([k for k in self.probes.probes if k.startswith("matvec")], 5, verbose=False)
-        return {"gb_s": max(r["median"] for r in res.values()),
-                "probes": {k: r["median"] for k, r in res.items()}}
-
-    def memory(self) -> dict:
-        return read_memory()
+    def profile(self, out: str) -> dict:
+        """cProfile of npllama's decode steps once the cache holds `profile_context` positions,
+        then the same steps again without the profiler, each weight matmul timed."""
+        engine, cfg = self.engine, self.cfg
+        ctx, steps = cfg["profile_context"], cfg["profile_steps"]
+        engine.new_cache()
+        fill(engine, tokens_for(ctx, engine.model.args.vocab_size, seed=3), 0, ctx, cfg["prefill_chunk"])
+        decode_steps(engine, 1, ctx, 2)  # warm-up
+        return dict(cprofile_decode(engine, ctx, steps, Path(out)), context=ctx, steps=steps,
+                    matmuls=matmul_breakdown(engine, ctx, steps))
 
 
 # --- Where a decode step spends its time ----------------------------------------------------
 
-def run_profile(spec: dict, cfg: dict) -> dict:
-    engine = NpllamaEngine(spec, cfg["max_seq_len"])
-    engine.load()
-    engine.new_cache()
-    vocab = engine.model.args.vocab_size
-    ctx = cfg["profile_context"]
-    fill(engine, tokens_for(ctx, vocab, seed=3), 0, ctx, cfg["prefill_chunk"])
-    decode_steps(engine, 1, ctx, 2)  # warm-up
-    steps = cfg["profile_steps"]
+def cprofile_decode(engine, ctx: int, steps: int, out: Path) -> dict:
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
     decode_steps(engine, 1, ctx, steps)
     prof.disable()
     wall = time.perf_counter() - t0
-    out = Path(cfg["profile_out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     prof.dump_stats(out)
     text = {}
@@ -366,86 +224,83 @@ def run_profile(spec: dict, cfg: dict) -> dict:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).strip_dirs().sort_stats(key).print_stats(25)
         text[key] = s.getvalue()
-    rows = []
-    for (file, line, func), (cc, nc, tt, ct, _) in pstats.Stats(prof).stats.items():
-        rows.append({"function": f"{Path(file).name}:{line}({func})", "calls": nc,
-                     "tottime_ms_per_token": 1e3 * tt / steps, "cumtime_ms_per_token": 1e3 * ct / steps})
+    rows = [{"function": f"{Path(file).name}:{line}({func})", "calls": nc,
+             "tottime_ms_per_token": 1e3 * tt / steps, "cumtime_ms_per_token": 1e3 * ct / steps}
+            for (file, line, func), (cc, nc, tt, ct, _) in pstats.Stats(prof).stats.items()]
     rows.sort(key=lambda r: -r["tottime_ms_per_token"])
-    progress(f"profiled {steps} decode steps at context {ctx}: {1e3 * wall / steps:.1f} ms/token "
-             f"(with profiler); stats in {out}")
-    return {"context": ctx, "steps": steps, "ms_per_token_profiled": 1e3 * wall / steps,
-            "top_tottime": rows[:30], "text": text, "prof_file": str(out),
-            "matmuls": matmul_breakdown(engine, ctx, steps)}
+    return {"ms_per_token_profiled": 1e3 * wall / steps, "top_tottime": rows[:30], "text": text,
+            "prof_file": str(out)}
 
 
 def matmul_breakdown(engine, ctx: int, steps: int) -> dict:
     """Time and GB/s of each weight matmul of a decode step, without cProfile's overhead: the
-    `linear` that npllama's model and layers modules call is wrapped (in this process only) by
-    one that times each call and names it from the weight it was given."""
-    import npllama.layers
-    import npllama.model
+    `linear` that npllama's modules call is wrapped (in this process only) by one that times each
+    call and names it from the weight it was given."""
     model = engine.model
     names = {id(model.output): "output"}
     for layer in model.layers:
         names.update({id(w): f for f, w in vars(layer).items() if w is not None})
     times: dict[str, list] = {}
-    modules = [m for m in (npllama.model, npllama.layers) if hasattr(m, "linear")]
-    originals = {m: m.linear for m in modules}
+    originals = {m: m.linear for m in LINEAR_CALLERS}
 
     def make(original):
         def timed_linear(x, w):
             t0 = time.perf_counter()
             y = original(x, w)
-            rec = times.setdefault(names.get(id(w), f"other {getattr(w, 'shape', '?')}"), [0.0, 0, 0])
+            rec = times.setdefault(names.get(id(w), f"other {w.shape}"), [0.0, 0, 0])
             rec[0] += time.perf_counter() - t0
             rec[1] += 1
-            rec[2] += _nbytes(w) or 0
+            rec[2] += matrix_bytes(w)
             return y
         return timed_linear
 
-    for m in modules:
+    for m in LINEAR_CALLERS:
         m.linear = make(originals[m])
     try:
-        t0 = time.perf_counter()
-        decode_steps(engine, 1, ctx, steps)
-        wall = time.perf_counter() - t0
+        wall = decode_steps(engine, 1, ctx, steps)[0]
     finally:
         for m, f in originals.items():
             m.linear = f
     rows = {name: {"ms_per_token": 1e3 * t / steps, "calls_per_token": n / steps,
                    "gb_s": b / t / 1e9 if t else None} for name, (t, n, b) in times.items()}
-    total = sum(r["ms_per_token"] for r in rows.values())
-    progress(f"matmuls: {total:.1f} of {1e3 * wall / steps:.1f} ms/token")
-    return {"ms_per_token": 1e3 * wall / steps, "matmul_ms_per_token": total, "by_weight": rows}
+    return {"ms_per_token": 1e3 * wall / steps, "by_weight": rows,
+            "matmul_ms_per_token": sum(r["ms_per_token"] for r in rows.values())}
 
 
-def main() -> int:
-    global TAG
-    task, spec_path, result_path = sys.argv[1:4]
-    job = json.loads(Path(spec_path).read_text())
-    TAG = job.get("tag", task)
-    try:
-        if task == "prepare":
-            try:
-                result = {"status": "ok", "spec": prepare.prepare(job["model"], Path(job["cache_dir"]))}
-            except prepare.Skip as e:
-                result = {"status": "skipped", "reason": str(e)}
-        elif task == "bandwidth":
-            result = run_bandwidth(job["cfg"])
-        elif task == "serve":
-            serve(job["spec"], job["cfg"])
-            return 0
-        elif task == "profile":
-            result = run_profile(job["spec"], job["cfg"])
-        else:
-            raise ValueError(f"unknown task {task!r}")
-        result["memory_final"] = read_memory()
-    except Exception as e:  # reported, not raised: the other engines' figures still count
-        traceback.print_exc()
-        result = {"status": "error", "error": f"{type(e).__name__}: {e}"}
-    Path(result_path).write_text(json.dumps(result, indent=1))
-    return 0
+# --- Requests -------------------------------------------------------------------------------
+
+def answer(op: str, request: dict, subject):
+    """(reply, subject): `engine` and `probes` make the subject later requests are methods of."""
+    if op == "prepare":
+        try:
+            return {"spec": prepare.prepare(request["name"], Path(request["cache_dir"]))}, subject
+        except prepare.Skip as e:
+            return {"status": "skipped", "reason": str(e)}, subject
+    if op == "engine":
+        return {}, Session(**request)
+    if op == "probes":
+        return {}, Probes(**request)
+    return getattr(subject, op)(**request), subject
+
+
+def serve() -> None:
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # stdout now carries replies alone
+    subject = None
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request.pop("op")
+        cpu0 = time.process_time()
+        try:
+            reply, subject = answer(op, request, subject)
+            if "seconds" in reply:
+                reply["cpu_seconds"] = time.process_time() - cpu0
+        except Exception as e:  # reported, not raised: bench.py records it and carries on
+            traceback.print_exc()
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    serve()

@@ -92,6 +92,21 @@ def test_markdown_table_prints(quick_run):
     assert "[tiny/npllama]" in stderr and "[tiny/torch]" in stderr  # progress on stderr
 
 
+def test_a_failed_request_is_kept_as_data():
+    """A worker that fails is asked nothing more, and its error and cost are reported, not raised:
+    one failed engine must leave the other's figures standing."""
+    from interleave import Worker
+    worker = Worker("test", threads=None)
+    spec = {"path": str(ROOT / "no-such-checkpoint"), "weights_budget": None}
+    assert worker.ask("engine", engine="npllama", spec=spec, cfg={"max_seq_len": 8}) == {}
+    assert worker.ask("load") is None
+    assert worker.ask("setup") is None
+    out = worker.close()
+    assert out["status"] == "error" and out["error"].startswith("load: ")
+    assert "no-such-checkpoint" in out["error"]
+    assert out["peak_memory_sampled_mb"]["VmRSS"] > 0 and out["wall_s"] > 0
+
+
 @pytest.mark.parametrize("gqa", ["sdpa", "repeat_kv"])
 @pytest.mark.parametrize("overrides", [{}, dict(rope_scaling=RopeScaling(factor=32.0), tie_embeddings=True),
                                        dict(n_kv_heads=8)])
