@@ -169,7 +169,7 @@ class Probes:
         import torch
         import torch.nn.functional as F
 
-        from npllama_internals import StreamedWeight, TilePool
+        from npllama.resident_or_streamed import StreamedWeight, TilePool
         torch.set_num_threads(threads)
         cols = 4096 if mb >= 64 else 1024
         rows = max(1, mb * 2**20 // (4 * cols))

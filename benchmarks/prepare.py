@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-from npllama_internals import ModelArgs, RopeScaling, ensure_default_model
+from npllama.config import ModelArgs, RopeScaling
+from npllama.formats.default_model import ensure_default_model
+from npllama.formats.meta import params_json
 from oracle.checkpoints import (llama3_8b_args, llama3_tokenizer_path, llama32_1b_args, random_values,
                                 tiny_args, write_random_checkpoint)
 from stats import progress
@@ -88,7 +90,7 @@ def write_random_checkpoint_streaming(directory: Path, args: ModelArgs, seed: in
     record per tensor, as Meta's files have). Anonymous memory peaks at one chunk's float32
     temporaries; mapped pages are clean page cache the kernel reclaims at will."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "params.json").write_text(json.dumps(args.to_params(), indent=2))
+    (directory / "params.json").write_text(json.dumps(params_json(args), indent=2))
     tmp = directory / "tensors.tmp"
     tmp.mkdir(exist_ok=True)
     gen = torch.Generator().manual_seed(seed)

@@ -21,12 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from npllama_internals import ModelArgs, RopeScaling
+from npllama.config import EMBEDDING, LAYER_TENSORS, NORM, OUTPUT, ModelArgs, RopeScaling, layer_name
 from oracle.reference import rope_frequencies, rope_tables
-
-LAYER_NAMES = ("attention_norm.weight", "attention.wq.weight", "attention.wk.weight",
-               "attention.wv.weight", "attention.wo.weight", "ffn_norm.weight",
-               "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -65,10 +61,10 @@ class TorchLlama:
         self.args, self.dtype, self.gqa = args, dtype, gqa
         # .to() is a no-op (no copy) when the stored dtype already matches: bf16 stays mapped.
         w = {name: t.to(dtype) for name, t in state_dict.items()}
-        self.tok_embeddings = w["tok_embeddings.weight"]  # [V, D]
-        self.output = w.get("output.weight", self.tok_embeddings)  # [V, D] (tied in Llama 3.2)
-        self.norm = w["norm.weight"]  # [D]
-        self.layers = [[w[f"layers.{i}.{n}"] for n in LAYER_NAMES] for i in range(args.n_layers)]
+        self.tok_embeddings = w[EMBEDDING.meta]  # [V, D]
+        self.output = w.get(OUTPUT.meta, self.tok_embeddings)  # [V, D] (tied in Llama 3.2)
+        self.norm = w[NORM.meta]  # [D]
+        self.layers = [{t.key: w[layer_name(t.meta, i)] for t in LAYER_TENSORS} for i in range(args.n_layers)]
         self.max_seq_len = max_seq_len or args.max_seq_len
         self.freqs_cis = precompute_freqs_cis(args.head_dim, self.max_seq_len, args.rope_theta,
                                               args.rope_scaling)  # [P, hd/2]
@@ -91,12 +87,11 @@ class TorchLlama:
         if n_new > 1:  # the new block is causal; every cached position is visible
             mask = torch.ones(n_new, end, dtype=torch.bool).tril(diagonal=start_pos)  # [T, S]
         h = F.embedding(tokens, self.tok_embeddings)  # [T, D]
-        for (attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3), ck, cv in zip(
-                self.layers, self.cache_k, self.cache_v):
-            x = rms_norm(h, attn_norm, args.norm_eps)  # [T, D]
-            q = F.linear(x, wq).view(n_new, args.n_heads, args.head_dim).transpose(0, 1)  # [H, T, hd]
-            k = F.linear(x, wk).view(n_new, args.n_kv_heads, args.head_dim).transpose(0, 1)  # [KV, T, hd]
-            v = F.linear(x, wv).view(n_new, args.n_kv_heads, args.head_dim).transpose(0, 1)  # [KV, T, hd]
+        for w, ck, cv in zip(self.layers, self.cache_k, self.cache_v):
+            x = rms_norm(h, w["attention_norm"], args.norm_eps)  # [T, D]
+            q = F.linear(x, w["wq"]).view(n_new, args.n_heads, args.head_dim).transpose(0, 1)  # [H, T, hd]
+            k = F.linear(x, w["wk"]).view(n_new, args.n_kv_heads, args.head_dim).transpose(0, 1)  # [KV, T, hd]
+            v = F.linear(x, w["wv"]).view(n_new, args.n_kv_heads, args.head_dim).transpose(0, 1)  # [KV, T, hd]
             q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
             ck[:, start_pos:end] = k
             cv[:, start_pos:end] = v
@@ -107,9 +102,9 @@ class TorchLlama:
             # unfused math path).
             attn = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
                                                   enable_gqa=self.gqa == "sdpa")[0]  # [H, T, hd]
-            h = h + F.linear(attn.transpose(0, 1).reshape(n_new, -1), wo)  # [T, D]
-            x = rms_norm(h, ffn_norm, args.norm_eps)  # [T, D]
-            h = h + F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)  # [T, D]
+            h = h + F.linear(attn.transpose(0, 1).reshape(n_new, -1), w["wo"])  # [T, D]
+            x = rms_norm(h, w["ffn_norm"], args.norm_eps)  # [T, D]
+            h = h + F.linear(F.silu(F.linear(x, w["w1"])) * F.linear(x, w["w3"]), w["w2"])  # [T, D]
         if last_only:
             h = h[-1:]  # [1, D]
         return F.linear(rms_norm(h, self.norm, args.norm_eps), self.output).float()  # [T, V]
