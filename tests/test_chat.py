@@ -17,11 +17,6 @@ USER, ASSISTANT, SYSTEM, NEWLINES = 882, 78191, 9125, 271  # "user", "assistant"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_llama3_model(llama3_tokenizer_path())
-
-
-@pytest.fixture(scope="module")
 def meta_format():
     from llama_models.llama3.chat_format import ChatFormat
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer

@@ -8,7 +8,6 @@ import contextlib
 import os
 import pickle
 import tempfile
-import time
 import warnings
 import zipfile
 from dataclasses import replace

@@ -8,15 +8,14 @@ import npllama
 import npllama.model
 from npllama import cli, layers
 from npllama.model import LAYER_TRACE_NAMES
-from tests.test_explain import default_model_file
-from oracle.checkpoints import tiny_args, write_random_checkpoint
+from oracle.checkpoints import tiny_args
 
 ARGS = tiny_args(dim=96, n_heads=12, n_kv_heads=4, n_layers=2, ffn_dim_multiplier=1.5, multiple_of=64)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_random_checkpoint(tmp_path_factory.mktemp("compare"), ARGS, seed=5)
+def checkpoint(random_checkpoint):
+    return random_checkpoint(ARGS, seed=5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -69,7 +68,6 @@ def test_compare_without_torch_says_how_to_install_it(checkpoint, capsys, monkey
     assert "pip install torch" in err and 'pip install "npllama[oracle]"' in err
 
 
-def test_compare_on_the_default_model(capsys):
-    path = default_model_file()
-    assert cli.main(["compare", "-m", str(path)]) == 0
+def test_compare_on_the_default_model(capsys, default_model_path):
+    assert cli.main(["compare", "-m", str(default_model_path)]) == 0
     assert "OK: all" in capsys.readouterr().out

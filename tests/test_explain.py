@@ -11,9 +11,8 @@ import pytest
 import npllama
 import npllama.cli.explain
 from npllama import cli
-from npllama.cli.common import THE_PROMPT
 from npllama.cli.explain import check_layer_head, explain_steps, residual_rms, write_figures
-from oracle.checkpoints import tiny_args, write_random_checkpoint
+from oracle.checkpoints import tiny_args
 
 # Sizes unlike the 8B's and unlike each other, so a hard-coded 32, 128 or `head // 4` would show:
 # 12 heads of 8, 4 kv heads (3 query heads each), 3 layers.
@@ -32,15 +31,15 @@ STEP_NAMES = [
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return write_random_checkpoint(tmp_path_factory.mktemp("explain"), ARGS, seed=3)
+def checkpoint(random_checkpoint):
+    return random_checkpoint(ARGS, seed=3)
 
 
 @pytest.fixture(scope="module")
-def run(checkpoint):
+def run(checkpoint, seed_prompt):
     """One forward pass with its trace, and the walk through it."""
     model = npllama.load(checkpoint)
-    tokens = model.tokenizer.encode(THE_PROMPT)
+    tokens = model.tokenizer.encode(seed_prompt)
     trace = {}
     logits = model.forward(tokens, trace=trace)
     return model, tokens, trace, logits, explain_steps(model, tokens, trace, LAYER, HEAD)
@@ -278,19 +277,10 @@ def test_plots_without_matplotlib_say_how_to_install_it(checkpoint, tmp_path, mo
 
 # --- the default model, when it is here --------------------------------------------------------
 
-def default_model_file():
-    """The default model's GGUF if it is already on disk (a test never downloads it)."""
-    default_model = pytest.importorskip("npllama.formats.default_model")
-    for path in (default_model.installed_path(), default_model.cached_path()):
-        if path is not None and path.is_file():
-            return path
-    pytest.skip("the default model is not downloaded (python -m npllama download)")
-
-
-def test_explain_on_the_default_model(capsys):
-    path = default_model_file()
+def test_explain_on_the_default_model(capsys, default_model_path, seed_prompt):
+    path = default_model_path
     model = npllama.load(path, max_seq_len=256)
-    tokens = model.tokenizer.encode(THE_PROMPT)
+    tokens = model.tokenizer.encode(seed_prompt)
     trace = {}
     model.forward(tokens, trace=trace)
     a = model.args

@@ -388,17 +388,8 @@ COMPARED_LAYERS = (0, 29)
 
 
 @pytest.fixture(scope="module")
-def smollm2_path():
-    from npllama.formats.default_model import DownloadError, ensure_default_model
-    try:
-        return ensure_default_model(verbose=False)
-    except DownloadError as e:
-        pytest.skip(f"SmolLM2-135M-Instruct is not installed, cached or downloadable here: {e}")
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-    return npllama.load(smollm2_path, max_seq_len=512)
+def smollm2(default_model_path):
+    return npllama.load(default_model_path, max_seq_len=512)
 
 
 class SomeLayers(dict):
@@ -512,12 +503,12 @@ def test_smollm2_unrepresentable_byte_is_a_clear_error(smollm2):
         tok.encode("abc\x04def")
 
 
-def test_smollm2_ids_equal_hugging_face_tokenizers(smollm2, smollm2_path):
+def test_smollm2_ids_equal_hugging_face_tokenizers(smollm2, default_model_path):
     """The same vocabulary and merges run by Hugging Face's `tokenizers` with SmolLM2's
     tokenizer.json pre-tokenizer (Digits(individual_digits) then ByteLevel)."""
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import decoders, models, pre_tokenizers
-    file = read_gguf_file(smollm2_path)
+    file = read_gguf_file(default_model_path)
     tokens, merges = file.metadata["tokenizer.ggml.tokens"], file.metadata["tokenizer.ggml.merges"]
     library = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)},
                                               [tuple(m.split(" ")) for m in merges]))

@@ -18,8 +18,7 @@ from npllama.formats.hf import hf_model_args, meta_rows_of_hf, pre_tokenizer_nam
 from npllama.tokenizer import LLAMA3_PAT_STR, Tokenizer, gpt2_bytes_to_unicode, load_bpe_ranks
 from oracle.checkpoints import llama3_tokenizer_path, tiny_args, write_random_checkpoint
 
-PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
-TEXTS = [PROMPT, "Hello, world!\n\n  indented\tcode = f(x) ** 2  # 1234567", "Ünïcödé 漢字 🦙 مرحبا",
+TEXTS = ["Hello, world!\n\n  indented\tcode = f(x) ** 2  # 1234567", "Ünïcödé 漢字 🦙 مرحبا",
          "<|eot_id|> is plain text", "don't YOU'LL 3.14159 1,000,000\r\n"]
 
 
@@ -148,9 +147,9 @@ ARGS = {"gqa": tiny_args(), "tied-scaled": tiny_args(tie_embeddings=True, rope_s
 
 
 @pytest.fixture(scope="module", params=list(ARGS))
-def meta_checkpoint(request, tmp_path_factory):
+def meta_checkpoint(request, random_checkpoint):
     args = ARGS[request.param]
-    return args, write_random_checkpoint(tmp_path_factory.mktemp(f"meta-{request.param}"), args, seed=3)
+    return args, random_checkpoint(args, seed=3)
 
 
 def rope_config(args) -> dict:
@@ -173,13 +172,13 @@ def effective(args) -> dict:
 # ---- logits and weights -------------------------------------------------------------------
 
 @pytest.mark.parametrize("n_shards", [1, 3])
-def test_same_logits_as_meta_checkpoint(meta_checkpoint, tokenizer_files, tmp_path, n_shards):
+def test_same_logits_as_meta_checkpoint(meta_checkpoint, tokenizer_files, tmp_path, n_shards, seed_prompt):
     args, meta_dir = meta_checkpoint
     hf_dir = write_hf(tmp_path / "hf", meta_dir, args, tokenizer_files, n_shards, **rope_config(args))
     meta, hf = npllama.load(meta_dir), npllama.load(hf_dir)
     assert effective(hf.args) == effective(meta.args)
-    tokens = meta.tokenizer.encode(PROMPT)
-    assert hf.tokenizer.encode(PROMPT) == tokens
+    tokens = meta.tokenizer.encode(seed_prompt)
+    assert hf.tokenizer.encode(seed_prompt) == tokens
     np.testing.assert_array_equal(hf.forward(tokens), meta.forward(tokens))
     # Streamed from the memory map (PermutedRows read tile by tile) gives the same logits too.
     streamed = npllama.load(hf_dir, weights_budget=0)
@@ -315,7 +314,7 @@ def test_safetensors_reader_matches_the_library(tmp_path):
 
 # ---- tokenizer.json -----------------------------------------------------------------------
 
-def test_tokenizer_json_gives_meta_ids(tokenizer_files):
+def test_tokenizer_json_gives_meta_ids(tokenizer_files, seed_prompt):
     from npllama.formats.hf import hf_tokenizer
     hf = hf_tokenizer(tokenizer_files)
     meta = Tokenizer.from_llama3_model(llama3_tokenizer_path())
@@ -323,12 +322,12 @@ def test_tokenizer_json_gives_meta_ids(tokenizer_files):
     assert (hf.bos_id, hf.eos_id, hf.add_bos) == (128000, 128009, True)
     assert hf.stop_ids == {128001, 128008, 128009}
     assert hf.chat_template == TEMPLATE
-    for text in TEXTS:
+    for text in [seed_prompt, *TEXTS]:
         assert hf.encode(text) == meta.encode(text)
     # ...and the same as Hugging Face's own library reading the same file, where it is installed.
     tokenizers = pytest.importorskip("tokenizers")
     library = tokenizers.Tokenizer.from_file(str(tokenizer_files / "tokenizer.json"))
-    for text in TEXTS:
+    for text in [seed_prompt, *TEXTS]:
         if "<|" not in text:  # the library matches special-token text; npllama keeps it plain
             assert library.encode(text).ids == hf.encode(text)
 

@@ -21,8 +21,6 @@ from oracle.checkpoints import (llama3_8b_args, llama32_1b_args, random_state_di
 from oracle.compare import BFLOAT16_BOUND, FLOAT32_BOUND, compare_traces, format_table
 from oracle.reference import Oracle
 
-PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
-
 CONFIGS = {
     "gqa-4to1": tiny_args(),
     "mha": tiny_args(n_kv_heads=8),
@@ -33,8 +31,8 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def checkpoint(request, tmp_path_factory):
-    return write_random_checkpoint(tmp_path_factory.mktemp(request.param), CONFIGS[request.param], seed=7)
+def checkpoint(request, random_checkpoint):
+    return random_checkpoint(CONFIGS[request.param], seed=7)
 
 
 def oracle_for(directory, dtype=torch.float32, max_seq_len=64):
@@ -43,9 +41,9 @@ def oracle_for(directory, dtype=torch.float32, max_seq_len=64):
     return Oracle(args, state, dtype=dtype, max_seq_len=max_seq_len)
 
 
-def traces(directory, dtype):
+def traces(directory, dtype, prompt):
     model = npllama.load(directory, dtype=dtype)
-    tokens = model.tokenizer.encode(PROMPT)
+    tokens = model.tokenizer.encode(prompt)
     ours, theirs = {}, {}
     logits = model.forward(tokens, trace=ours)
     oracle_logits = oracle_for(directory, torch.bfloat16 if dtype == "bfloat16" else torch.float32).forward(
@@ -53,19 +51,19 @@ def traces(directory, dtype):
     return model, logits, oracle_logits, ours, theirs
 
 
-def test_float32_every_step_matches_oracle(checkpoint):
-    model, logits, oracle_logits, ours, theirs = traces(checkpoint, "float32")
+def test_float32_every_step_matches_oracle(checkpoint, seed_prompt):
+    model, logits, oracle_logits, ours, theirs = traces(checkpoint, "float32", seed_prompt)
     rows = compare_traces(ours, theirs, FLOAT32_BOUND)
     print("\n" + format_table(rows))
     assert all(r.ok for r in rows), format_table([r for r in rows if not r.ok])
     assert np.argmax(logits[-1]) == np.argmax(oracle_logits[-1])
 
 
-def test_bfloat16_flow_matches_oracle_bit_for_bit_mostly(checkpoint):
+def test_bfloat16_flow_matches_oracle_bit_for_bit_mostly(checkpoint, seed_prompt):
     """Both sides round to bf16 at the same points: measured >= 99.9% of the elements of each
     early step and >= 94% of the logits are bit-identical; the rest differ by a bf16 ulp that
     then propagates, bounded by BFLOAT16_BOUND of each step's largest magnitude."""
-    _, logits, oracle_logits, ours, theirs = traces(checkpoint, "bfloat16")
+    _, logits, oracle_logits, ours, theirs = traces(checkpoint, "bfloat16", seed_prompt)
     rows = compare_traces(ours, theirs, BFLOAT16_BOUND)
     print("\n" + format_table(rows))
     assert all(r.ok for r in rows), format_table([r for r in rows if not r.ok])
@@ -75,14 +73,14 @@ def test_bfloat16_flow_matches_oracle_bit_for_bit_mostly(checkpoint):
         assert by_name[name].identical >= 0.999, by_name[name]
     assert by_name["logits"].identical >= 0.9, by_name["logits"]
     # bf16 really is a different computation from float32: it must not silently run float32.
-    f32 = npllama.load(checkpoint).forward(npllama.load(checkpoint).tokenizer.encode(PROMPT))
+    f32 = npllama.load(checkpoint).forward(npllama.load(checkpoint).tokenizer.encode(seed_prompt))
     assert not np.array_equal(f32, logits)
 
 
-def test_trace_records_every_documented_step(checkpoint):
+def test_trace_records_every_documented_step(checkpoint, seed_prompt):
     model = npllama.load(checkpoint)
     trace = {}
-    tokens = model.tokenizer.encode(PROMPT)
+    tokens = model.tokenizer.encode(seed_prompt)
     logits = model.forward(tokens, trace=trace)
     a, T = model.args, len(tokens)
     expected = ["embedding"] + [f"layers.{i}.{n}" for i in range(a.n_layers) for n in LAYER_TRACE_NAMES]
@@ -105,7 +103,7 @@ def test_hidden_dim_follows_meta_formula():
     assert ModelArgs(3072, 28, 24, 8, 128256, 1e-5, 5e5, 256, 1.0).hidden_dim == 8192
 
 
-def test_params_come_from_params_json(tmp_path):
+def test_params_come_from_params_json(tmp_path, seed_prompt):
     """eps and theta are read, never defaulted: a Llama 2-era 1e-6 / 10000 would change the model."""
     args = tiny_args(norm_eps=3e-5, rope_theta=12345.0)
     write_random_checkpoint(tmp_path, args)
@@ -113,7 +111,7 @@ def test_params_come_from_params_json(tmp_path):
     assert model.args.norm_eps == 3e-5 and model.args.rope_theta == 12345.0
     # The RoPE table's first non-trivial frequency is theta^(-2/hd).
     np.testing.assert_allclose(model.rope_sin[1, 1], np.sin(12345.0 ** (-2 / args.head_dim)), rtol=1e-6)
-    tokens = model.tokenizer.encode(PROMPT)
+    tokens = model.tokenizer.encode(seed_prompt)
     oracle = oracle_for(tmp_path).forward(tokens)
     np.testing.assert_allclose(model.forward(tokens), oracle, atol=FLOAT32_BOUND * np.abs(oracle).max())
 
@@ -127,7 +125,7 @@ def test_forward_pass_never_imports_torch(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_streamed_weights_equal_resident_weights(tmp_path, dtype):
+def test_streamed_weights_equal_resident_weights(tmp_path, dtype, seed_prompt):
     """weights_budget=0 keeps every matrix a bf16 memory map, streamed through the matmul in float32
     tiles. Same math, but BLAS sums tiles in its own order: equal to float32 rounding."""
     write_random_checkpoint(tmp_path, tiny_args(n_layers=3))
@@ -135,7 +133,7 @@ def test_streamed_weights_equal_resident_weights(tmp_path, dtype):
     streamed = npllama.load(tmp_path, dtype=dtype, weights_budget=0)
     assert resident.resident and not streamed.resident
     assert isinstance(streamed.layers[0].w1, StreamedWeight)
-    tokens = resident.tokenizer.encode(PROMPT)
+    tokens = resident.tokenizer.encode(seed_prompt)
     expected = resident.forward(tokens)
     atol = (1e-5 if dtype == "float32" else BFLOAT16_BOUND) * np.abs(expected).max()
     np.testing.assert_allclose(streamed.forward(tokens), expected, rtol=0, atol=atol)
@@ -220,7 +218,7 @@ def test_bad_tokens_and_too_long_prompts(tmp_path):
 
 
 @pytest.mark.parametrize("n_shards", [2, 4])
-def test_sharded_checkpoint_gives_identical_logits(tmp_path, n_shards):
+def test_sharded_checkpoint_gives_identical_logits(tmp_path, n_shards, seed_prompt):
     """A model-parallel checkpoint (consolidated.00..0N.pth) loads to the same model."""
     from tests.test_checkpoint import write_shards
 
@@ -230,18 +228,18 @@ def test_sharded_checkpoint_gives_identical_logits(tmp_path, n_shards):
     for name in ("params.json", "tokenizer.model"):
         (sharded / name).write_bytes((whole / name).read_bytes())
     a, b = npllama.load(whole), npllama.load(sharded)
-    tokens = a.tokenizer.encode(PROMPT)
+    tokens = a.tokenizer.encode(seed_prompt)
     np.testing.assert_array_equal(a.forward(tokens), b.forward(tokens))
 
 
-def test_fused_projections_equal_separate_ones(tmp_path):
+def test_fused_projections_equal_separate_ones(tmp_path, seed_prompt):
     """The fast path (q|k|v and w1|w3 each one matmul, resident weights) against the plain one."""
     import dataclasses
 
     write_random_checkpoint(tmp_path, tiny_args(n_kv_heads=2))
     fused = npllama.load(tmp_path)
     assert all(layer.wqkv is not None and np.shares_memory(layer.wq, layer.wqkv) for layer in fused.layers)
-    tokens = fused.tokenizer.encode(PROMPT)
+    tokens = fused.tokenizer.encode(seed_prompt)
     expected = fused.forward(tokens)
     fused.layers = [dataclasses.replace(layer, wqkv=None, w13=None) for layer in fused.layers]
     np.testing.assert_allclose(fused.forward(tokens), expected, rtol=0,
@@ -304,11 +302,11 @@ def test_bfloat16_mode_rounds_weights_of_any_dtype(stored, budget):
 
 # --- the tokenizer may be smaller than the embedding (padded vocabularies), never larger ------
 
-def test_padded_vocabulary_loads_and_a_too_small_one_is_refused(tmp_path):
+def test_padded_vocabulary_loads_and_a_too_small_one_is_refused(tmp_path, seed_prompt):
     padded = write_random_checkpoint(tmp_path / "padded", tiny_args(vocab_size=128256 + 64))
     model = npllama.load(padded)
     assert model.tokenizer.n_words == 128256 and model.args.vocab_size == 128320
-    assert model.forward(model.tokenizer.encode(PROMPT)).shape[-1] == 128320
+    assert model.forward(model.tokenizer.encode(seed_prompt)).shape[-1] == 128320
     small = write_random_checkpoint(tmp_path / "small", tiny_args(vocab_size=128000))
     with pytest.raises(npllama.ConfigError, match="128256 tokens but the model's vocab_size is 128000"):
         npllama.load(small)

@@ -14,11 +14,6 @@ from oracle.checkpoints import llama3_tokenizer_path
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_llama3_model(llama3_tokenizer_path())
-
-
-@pytest.fixture(scope="module")
 def meta():
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
     return MetaTokenizer(llama3_tokenizer_path())
@@ -58,9 +53,8 @@ def write_ranks(path, merges=()):
 
 # ---- the notebook's example and Meta's reference ---------------------------------------
 
-def test_notebook_prompt(tok):
-    prompt = "the answer to the ultimate question of life, the universe, and everything is "
-    assert tok.encode(prompt) == [128000, 1820, 4320, 311, 279, 17139, 3488, 315, 2324, 11,
+def test_notebook_prompt(tok, seed_prompt):
+    assert tok.encode(seed_prompt) == [128000, 1820, 4320, 311, 279, 17139, 3488, 315, 2324, 11,
                                   279, 15861, 11, 323, 4395, 374, 220]
     assert tok.decode([2983]) == "42"
     assert tok.piece(2983) == "42"

@@ -26,7 +26,6 @@ is used (a `PermutedRows`), so nothing is copied at load.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any

@@ -22,7 +22,6 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import json
-import math
 import pickle
 import re
 import struct
@@ -37,7 +36,7 @@ from typing import BinaryIO, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from ..config import GLOBAL_TENSORS, LAYER_TENSORS, ModelArgs, RopeScaling, split_layer_name
+from ..config import ModelArgs, RopeScaling, split_layer_name
 from ..errors import CheckpointError, ConfigError, ModelNotFoundError, UnsafeCheckpointError
 from ..tokenizer import Tokenizer
 from .shared import check_weights, few
