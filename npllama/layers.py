@@ -89,8 +89,8 @@ def attention_scores(q: np.ndarray, k: np.ndarray) -> np.ndarray:
     n_heads, n_new, head_dim = q.shape
     n_kv_heads, n_keys, _ = k.shape
     q_groups = q.reshape(n_kv_heads, n_heads // n_kv_heads * n_new, head_dim)  # [KV, rep*T, hd]
-    if n_new == 1:  # decoding, bound by reading the keys: BLAS streams them ~1.4x faster as
-        # (k q^T)^T than as q k^T (measured at 4k keys); the same dot products.
+    if n_new == 1:  # decoding, bound by reading the keys: the same dot products as (k q^T)^T,
+        # the orientation in which OpenBLAS streams a long cache fastest.
         scores = (k @ q_groups.transpose(0, 2, 1)).transpose(0, 2, 1)  # [KV, S, rep] -> [KV, rep, S]
     else:
         scores = q_groups @ k.transpose(0, 2, 1)  # [KV, rep*T, hd] @ [KV, hd, S] -> [KV, rep*T, S]
@@ -112,7 +112,7 @@ def attention_output(probs: np.ndarray, v: np.ndarray) -> np.ndarray:
     n_kv_heads, _, head_dim = v.shape
     p_groups = probs.reshape(n_kv_heads, n_heads // n_kv_heads * n_new, n_keys)  # [KV, rep*T, S]
     # (v^T p^T)^T: with the cache's values stored transposed, v^T is contiguous [hd, S] rows,
-    # which BLAS streams ~1.5x faster than p @ v at 4k keys (see KVCache).
+    # which BLAS streams faster than p @ v over a long cache (see KVCache).
     out = v.transpose(0, 2, 1) @ p_groups.transpose(0, 2, 1)  # [KV, hd, S] @ [KV, S, rep*T]
     out = out.transpose(0, 2, 1).reshape(n_heads, n_new, head_dim)  # [KV, rep*T, hd] -> [H, T, hd]
     return out.transpose(1, 0, 2).reshape(n_new, n_heads * head_dim)  # [T, H*hd]

@@ -55,7 +55,8 @@ class KVCache:
     Heads-first, so that each head's part is one contiguous block the attention matmul reads
     without a copy: keys [KV, P, hd], values transposed [KV, hd, P]. At long contexts decoding
     is bound by reading this cache, and these are the layouts BLAS streams fastest for q k^T
-    and probs v (see attention_scores, attention_output); `values(n)` gives the [KV, n, hd] view.
+    and probs v (see attention_scores, attention_output). transformer_block reads the first S
+    positions as views: keys k[:, :S], values v[:, :, :S] transposed back to [KV, S, hd].
     """
 
     def __init__(self, args: ModelArgs, max_seq_len: int):
@@ -74,7 +75,7 @@ class Llama:
 
     Weights arrive as they are stored (bf16 memory maps for Meta checkpoints). If their float32
     copy fits `weights_budget` bytes they are upcast once here (`resident`); otherwise matrices
-    stay mapped and are streamed through the matmul in float32 tiles (npllama/weights.py), so an
+    stay mapped and are streamed through the matmul in float32 tiles (resident_or_streamed.py), so an
     8B model runs from its 16 GB of mapped bf16 with little more RAM than its KV cache.
     """
 

@@ -28,8 +28,8 @@ from .config import LAYER_TENSORS, layer_name
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # float32 bytes of one tile: twice the 1 MB L2 of the machine this was tuned on (the shared L3
-# still holds a tile between its upcast and its matmul). Measured on 4096-wide bf16 rows with
-# 2 cores: 2 and 4 MB tiles stream 10.7-11 GB/s of bf16, 1 MB tiles 9.1-9.6.
+# still holds a tile between its upcast and its matmul); smaller tiles streamed measurably slower.
+# benchmarks/bench.py's streamed_matvec probe measures this path (benchmarks/results/).
 TILE_BYTES = 2 << 20
 
 
@@ -73,7 +73,7 @@ class TilePool:
     def run(self, fn, shares) -> None:
         """fn(share) for each share, in parallel. The pool's threads already fill the cores, so
         BLAS runs single-threaded meanwhile: with its own threads too, two tiles' matmuls fight
-        for the cores (measured: 2 MB tiles drop from 10.7 to 3.2 GB/s)."""
+        for the cores and the stream slows several-fold."""
         with self.blas.limit(limits=1, user_api="blas"):
             for _ in self.executor.map(fn, shares):
                 pass
@@ -102,8 +102,8 @@ class StreamedWeight:
             for r0 in range(share.start, share.stop, self.tile_rows):
                 r1 = min(r0 + self.tile_rows, share.stop)
                 w = self.pool.buffer((r1 - r0) * n_in).reshape(r1 - r0, n_in)  # [r, in] float32
-                # ml_dtypes' bf16 -> float32 cast: exact, and measured 1.5x faster than copying
-                # the uint16s into the high halves of a zeroed float32 buffer (5.7 vs 3.6 GB/s).
+                # ml_dtypes' bf16 -> float32 cast: exact, and faster than copying the uint16s
+                # into the high halves of a zeroed float32 buffer (the upcast_into probe).
                 np.copyto(w, self.stored[r0:r1])
                 np.matmul(x, w.T, out=y[:, r0:r1])  # [T, in] @ [in, r] -> [T, r]
 

@@ -3,7 +3,8 @@
 `write_random_checkpoint(dir, args)` writes what Meta ships in a model directory:
 params.json, consolidated.00.pth (a torch.save'd dict of bf16 tensors with Meta's
 names) and tokenizer.model (the real Llama 3 one, from the `llama-models` wheel).
-Any shape works, from a 2-layer toy up to the full Meta-Llama-3-8B.
+Any shape works, from a 2-layer toy up to the full Meta-Llama-3-8B. `write_shards` splits a
+state dict the way Meta saves a model-parallel checkpoint (consolidated.00.pth, .01, ...).
 """
 
 from __future__ import annotations
@@ -74,4 +75,27 @@ def write_random_checkpoint(directory: str | Path, args: ModelArgs, seed: int = 
     (directory / "params.json").write_text(json.dumps(params_json(args), indent=2))
     torch.save(random_state_dict(args, seed, dtype), directory / "consolidated.00.pth")
     shutil.copyfile(llama3_tokenizer_path(), directory / "tokenizer.model")
+    return directory
+
+
+# Meta's model-parallel split (fairscale's column- and row-parallel layers), restated here so the
+# tests of npllama's shard reader do not trust the table it reads from.
+SPLIT_ON_AXIS_0 = ("wq", "wk", "wv", "w1", "w3", "output", "tok_embeddings")
+SPLIT_ON_AXIS_1 = ("wo", "w2")
+
+
+def write_shards(directory: Path, state: dict[str, torch.Tensor], n: int) -> Path:
+    """`state` as Meta saves an n-way model-parallel checkpoint: consolidated.00.pth .. {n-1:02d}."""
+    shards = [{} for _ in range(n)]
+    for name, t in state.items():
+        module = name.split(".")[-2]
+        if module in SPLIT_ON_AXIS_0 or module in SPLIT_ON_AXIS_1:
+            parts = t.chunk(n, dim=0 if module in SPLIT_ON_AXIS_0 else 1)
+        else:
+            parts = [t] * n
+        for shard, part in zip(shards, parts):
+            shard[name] = part.clone()  # compact, as Meta's files are
+    directory.mkdir(exist_ok=True)
+    for i, shard in enumerate(shards):
+        torch.save(shard, directory / f"consolidated.{i:02d}.pth")
     return directory

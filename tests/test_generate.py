@@ -533,7 +533,7 @@ def test_stream_decoder_releases_each_character_once_complete(text, tok, byte_id
 @pytest.fixture
 def load_once(monkeypatch):
     """The CLI tests run main() many times on one checkpoint: load it once per max_seq_len (the
-    models are never modified; loading itself is tested in test_checkpoint.py)."""
+    models are never modified; loading itself is tested in test_meta.py)."""
     real_load, loaded = npllama.formats.load, LOADED
 
     def load(path, **kwargs):

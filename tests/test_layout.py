@@ -109,3 +109,13 @@ def test_tensor_names_are_spelled_only_in_configs_table(path):
                if isinstance(node, ast.Constant) and isinstance(node.value, str)
                and any(node.value == name or node.value.endswith("." + name) for name in NAMES)}
     assert not spelled, f"{path.name} spells {sorted(spelled)}: derive it from npllama.config"
+
+
+def test_no_test_module_imports_another():
+    """What two test modules share lives in conftest.py (fixtures) or oracle/ (reference code)."""
+    for path in sorted(PACKAGE.parent.joinpath("tests").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        shared = {n for n in names if n.split(".")[0] in ("tests", "conftest") or n.startswith("test_")}
+        assert not shared, f"{path.name} imports {sorted(shared)}"

@@ -17,7 +17,7 @@ from npllama.layers import keep
 from npllama.model import LAYER_TRACE_NAMES
 from npllama.resident_or_streamed import StreamedWeight, TilePool
 from oracle.checkpoints import (llama3_8b_args, llama32_1b_args, random_state_dict, tiny_args,
-                                write_random_checkpoint)
+                                write_random_checkpoint, write_shards)
 from oracle.compare import BFLOAT16_BOUND, FLOAT32_BOUND, compare_traces, format_table
 from oracle.reference import Oracle
 
@@ -220,8 +220,6 @@ def test_bad_tokens_and_too_long_prompts(tmp_path):
 @pytest.mark.parametrize("n_shards", [2, 4])
 def test_sharded_checkpoint_gives_identical_logits(tmp_path, n_shards, seed_prompt):
     """A model-parallel checkpoint (consolidated.00..0N.pth) loads to the same model."""
-    from tests.test_checkpoint import write_shards
-
     whole = write_random_checkpoint(tmp_path / "whole", tiny_args())
     sharded = tmp_path / "sharded"
     write_shards(sharded, torch.load(whole / "consolidated.00.pth", weights_only=True), n_shards)

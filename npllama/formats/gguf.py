@@ -18,10 +18,10 @@ Hugging Face checkpoints), so they need no change here; tests/test_gguf.py check
 SmolLM2 by perplexity.
 
 The header is parsed here rather than with gguf-py's GGUFReader, which builds one NumPy view
-per metadata string and takes ~6 s to open SmolLM2 (98k vocabulary and merge strings); this
-parser takes ~0.1 s. F32/F16/BF16, Q8_0, Q4_0 and Q4_1 are decoded here too, so the default
-model needs nothing beyond NumPy; gguf-py (pip install gguf) is imported only to dequantize
-other types (K-quants, IQ*, Q5_*).
+per metadata string: seconds for SmolLM2's 98k vocabulary and merge strings, where this parser
+reads each string array in one tight loop. F32/F16/BF16, Q8_0, Q4_0 and Q4_1 are decoded here
+too, so the default model needs nothing beyond NumPy; gguf-py (pip install gguf) is imported only
+to dequantize other types (K-quants, IQ*, Q5_*).
 """
 
 from __future__ import annotations
@@ -254,8 +254,8 @@ def read_gguf_file(path: str | Path) -> GGUFFile:
 
 # --- Dequantization ----------------------------------------------------------------------
 
-# The legacy block formats, written out because gguf-py's generic kernels take ~3x longer (most
-# of a GGUF model's load time); the results are bit-identical (tests/test_gguf.py).
+# The legacy block formats, written out because gguf-py's generic kernels take several times
+# longer (most of a GGUF model's load time); the results are bit-identical (tests/test_gguf.py).
 # Each block holds 32 values: a float16 scale d (and for Q4_1 a float16 minimum m), then the
 # quants. Q4 packs two per byte: the low nibbles are values 0..15, the high nibbles 16..31.
 

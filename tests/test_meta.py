@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from npllama.errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
 from npllama.formats.meta import MergedShards, merge_shards, read_meta_checkpoint, read_pth
 from npllama.formats.shared import check_weights
-from oracle.checkpoints import random_state_dict, tiny_args
+from oracle.checkpoints import random_state_dict, tiny_args, write_shards
 
 
 def torch_bytes(t: torch.Tensor) -> bytes:
@@ -365,27 +365,6 @@ def test_not_a_state_dict(tmp_path, obj, message):
 
 
 # --- Model-parallel shards -----------------------------------------------------------------
-
-# Meta's split rules, restated here so the test does not trust the code it checks.
-SPLIT_ON_AXIS_0 = ("wq", "wk", "wv", "w1", "w3", "output", "tok_embeddings")
-SPLIT_ON_AXIS_1 = ("wo", "w2")
-
-
-def write_shards(directory: Path, state: dict[str, torch.Tensor], n: int) -> Path:
-    shards = [{} for _ in range(n)]
-    for name, t in state.items():
-        module = name.split(".")[-2]
-        if module in SPLIT_ON_AXIS_0 or module in SPLIT_ON_AXIS_1:
-            parts = t.chunk(n, dim=0 if module in SPLIT_ON_AXIS_0 else 1)
-        else:
-            parts = [t] * n
-        for shard, part in zip(shards, parts):
-            shard[name] = part.clone()  # compact, as Meta's files are
-    directory.mkdir(exist_ok=True)
-    for i, shard in enumerate(shards):
-        torch.save(shard, directory / f"consolidated.{i:02d}.pth")
-    return directory
-
 
 SHARD_ARGS = tiny_args(vocab_size=1024)
 
