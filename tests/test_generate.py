@@ -701,6 +701,18 @@ def test_help_mentions_every_flag():
         assert flag in result.stdout, flag
 
 
+@pytest.mark.parametrize("subcommand", [[], ["explain"], ["compare"], ["download"]])
+def test_help_states_each_default_once(subcommand, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([*subcommand, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for option in text.split("  -")[1:]:
+        assert option.count("default") <= 1, option
+    if not subcommand:
+        assert "(default: 0.0)" in text and "(default: 2048)" in text  # --temperature, --max-seq-len
+
+
 def test_cli_prompt_file_that_is_not_utf8(tmp_path):
     """A binary --file is a one-line error naming the file, before any model is loaded."""
     (tmp_path / "p.bin").write_bytes(b"caf\xe9 \xff\xfe")

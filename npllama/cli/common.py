@@ -16,7 +16,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if unset or "default" in text:
             return text
         return f"{text} (default: %(default)s)"
 

@@ -26,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         "intermediate against the torch oracle), `download` (fetch the default model). "
         "`python -m npllama SUBCOMMAND --help` for theirs.")
     add_model_option(p)
-    p.add_argument("-p", "--prompt", help=f"prompt text (default: {THE_PROMPT!r}, or the notebook's "
-                   "question in --chat)")
+    p.add_argument("-p", "--prompt", help=f"prompt text (default: {THE_PROMPT!r}); with --chat, the one "
+                   "message to answer (default: chat interactively)")
     p.add_argument("-f", "--file", type=Path, help="read the prompt from this file")
     p.add_argument("-n", "--max-new-tokens", type=int, help="tokens to generate; giving it switches "
                    f"from the story to plain streaming (story: {STORY_TOKENS}, chat: 512)")
