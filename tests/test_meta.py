@@ -273,6 +273,17 @@ def test_truncated_file(small_pth, where):
         read_pth(small_pth)
 
 
+def test_zip_version_beyond_zipfiles_is_a_checkpoint_error(small_pth):
+    """The central directory's "version needed to extract" (2 bytes at offset 6) set to 6.4."""
+    data = bytearray(small_pth.read_bytes())
+    with zipfile.ZipFile(small_pth) as z:
+        entry = z.start_dir  # the first central directory entry
+    data[entry + 6:entry + 8] = (64).to_bytes(2, "little")
+    small_pth.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="truncated or corrupt .*zip file version 6.4"):
+        read_pth(small_pth)
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_any_truncation_or_corrupt_byte_is_a_checkpoint_error(small_pth, data):

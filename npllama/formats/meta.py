@@ -326,9 +326,10 @@ def _tensor_view(mm: np.memmap, zf: zipfile.ZipFile, prefix: str, ref: _TensorRe
 
 # --- read_pth ------------------------------------------------------------------------------
 
-# zipfile reports a damaged central directory through many exception types
-# (OSError when it seeks to a negative offset).
-_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, UnicodeDecodeError)
+# zipfile reports a damaged central directory through many exception types (OSError when it
+# seeks to a negative offset, NotImplementedError for a "version needed to extract" it lacks).
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, UnicodeDecodeError,
+               NotImplementedError)
 
 
 def _open_zip(file: BinaryIO, path: Path) -> zipfile.ZipFile:
