@@ -15,7 +15,41 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .errors import ConfigError, PromptTooLongError
+import numpy as np
+
+from .errors import ConfigValueError, PromptTooLongError, shown
+
+
+# Limits no real model comes near (Llama 3.1 405B: dim 16384, 126 layers, 128 heads, FFN width
+# 53248; vocabularies up to 256k tokens; contexts up to 128k), checked before any value sizes
+# anything, so that a 1 KB config cannot make npllama build a billion-entry table.
+LIMITS = {"dim": 1 << 16, "n_layers": 1 << 10, "n_heads": 1 << 10, "n_kv_heads": 1 << 10,
+          "vocab_size": 1 << 22, "multiple_of": 1 << 16, "ffn_hidden_dim": 1 << 20,
+          "max_seq_len": 1 << 20, "rope_scaling.original_max_seq_len": 1 << 20}
+MAX_FFN_DIM_MULTIPLIER = 16.0
+MAX_ROPE_SCALING_FACTOR = 1e4
+
+
+def checked_int(field: str, value, low: int = 1) -> int:
+    """An int (a bool is not one) in [low, LIMITS[field]], or ConfigValueError naming the field."""
+    high = LIMITS[field]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigValueError(f"{{{field}}} is {shown(value)}; it must be an integer from {low} to {high}")
+    if not low <= value <= high:
+        raise ConfigValueError(f"{{{field}}} is {shown(value)}; it must be from {low} to {high} (no real "
+                               "model comes near that limit)")
+    return value
+
+
+def checked_float(field: str, value, low: float, high: float, low_open: bool = True) -> float:
+    """A finite number in (low, high] ([low, high] unless low_open), as a float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigValueError(f"{{{field}}} is {shown(value)}; it must be a number")
+    value = float(value)
+    if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
+        raise ConfigValueError(f"{{{field}}} is {shown(value)}; it must be a finite number in "
+                               f"{'(' if low_open else '['}{low:g}, {high:g}]")
+    return value
 
 
 @dataclass(frozen=True)
@@ -26,6 +60,15 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_seq_len: int = 8192
+
+    def __post_init__(self):
+        for name, high in (("factor", MAX_ROPE_SCALING_FACTOR), ("low_freq_factor", 1e4),
+                           ("high_freq_factor", 1e4)):
+            object.__setattr__(self, name, checked_float(f"rope_scaling.{name}", getattr(self, name), 0, high))
+        checked_int("rope_scaling.original_max_seq_len", self.original_max_seq_len)
+        if not self.high_freq_factor > self.low_freq_factor:  # the band between them is divided by this
+            raise ConfigValueError(f"{{rope_scaling.high_freq_factor}} ({self.high_freq_factor:g}) must be "
+                                   f"above {{rope_scaling.low_freq_factor}} ({self.low_freq_factor:g})")
 
 
 @dataclass(frozen=True)
@@ -46,22 +89,46 @@ class ModelArgs:
     tie_embeddings: bool = False
 
     def __post_init__(self):
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        """Every value is checked for its type and range before anything is sized by it; a file's
+        reader rewrites the field names in the message into the file's own keys."""
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            checked_int(name, getattr(self, name))
+        if self.ffn_hidden_dim is not None:
+            checked_int("ffn_hidden_dim", self.ffn_hidden_dim)
+        # eps is added to a mean of squares: 1 or more would swamp any activation.
+        object.__setattr__(self, "norm_eps", checked_float("norm_eps", self.norm_eps, 0, 1, low_open=True))
+        object.__setattr__(self, "rope_theta", checked_float("rope_theta", self.rope_theta, 0, 1e30))
+        if self.ffn_dim_multiplier is not None:
+            object.__setattr__(self, "ffn_dim_multiplier", checked_float(
+                "ffn_dim_multiplier", self.ffn_dim_multiplier, 0, MAX_FFN_DIM_MULTIPLIER))
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigValueError(f"{{tie_embeddings}} is {shown(self.tie_embeddings)}; it must be true or false")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigValueError(f"{{rope_scaling}} is {shown(self.rope_scaling)}, not a RoPE scaling")
         if self.dim % self.n_heads:
-            raise ConfigError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+            raise ConfigValueError(f"{{dim}} ({self.dim}) must be divisible by {{n_heads}} ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(
-                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
-            )
+            raise ConfigValueError(f"{{n_heads}} ({self.n_heads}) must be a multiple of {{n_kv_heads}} "
+                                   f"({self.n_kv_heads})")
         if self.head_dim % 2:
-            raise ConfigError(f"head_dim = dim / n_heads = {self.head_dim} must be even for RoPE")
-        if not (self.norm_eps > 0 and self.rope_theta > 0):
-            raise ConfigError(
-                f"norm_eps ({self.norm_eps}) and rope_theta ({self.rope_theta}) must be positive"
-            )
+            raise ConfigValueError(f"head_dim = {{dim}} / {{n_heads}} = {self.head_dim} must be even for RoPE")
+        if self.hidden_dim > LIMITS["ffn_hidden_dim"]:
+            raise ConfigValueError(f"the feed-forward width from {{dim}}, {{multiple_of}} and "
+                                   f"{{ffn_dim_multiplier}} is {self.hidden_dim}, above {LIMITS['ffn_hidden_dim']}")
+        self._check_rope_frequencies()
+
+    def _check_rope_frequencies(self) -> None:
+        """RoPE's frequencies are theta^(-2i/head_dim) in float32, then divided by the scaling
+        factor: a theta of 1e-300 or a factor of 1e30 would make them 0 or infinite, and every
+        logit NaN."""
+        with np.errstate(over="ignore", under="ignore", divide="ignore"):
+            theta = np.float32(self.rope_theta)
+            slowest = np.float32(np.float64(self.rope_theta) ** (-(self.head_dim - 2) / self.head_dim))
+            if self.rope_scaling is not None:
+                slowest = np.float32(slowest / np.float32(self.rope_scaling.factor))
+        if not (np.isfinite(theta) and theta > 0 and np.isfinite(slowest) and slowest > 0):
+            raise ConfigValueError(f"{{rope_theta}} = {self.rope_theta:g} gives RoPE frequencies that are 0 "
+                                   "or infinite in float32; Llama 3 uses 500000")
 
     @property
     def head_dim(self) -> int:

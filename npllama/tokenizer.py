@@ -9,26 +9,23 @@ character may be split over several tokens, none of which is valid UTF-8 alone.
 `decode` replaces such fragments with U+FFFD; `StreamDecoder` holds them back
 until the character is complete, which is what printing token by token needs.
 
-`Tokenizer` takes the vocabulary as plain data so that every checkpoint format
-can build one: `from_llama3_model` reads Meta's tokenizer.model, and
-`from_byte_level_bpe` takes the GPT-2-style token strings that GGUF files and
+`Tokenizer` takes the vocabulary as plain data, never a file, so that every checkpoint format
+can build one (npllama/formats/ reads the files): `llama3` takes the ranks of Meta's
+tokenizer.model, and `from_byte_level_bpe` the GPT-2-style token strings that GGUF files and
 Hugging Face's tokenizer.json store (SmolLM2, Llama 3 converted by llama.cpp).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import codecs
 import difflib
 import operator
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 
 import tiktoken
 
-from .errors import ModelNotFoundError, TokenizerError
+from .errors import TokenizerError
 
 # Meta's split regex, verbatim from llama_models/llama3/tokenizer.py. `\p{N}{1,3}`
 # makes numbers tokenize in groups of at most three digits.
@@ -87,59 +84,6 @@ def llama3_special_tokens(num_base_tokens: int) -> dict[str, int]:
                 for i in range(LLAMA3_NUM_SPECIAL_TOKENS - len(LLAMA3_NAMED_SPECIAL_TOKENS))]
     names = list(LLAMA3_NAMED_SPECIAL_TOKENS) + reserved
     return {name: num_base_tokens + i for i, name in enumerate(names)}
-
-
-def load_bpe_ranks(path: str | Path) -> dict[bytes, int]:
-    """Token bytes -> rank, from a tiktoken BPE file such as Llama 3's tokenizer.model.
-
-    Each line is "<base64 of the token's bytes> <rank>", ranks 0, 1, 2... in file
-    order (as Meta and tiktoken write them); blank lines are skipped. The file is
-    read on every call: tiktoken's own `load_tiktoken_bpe` caches by path and would
-    return the old ranks after the file is rewritten.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ModelNotFoundError(f"{path} is a directory; pass the tokenizer.model file inside it")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ModelNotFoundError(
-            f"{path} not found: Meta's Llama 3 downloads ship tokenizer.model next to params.json "
-            "(Hugging Face repos keep it in original/tokenizer.model)"
-        ) from None
-
-    def bad_line(lineno: int, problem: str) -> TokenizerError:
-        return TokenizerError(
-            f"{path}, line {lineno}: {problem}. A Llama 3 tokenizer.model holds one "
-            "'<base64 token> <rank>' pair per line, ranks 0, 1, 2... in order "
-            "(Llama 2's SentencePiece tokenizer.model is a different, unsupported format)"
-        )
-
-    ranks: dict[bytes, int] = {}
-    line_of_rank: list[int] = []
-    for lineno, line in enumerate(data.splitlines(), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != 2 or not fields[1].isdigit():
-            raise bad_line(lineno, f"expected a token and a rank, got {line[:80]!r}")
-        try:
-            token = base64.b64decode(fields[0], validate=True)
-        except binascii.Error as e:
-            raise bad_line(lineno, f"{fields[0][:80]!r} is not valid base64 ({e})") from None
-        rank = int(fields[1])
-        if token in ranks:
-            raise bad_line(lineno, f"token {token!r} already has rank {ranks[token]} "
-                                   f"(line {line_of_rank[ranks[token]]})")
-        if rank < len(ranks):
-            raise bad_line(lineno, f"rank {rank} was already given on line {line_of_rank[rank]}")
-        if rank > len(ranks):
-            raise bad_line(lineno, f"rank {rank} skips rank {len(ranks)}")
-        ranks[token] = rank
-        line_of_rank.append(lineno)
-    if not ranks:
-        raise TokenizerError(f"{path} holds no tokens: is it a Llama 3 tokenizer.model?")
-    return ranks
 
 
 def gpt2_bytes_to_unicode() -> dict[int, str]:
@@ -247,12 +191,12 @@ class Tokenizer:
         self._add_bos = add_bos
 
     @classmethod
-    def from_llama3_model(cls, path: str | Path) -> Tokenizer:
-        """Meta's Llama 3 / 3.1 / 3.2 / 3.3 tokenizer.model: 128000 BPE ranks + 256 special tokens."""
-        ranks = load_bpe_ranks(path)
+    def llama3(cls, name: str, ranks: dict[bytes, int]) -> Tokenizer:
+        """Meta's Llama 3 / 3.1 / 3.2 / 3.3 vocabulary: the BPE ranks of its tokenizer.model
+        (128000 of them; formats/meta.py reads the file), then 256 special tokens."""
         specials = llama3_special_tokens(len(ranks))
         return cls(
-            name=str(path),
+            name=name,
             pat_str=LLAMA3_PAT_STR,
             mergeable_ranks=ranks,
             special_tokens=specials,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from npllama.config import ModelArgs
+from npllama.formats.meta import read_tokenizer_model
 from npllama.tokenizer import Tokenizer
 from oracle.checkpoints import llama3_tokenizer_path, write_random_checkpoint
 
@@ -20,7 +21,7 @@ def seed_prompt() -> str:
 @pytest.fixture(scope="session")
 def tok() -> Tokenizer:
     """Meta's Llama 3 tokenizer.model, from the llama-models wheel."""
-    return Tokenizer.from_llama3_model(llama3_tokenizer_path())
+    return read_tokenizer_model(llama3_tokenizer_path())
 
 
 @pytest.fixture(scope="session")

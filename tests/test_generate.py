@@ -30,7 +30,8 @@ from npllama.config import ModelArgs, RopeScaling
 from npllama.generate import GenerationStats, Sampler, top_k_filter, top_p_filter
 from npllama.layers import rope_frequencies, rope_tables
 from npllama.model import Llama
-from npllama.tokenizer import StreamDecoder, load_bpe_ranks
+from npllama.formats.meta import read_bpe_ranks
+from npllama.tokenizer import StreamDecoder
 from oracle.checkpoints import llama3_tokenizer_path, random_state_dict, tiny_args
 from oracle.reference import Oracle
 
@@ -484,7 +485,7 @@ def test_scaled_rope_matches_oracle_at_long_range():
 def byte_ids():
     """The id of each single-byte token: a text as one token per byte splits every multi-byte
     character across tokens."""
-    ranks = load_bpe_ranks(llama3_tokenizer_path())
+    ranks = read_bpe_ranks(llama3_tokenizer_path())
     return [ranks[bytes([b])] for b in range(256)]
 
 
@@ -655,7 +656,7 @@ def without_bos(model):
     """The same model with Llama 3's vocabulary minus the begin-of-text convention (as SmolLM2)."""
     tok = model.tokenizer
     no_bos = npllama.tokenizer.Tokenizer(tok.name, npllama.tokenizer.LLAMA3_PAT_STR,
-                                         load_bpe_ranks(llama3_tokenizer_path()), tok.special_tokens,
+                                         read_bpe_ranks(llama3_tokenizer_path()), tok.special_tokens,
                                          bos_id=None, eos_id=tok.eos_id, stop_ids=tok.stop_ids, add_bos=False)
     other = copy.copy(model)
     other.tokenizer = no_bos

@@ -15,7 +15,8 @@ import npllama
 from npllama.config import RopeScaling, meta_name
 from npllama.errors import CheckpointError, ConfigError, ModelNotFoundError, TokenizerError
 from npllama.formats.hf import hf_model_args, meta_rows_of_hf, pre_tokenizer_name, read_hf, read_safetensors
-from npllama.tokenizer import LLAMA3_PAT_STR, Tokenizer, gpt2_bytes_to_unicode, load_bpe_ranks
+from npllama.formats.meta import read_bpe_ranks, read_tokenizer_model
+from npllama.tokenizer import LLAMA3_PAT_STR, gpt2_bytes_to_unicode
 from oracle.checkpoints import llama3_tokenizer_path, tiny_args, write_random_checkpoint
 
 TEXTS = ["Hello, world!\n\n  indented\tcode = f(x) ** 2  # 1234567", "Ünïcödé 漢字 🦙 مرحبا",
@@ -73,7 +74,7 @@ def llama3_tokenizer_json() -> dict:
     """tokenizer.json for Meta's Llama 3 tokenizer.model, built the way transformers'
     TikTokenConverter does: GPT-2 strings for the ranks' bytes, every split of a token into
     two tokens as a merge (ordered by the token's rank), ignore_merges as in Meta's release."""
-    ranks = load_bpe_ranks(llama3_tokenizer_path())
+    ranks = read_bpe_ranks(llama3_tokenizer_path())
     table = gpt2_bytes_to_unicode()
 
     def text(b: bytes) -> str:
@@ -84,7 +85,7 @@ def llama3_tokenizer_json() -> dict:
         splits = [(token[:i], token[i:]) for i in range(1, len(token))
                   if token[:i] in ranks and token[i:] in ranks]
         merges += [f"{text(a)} {text(b)}" for a, b in sorted(splits, key=lambda s: (ranks[s[0]], ranks[s[1]]))]
-    specials = Tokenizer.from_llama3_model(llama3_tokenizer_path()).special_tokens
+    specials = read_tokenizer_model(llama3_tokenizer_path()).special_tokens
     return {
         "version": "1.0",
         "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
@@ -317,7 +318,7 @@ def test_safetensors_reader_matches_the_library(tmp_path):
 def test_tokenizer_json_gives_meta_ids(tokenizer_files, seed_prompt):
     from npllama.formats.hf import hf_tokenizer
     hf = hf_tokenizer(tokenizer_files)
-    meta = Tokenizer.from_llama3_model(llama3_tokenizer_path())
+    meta = read_tokenizer_model(llama3_tokenizer_path())
     assert hf.n_words == meta.n_words and hf.special_tokens == meta.special_tokens
     assert (hf.bos_id, hf.eos_id, hf.add_bos) == (128000, 128009, True)
     assert hf.stop_ids == {128001, 128008, 128009}

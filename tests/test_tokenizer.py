@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npllama.errors import ModelNotFoundError, TokenizerError
+from npllama.formats.meta import read_tokenizer_model
 from npllama.tokenizer import LLAMA3_PAT_STR, StreamDecoder, Tokenizer
 from oracle.checkpoints import llama3_tokenizer_path
 
@@ -179,18 +180,18 @@ def test_stream_special_tokens(tok):
 
 def test_missing_file(tmp_path):
     with pytest.raises(ModelNotFoundError, match="nope.model not found"):
-        Tokenizer.from_llama3_model(tmp_path / "nope.model")
+        read_tokenizer_model(tmp_path / "nope.model")
     with pytest.raises(ModelNotFoundError, match="is a directory"):
-        Tokenizer.from_llama3_model(tmp_path)
+        read_tokenizer_model(tmp_path)
 
 
 def test_rewritten_file_is_read_again(tmp_path):
     path = write_ranks(tmp_path / "tokenizer.model", [b"ab"])
-    first = Tokenizer.from_llama3_model(path)
+    first = read_tokenizer_model(path)
     assert first.encode("ab cd", bos=False) == [256, 32, 99, 100]
     assert first.n_words == 257 + 256 and first.bos_id == 257
     write_ranks(path, [b"cd"])  # same path, same size
-    second = Tokenizer.from_llama3_model(path)
+    second = read_tokenizer_model(path)
     assert second.encode("ab cd", bos=False) == [97, 98, 32, 256]
 
 
@@ -211,17 +212,17 @@ def test_malformed_line_is_named(tmp_path, tail, line, problem):
     path = tmp_path / "tokenizer.model"
     path.write_bytes(GOOD + tail)
     with pytest.raises(TokenizerError, match=f"tokenizer.model, line {line}: {problem}"):
-        Tokenizer.from_llama3_model(path)
+        read_tokenizer_model(path)
 
 
 def test_not_a_tiktoken_file(tmp_path):
     path = tmp_path / "tokenizer.model"
     path.write_bytes(b"\n\x0b\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")  # SentencePiece-like protobuf
     with pytest.raises(TokenizerError, match="line 3: expected a token and a rank.*SentencePiece"):
-        Tokenizer.from_llama3_model(path)
+        read_tokenizer_model(path)
     path.write_bytes(b"\n\n")
     with pytest.raises(TokenizerError, match="holds no tokens"):
-        Tokenizer.from_llama3_model(path)
+        read_tokenizer_model(path)
 
 
 def test_missing_single_bytes_make_text_unencodable(tmp_path):
@@ -229,7 +230,7 @@ def test_missing_single_bytes_make_text_unencodable(tmp_path):
     refused by encode with the character named, never a tiktoken panic."""
     path = tmp_path / "tokenizer.model"
     path.write_bytes(b"YQ== 0\nYg== 1\n")  # only "a" and "b"
-    tok = Tokenizer.from_llama3_model(path)
+    tok = read_tokenizer_model(path)
     assert tok.encode("abba", bos=False) == [0, 1, 1, 0]
     with pytest.raises(TokenizerError, match=r"text\[2\] = 'c' \(U\+0063\): its UTF-8 byte 0x63 has no "
                                              r"token in .*lacks 254 of the 256 bytes \(0x00, 0x01"):

@@ -20,8 +20,9 @@ merged lazily, tensor by tensor, when used.
 from __future__ import annotations
 
 import _compat_pickle
+import base64
+import binascii
 import collections
-import json
 import pickle
 import re
 import struct
@@ -37,9 +38,10 @@ import ml_dtypes
 import numpy as np
 
 from ..config import ModelArgs, RopeScaling, split_layer_name
-from ..errors import CheckpointError, ConfigError, ModelNotFoundError, UnsafeCheckpointError
+from ..errors import (CheckpointError, ConfigError, ConfigValueError, ModelNotFoundError, TokenizerError,
+                      UnsafeCheckpointError, shown)
 from ..tokenizer import Tokenizer
-from .shared import check_weights, few
+from .shared import check_weights, few, open_regular, read_json, read_regular
 
 # --- params.json ----------------------------------------------------------------------------
 
@@ -72,13 +74,8 @@ def _is_set(value) -> bool:
 def load_params(path: str | Path) -> ModelArgs:
     """ModelArgs from a Meta params.json: every key is read, ignored on purpose, or refused."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path} not found: a Meta checkpoint directory holds params.json "
-                                 "next to consolidated.00.pth and tokenizer.model")
-    try:
-        params = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    params = read_json(path, "a Meta params.json (it lies next to consolidated.00.pth and "
+                             "tokenizer.model)", max_bytes=1 << 20)
     if not isinstance(params, dict):
         raise ConfigError(f"{path} must hold a JSON object, got {type(params).__name__}")
     missing = [k for k in REQUIRED_PARAMS if k not in params]
@@ -95,18 +92,21 @@ def load_params(path: str | Path) -> ModelArgs:
         raise ConfigError(f"{path} sets {refused[0]}: it describes {REFUSED_PARAMS[refused[0]]}; "
                           "npllama runs dense text-only Llama 3 models")
     p = {**OPTIONAL_PARAMS, **params}
+    if not isinstance(p["use_scaled_rope"], bool):
+        raise ConfigError(f"{path}: use_scaled_rope is {shown(p['use_scaled_rope'])}; it must be true or false")
     if "rope_scaling_factor" in params and not p["use_scaled_rope"]:
-        raise ConfigError(f"{path} gives rope_scaling_factor {params['rope_scaling_factor']} but not "
-                          "use_scaled_rope: true; the two contradict each other, fix one")
+        raise ConfigError(f"{path} gives rope_scaling_factor {shown(params['rope_scaling_factor'])} but "
+                          "not use_scaled_rope: true; the two contradict each other, fix one")
     try:
         return ModelArgs(
             dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
-            n_kv_heads=p["n_kv_heads"] or p["n_heads"], vocab_size=p["vocab_size"],
-            norm_eps=float(p["norm_eps"]), rope_theta=float(p["rope_theta"]), multiple_of=p["multiple_of"],
-            ffn_dim_multiplier=p["ffn_dim_multiplier"], max_seq_len=p["max_seq_len"],
-            rope_scaling=RopeScaling(factor=float(p["rope_scaling_factor"])) if p["use_scaled_rope"] else None)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+            n_kv_heads=p["n_heads"] if p["n_kv_heads"] is None else p["n_kv_heads"],
+            vocab_size=p["vocab_size"], norm_eps=p["norm_eps"], rope_theta=p["rope_theta"],
+            multiple_of=p["multiple_of"], ffn_dim_multiplier=p["ffn_dim_multiplier"],
+            max_seq_len=p["max_seq_len"],
+            rope_scaling=RopeScaling(factor=p["rope_scaling_factor"]) if p["use_scaled_rope"] else None)
+    except ConfigValueError as e:  # params.json's keys are ModelArgs' names, but for the factor
+        raise ConfigError(f"{path}: {e.named({'rope_scaling.factor': 'rope_scaling_factor'})}") from None
 
 
 def params_json(args: ModelArgs) -> dict:
@@ -129,7 +129,59 @@ def read_meta(directory: str | Path) -> tuple[ModelArgs, MergedShards, Tokenizer
     args = load_params(directory / "params.json")
     weights = read_meta_checkpoint(directory)
     args = check_weights(weights, args, str(directory))
-    return args, weights, Tokenizer.from_llama3_model(directory / "tokenizer.model")
+    return args, weights, read_tokenizer_model(directory / "tokenizer.model")
+
+
+# --- tokenizer.model ----------------------------------------------------------------------
+
+def read_bpe_ranks(path: str | Path) -> dict[bytes, int]:
+    """Token bytes -> rank, from a tiktoken BPE file such as Llama 3's tokenizer.model.
+
+    Each line is "<base64 of the token's bytes> <rank>", ranks 0, 1, 2... in file
+    order (as Meta and tiktoken write them); blank lines are skipped. The file is
+    read on every call: tiktoken's own `load_tiktoken_bpe` caches by path and would
+    return the old ranks after the file is rewritten.
+    """
+    path = Path(path)
+    data = read_regular(path, "Meta's Llama 3 tokenizer.model (downloads ship it next to params.json; "
+                              "Hugging Face repos keep it in original/tokenizer.model)", max_bytes=64 << 20)
+
+    def bad_line(lineno: int, problem: str) -> TokenizerError:
+        return TokenizerError(
+            f"{path}, line {lineno}: {problem}. A Llama 3 tokenizer.model holds one "
+            "'<base64 token> <rank>' pair per line, ranks 0, 1, 2... in order "
+            "(Llama 2's SentencePiece tokenizer.model is a different, unsupported format)"
+        )
+
+    ranks: dict[bytes, int] = {}
+    line_of_rank: list[int] = []
+    for lineno, line in enumerate(data.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or not fields[1].isdigit() or len(fields[1]) > 9:
+            raise bad_line(lineno, f"expected a token and a rank, got {line[:80]!r}")
+        try:
+            token = base64.b64decode(fields[0], validate=True)
+        except binascii.Error as e:
+            raise bad_line(lineno, f"{fields[0][:80]!r} is not valid base64 ({e})") from None
+        rank = int(fields[1])
+        if token in ranks:
+            raise bad_line(lineno, f"token {token!r} already has rank {ranks[token]} "
+                                   f"(line {line_of_rank[ranks[token]]})")
+        if rank < len(ranks):
+            raise bad_line(lineno, f"rank {rank} was already given on line {line_of_rank[rank]}")
+        if rank > len(ranks):
+            raise bad_line(lineno, f"rank {rank} skips rank {len(ranks)}")
+        ranks[token] = rank
+        line_of_rank.append(lineno)
+    if not ranks:
+        raise TokenizerError(f"{path} holds no tokens: is it a Llama 3 tokenizer.model?")
+    return ranks
+
+
+def read_tokenizer_model(path: str | Path) -> Tokenizer:
+    return Tokenizer.llama3(str(path), read_bpe_ranks(path))
 
 
 # --- What data.pkl may name --------------------------------------------------------------
@@ -209,8 +261,17 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class _StateDictUnpickler(pickle.Unpickler):
-    """Unpickles data.pkl into _TensorRefs, refusing every global a state dict does not need."""
+class _StateDictUnpickler(pickle._Unpickler):
+    """Unpickles data.pkl into _TensorRefs, refusing every global a state dict does not need.
+
+    It is pickle's pure-Python unpickler, not the C one: its memo is a dict, so an index of 2^31
+    in a 12-byte file costs one entry, not 16 GB of table; and it builds nested objects on its
+    own stacks, not the C stack. What it builds is bounded by data.pkl's length: each opcode
+    makes at most one object. data.pkl is at most MAX_PICKLE_BYTES (a Llama 3 405B's is a few
+    hundred KB), which bounds the time too.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, data: bytes, path: Path):
         super().__init__(BytesIO(data))
@@ -219,22 +280,41 @@ class _StateDictUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         try:
             return _ALLOWED_GLOBALS[module, name]
-        except KeyError:
+        except (KeyError, TypeError):
             # torch pickles with protocol 2, which spells Python 3 modules the Python 2 way
             # (builtins as __builtin__); name the module a reader would recognise.
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)
             raise UnsafeCheckpointError(
-                f"{self.path}: refusing to load global '{module}.{name}': a Llama state dict only "
-                "holds tensors, so this file may be malicious (do not torch.load it either); "
-                "if you made it, save only model.state_dict()"
-            ) from None
+                f"{self.path}: refusing to load global '{shown(module)[1:-1]}.{shown(name)[1:-1]}': "
+                "a Llama state dict only holds tensors, so this file may be malicious (do not "
+                "torch.load it either); if you made it, save only model.state_dict()") from None
+
+    def load_build(self):
+        """BUILD sets an object's state. torch.save uses it once, to attach `_metadata` to the
+        state dict (an OrderedDict); on anything else (the allowed functions and classes, which
+        are npllama's own objects) it would change them for the rest of the process, so it is
+        refused before it touches anything. npllama never reads _metadata: the state is dropped."""
+        state = self.stack.pop()
+        if type(self.stack[-1]) is not collections.OrderedDict or type(state) is not dict:
+            raise UnsafeCheckpointError(
+                f"{self.path}: data.pkl sets the state of a {type(self.stack[-1]).__name__}, which a "
+                "state dict never does; this file may be malicious (do not torch.load it either)")
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def persistent_load(self, pid) -> _Storage:
         # torch.save writes ('storage', storage class, key, location, numel in that class's dtype).
         match pid:
-            case ("storage", _TorchType(dtype=np.dtype() as dtype) as kind, str(key), _, int(n)) if n >= 0:
+            case ("storage", _TorchType(dtype=np.dtype() as dtype) as kind, str(key), _, int(n)) \
+                    if 0 <= n <= MAX_ELEMENTS and len(key) <= 64:
                 return _Storage(key, n * dtype.itemsize, kind)
-        raise CheckpointError(f"{self.path}: data.pkl holds an unknown storage record {pid!r}")
+        raise CheckpointError(f"{self.path}: data.pkl holds an unknown storage record "
+                              f"({shown(pid)}); the file is corrupt")
+
+
+# data.pkl's size, and how many elements a tensor or storage may have (2^48: 256 TB of bf16).
+MAX_PICKLE_BYTES = 64 << 20
+MAX_ELEMENTS = 1 << 48
 
 
 def _unpickle_state_dict(data: bytes, path: Path) -> dict[str, _TensorRef]:
@@ -244,16 +324,22 @@ def _unpickle_state_dict(data: bytes, path: Path) -> dict[str, _TensorRef]:
     except CheckpointError:
         raise
     except Exception as e:  # a damaged pickle fails in many ways: EOFError, KeyError, TypeError...
-        raise CheckpointError(f"{path}: data.pkl is corrupt ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: data.pkl is corrupt ({describe_exception(e)})") from None
     hint = "npllama reads state dicts saved with torch.save(model.state_dict())"
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: data.pkl holds a {type(state).__name__}, "
                               f"not a dict of tensors; {hint}")
     for name, value in state.items():
-        if not (isinstance(name, str) and isinstance(value, _TensorRef)):
-            raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, "
+        if not (isinstance(name, str) and len(name) <= 256 and isinstance(value, _TensorRef)):
+            raise CheckpointError(f"{path}: entry {shown(name)} is a {type(value).__name__}, "
                                   f"not a tensor; {hint}")
     return state
+
+
+def describe_exception(e: Exception) -> str:
+    """Type and message, never empty and never long (a MemoryError's message is empty)."""
+    text = str(e)[:200] if not isinstance(e, MemoryError) else "more memory than data.pkl could need"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # --- Tensors as views of the file --------------------------------------------------------
@@ -288,9 +374,12 @@ def _member_span(mm: np.memmap, zf: zipfile.ZipFile, member: str, path: Path,
     return start, info.file_size
 
 
-def _read_record(mm: np.memmap, zf: zipfile.ZipFile, member: str, path: Path) -> bytes:
+def _read_record(mm: np.memmap, zf: zipfile.ZipFile, member: str, path: Path, max_bytes: int) -> bytes:
     """A small member (data.pkl, byteorder), checked against its CRC."""
     start, size = _member_span(mm, zf, member, path, "record")
+    if size > max_bytes:
+        raise CheckpointError(f"{path}: record {member} is {size} bytes, more than a state dict's "
+                              f"{max_bytes}; the file is corrupt or not a Llama checkpoint")
     data = mm[start:start + size].tobytes()
     if zlib.crc32(data) != zf.getinfo(member).CRC:
         raise CheckpointError(f"{path}: record {member} fails its CRC check; the file is corrupt, "
@@ -306,9 +395,11 @@ def _tensor_view(mm: np.memmap, zf: zipfile.ZipFile, prefix: str, ref: _TensorRe
         raise CheckpointError(f"{path}: tensor {name} has dtype {ref.dtype.name}, which NumPy "
                               "cannot represent; convert it (e.g. to bfloat16) and save again")
     dims = (ref.offset, *ref.size, *ref.stride)
-    if len(ref.size) != len(ref.stride) or not all(type(d) is int and d >= 0 for d in dims):
-        raise CheckpointError(f"{path}: tensor {name} has a malformed layout (offset {ref.offset!r}, "
-                              f"size {ref.size!r}, stride {ref.stride!r}); the file is corrupt")
+    if not (len(ref.size) == len(ref.stride) <= 8 and all(type(d) is int and 0 <= d <= MAX_ELEMENTS
+                                                          for d in dims)):
+        raise CheckpointError(f"{path}: tensor {name} has a malformed layout (offset {shown(ref.offset)}, "
+                              f"{len(ref.size)} sizes, {len(ref.stride)} strides); the file is corrupt")
+
     member = f"{prefix}data/{ref.storage.key}"
     start, size = _member_span(mm, zf, member, path, f"tensor {name}'s storage")
     if ref.storage.nbytes > size:
@@ -353,9 +444,7 @@ def read_pth(path: str | Path) -> dict[str, np.ndarray]:
     Nothing in data.pkl but tensors and the torch globals that describe them is
     accepted (else UnsafeCheckpointError), and no tensor bytes are read here."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path} not found: expected a .pth file written by torch.save")
-    with open(path, "rb") as file, _open_zip(file, path) as zf:
+    with open_regular(path, "a .pth file written by torch.save") as file, _open_zip(file, path) as zf:
         names = zf.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
@@ -365,11 +454,11 @@ def read_pth(path: str | Path) -> dict[str, np.ndarray]:
         mm = np.memmap(file, dtype=np.uint8, mode="r")
         # torch < 1.10 wrote no byteorder record, and only ever saved from little-endian machines.
         if f"{prefix}byteorder" in names:
-            byteorder = _read_record(mm, zf, f"{prefix}byteorder", path)
+            byteorder = _read_record(mm, zf, f"{prefix}byteorder", path, max_bytes=16)
             if byteorder != b"little":
-                raise CheckpointError(f"{path} holds {byteorder.decode(errors='replace')}-endian "
-                                      "tensors; npllama reads little-endian ones only")
-        refs = _unpickle_state_dict(_read_record(mm, zf, pickles[0], path), path)
+                order = byteorder.decode("latin-1") if byteorder in (b"big", b"little") else shown(byteorder)
+                raise CheckpointError(f"{path} holds {order}-endian tensors; npllama reads little-endian ones only")
+        refs = _unpickle_state_dict(_read_record(mm, zf, pickles[0], path, MAX_PICKLE_BYTES), path)
         return {name: _tensor_view(mm, zf, prefix, ref, name, path) for name, ref in refs.items()}
 
 
@@ -454,6 +543,10 @@ def merge_shards(shards: Sequence[Mapping[str, np.ndarray]],
     return MergedShards(shards, names)
 
 
+# Meta's largest release (Llama 3.1 405B) has 8 or 16 shards.
+MAX_SHARDS = 1024
+
+
 def read_meta_checkpoint(directory: str | Path) -> MergedShards:
     """The tensors of a Meta checkpoint directory: consolidated.00.pth, .01, ... merged."""
     directory = Path(directory)
@@ -465,9 +558,28 @@ def read_meta_checkpoint(directory: str | Path) -> MergedShards:
              if (m := re.fullmatch(r"consolidated\.(\d+)\.pth", p.name))}
     if not found:
         raise ModelNotFoundError(f"{directory} has no consolidated.*.pth: {expected}")
-    missing = [f"consolidated.{i:02d}.pth" for i in range(max(found) + 1) if i not in found]
-    if missing:
-        raise ModelNotFoundError(f"{directory} lacks {few(missing)}: the shards must be numbered "
-                                 f"from 00 without gaps; download the missing ones")
+    if len(found) > MAX_SHARDS:
+        raise CheckpointError(f"{directory} has {len(found)} consolidated.*.pth files; a Llama checkpoint "
+                              f"has at most {MAX_SHARDS}")
+    if max(found) >= len(found):  # a gap: name the first few missing, never all of a huge range
+        missing = [f"consolidated.{i:02d}.pth" for i in range(len(found) + 5) if i not in found][:5]
+        raise ModelNotFoundError(f"{directory} lacks {', '.join(missing)}: the shards must be numbered "
+                                 "from 00 without gaps; download the missing ones")
     paths = [found[i] for i in sorted(found)]
-    return merge_shards([read_pth(p) for p in paths], [str(p) for p in paths])
+    shards = [read_pth(p) for p in paths]
+    for shard, p in zip(shards, paths):
+        for name, a in shard.items():
+            _check_holds_its_elements(a, name, p)
+    return merge_shards(shards, [str(p) for p in paths])
+
+
+def _check_holds_its_elements(a: np.ndarray, name: str, path: Path) -> None:
+    """A weight is never a view that repeats elements (an expanded, stride-0 tensor, which
+    read_pth reads as torch.load does): 10^12 elements over one byte of storage would make the
+    forward pass allocate and compute as if the file held them. So a weight's elements must fit
+    in the bytes its view spans, and the work a file can cause is bounded by its size."""
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(a.shape, a.strides)) // a.itemsize if a.size else 0
+    if a.size > span:
+        raise CheckpointError(f"{path}: tensor {name} has {a.size} elements over {span} stored ones "
+                              "(a view that repeats elements); a weight never does, the file is corrupt")
+

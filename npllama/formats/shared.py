@@ -1,5 +1,5 @@
-"""What the checkpoint formats share: the checks every loaded file passes before any math, and
-matrices whose rows are produced only when used.
+"""What the checkpoint formats share: opening files that may be hostile, the checks every
+loaded model passes before any math, and matrices whose rows are produced only when used.
 
 Every reader (Meta's .pth, GGUF, Hugging Face) hands back a mapping from Meta's tensor names to
 arrays, or to `LazyRows` where the stored bytes are not the matrix itself (quantized blocks,
@@ -9,15 +9,19 @@ configuration, reading only shapes.
 
 from __future__ import annotations
 
+import json
+import os
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
 
 from ..config import OUTPUT, ModelArgs, explain_shape, split_layer_name
-from ..errors import CheckpointError, ModelNotFoundError
+from ..errors import CheckpointError, ConfigError, ModelNotFoundError
 
 
 def few(names: Sequence[str], limit: int = 5) -> str:
@@ -30,16 +34,66 @@ def few(names: Sequence[str], limit: int = 5) -> str:
 _WEIGHT_DTYPES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32))
 
 
+# --- Files ---------------------------------------------------------------------------------
+
+def open_regular(path: Path, expected: str) -> BinaryIO:
+    """`path` opened for reading if it is a regular file. A FIFO or a device would block the read
+    or never end, so it is refused; the open itself does not block (O_NONBLOCK), and the type is
+    checked on the opened descriptor, so a file swapped in after a check cannot slip through.
+    `expected` says what the file should be, for the message."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{path} not found: expected {expected}") from None
+    except IsADirectoryError:
+        raise ModelNotFoundError(f"{path} is a directory: expected {expected}") from None
+    except OSError as e:
+        raise ModelNotFoundError(f"{path} cannot be opened ({e.strerror}): expected {expected}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+        raise ModelNotFoundError(f"{path} is {kind}: expected {expected}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: Path, expected: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most max_bytes (a config or vocabulary, not weights)."""
+    with open_regular(path, expected) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise CheckpointError(f"{path} is {size} bytes; {expected} is at most {max_bytes >> 20} MB")
+        return f.read(max_bytes)
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def read_json(path: Path, expected: str, error: type[Exception] = ConfigError,
+              max_bytes: int = 64 << 20) -> Any:
+    """A JSON file's value: NaN and Infinity (which Python's json accepts) refused, and so are
+    nesting too deep for the parser and integers too long to convert, each as `error`."""
+    data = read_regular(path, expected, max_bytes)
+    try:
+        return json.loads(data, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        reason = "it nests too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise error(f"{path} is not valid JSON: {reason}") from None
+
+
 def checked_size(path: Path, suffix: str, header: str, header_bytes: int) -> int:
-    """The size of a weights file that exists and can hold its header, or a clear error."""
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path} not found: expected a {suffix} file")
-    size = path.stat().st_size
+    """The size of a weights file that exists, is a regular file and can hold its header."""
+    with open_regular(path, f"a {suffix} file") as f:
+        size = os.fstat(f.fileno()).st_size
     if size < header_bytes:
         raise CheckpointError(f"{path} is {size} bytes, too short for a {header} header: the "
                               "download was interrupted; download it again")
     return size
 
+
+# --- Weights -------------------------------------------------------------------------------
 
 def check_weights(weights: Mapping[str, np.ndarray], args: ModelArgs, source: str,
                   config: str = "params.json") -> ModelArgs:
