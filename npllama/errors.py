@@ -59,6 +59,11 @@ class NumericalError(NpllamaError, ArithmeticError):
     """The model's logits hold NaN or infinity: its weights or configuration cannot be right."""
 
 
+def clipped(text: str, limit: int = 80) -> str:
+    """A name from a file (a key, a tensor name) as a message may show it: at most `limit` chars."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def shown(value, limit: int = 40) -> str:
     """A value as an error message may show it, whatever a hostile file put there: short, and
     never a repr that could recurse, run long or raise (a 5000-digit int cannot be printed)."""

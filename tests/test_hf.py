@@ -241,14 +241,16 @@ def test_config_mapping(tmp_path):
 
 @pytest.mark.parametrize("change, error, message", [
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, ConfigError,
-     "MistralForCausalLM; npllama runs LlamaForCausalLM"),
+     "model_type is 'mistral'; npllama runs Llama models"),
+    ({"architectures": ["LlamaForSequenceClassification"]}, ConfigError,
+     "architectures holds 'LlamaForSequenceClassification'; npllama runs LlamaForCausalLM only"),
     ({"hidden_size": None}, ConfigError, "hidden_size is None"),
     ({"rms_norm_eps": "1e-5"}, ConfigError, "rms_norm_eps is '1e-5'"),
     ({"hidden_act": "gelu"}, ConfigError, "hidden_act is 'gelu'"),
     ({"attention_bias": True}, ConfigError, "attention_bias is true"),
     ({"head_dim": 16}, ConfigError, "head_dim is 16 but hidden_size / num_attention_heads is 8"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ConfigError, "rope_scaling type 'yarn'"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ConfigError, "lacks or misstates 'low_freq_factor'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, ConfigError, "rope_scaling has no low_freq_factor, high_freq_factor"),
     ({"intermediate_size": 100}, CheckpointError,
      r"feed_forward.w1.weight has shape \(224, 64\) but config.json implies \(100, 64\)"),
     ({"num_hidden_layers": 3}, CheckpointError, "has no layers.1.attention.wq.weight"),

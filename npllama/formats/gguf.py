@@ -38,13 +38,15 @@ import ml_dtypes
 import numpy as np
 
 from ..config import EMBEDDING, OUTPUT, ModelArgs, RopeScaling, meta_name
-from ..errors import CheckpointError, ConfigError, TokenizerError
+from ..errors import CheckpointError, ConfigError, ConfigValueError, TokenizerError, clipped, shown
 from ..layers import rope_frequencies, scale_rope_frequencies
 from ..tokenizer import SPECIAL_TOKEN_TYPES, Tokenizer
-from .shared import LazyRows, check_weights, checked_size
+from .shared import LazyRows, check_weights, checked_size, open_regular
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_ARRAY_DEPTH = 4  # llama.cpp's files nest none; the parser recurses per level
+MAX_ELEMENTS = 1 << 48
 
 # --- The header --------------------------------------------------------------------------
 
@@ -141,7 +143,7 @@ class _HeaderReader:
             raise CheckpointError(f"{self.path}: a metadata string array holds text that is not UTF-8; "
                                   "the file is corrupt") from None
 
-    def value(self, kind: int, key: str):
+    def value(self, kind: int, key: str, depth: int = 0):
         if kind in _SCALARS:
             return self.scalar(_SCALARS[kind])
         if kind == _STRING:
@@ -154,9 +156,12 @@ class _HeaderReader:
                 return np.frombuffer(self.buf, dtype, count, start).tolist()
             if count > len(self.buf) - self.pos:  # every item takes at least one byte
                 raise _Truncated
+            if item_kind == _ARRAY and depth >= MAX_ARRAY_DEPTH:  # parsing recurses: bound it
+                raise CheckpointError(f"{self.path}: metadata {clipped(key)} nests arrays more than "
+                                      f"{MAX_ARRAY_DEPTH} deep; the file is corrupt")
             if item_kind == _STRING:
                 return self.strings(count)
-            return [self.value(item_kind, key) for _ in range(count)]
+            return [self.value(item_kind, key, depth + 1) for _ in range(count)]
         raise CheckpointError(f"{self.path}: metadata {key} has unknown value type {kind}; "
                               "the file is corrupt or from a newer GGUF version")
 
@@ -195,7 +200,7 @@ def read_gguf_file(path: str | Path) -> GGUFFile:
     """Parse a GGUF file's header and map the file; no tensor data is read."""
     path = Path(path)
     size = checked_size(path, ".gguf", "GGUF", 24)
-    with open(path, "rb") as f:
+    with open_regular(path, "a .gguf file") as f:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     if buf[:4] != GGUF_MAGIC:
         raise CheckpointError(f"{path} is not a GGUF file (it starts with {buf[:4]!r}, not b'GGUF')")
@@ -209,9 +214,16 @@ def read_gguf_file(path: str | Path) -> GGUFFile:
                     else "; re-convert the model with a current llama.cpp")
             raise CheckpointError(f"{path} is GGUF version {version}, npllama reads versions 2 and 3{hint}")
         n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
+        # A tensor info takes at least 24 bytes and a key-value pair 12: counts beyond what the
+        # file can hold are corrupt, whatever the loops below would have found.
+        if n_tensors * 24 + n_kv * 12 > size:
+            raise CheckpointError(f"{path}: its header claims {shown(n_tensors)} tensors and {shown(n_kv)} "
+                                  f"metadata keys, more than its {size} bytes can hold; the file is corrupt")
         metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = r.string()
+            if key in metadata:
+                raise CheckpointError(f"{path}: metadata key {clipped(key)} appears twice; the file is corrupt")
             metadata[key] = r.value(r.scalar("<I"), key)
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment % 8:
@@ -228,11 +240,18 @@ def read_gguf_file(path: str | Path) -> GGUFFile:
             ne = [r.scalar("<Q") for _ in range(n_dims)]
             raw.append((name, ne, r.scalar("<I"), r.scalar("<Q")))
     except _Truncated:
-        raise CheckpointError(f"{path} is truncated: it ends inside {key}; download it again") from None
+        raise CheckpointError(f"{path} is truncated: it ends inside {clipped(key)}; download it again") from None
     data_start = -(-r.pos // alignment) * alignment
 
     tensors = {}
     for name, ne, type_id, offset in raw:
+        name = clipped(name)
+        if not all(1 <= n <= MAX_ELEMENTS for n in ne) or math.prod(ne) > MAX_ELEMENTS:
+            raise CheckpointError(f"{path}: tensor {name} has dimensions {ne}; each must be from 1 to "
+                                  f"{MAX_ELEMENTS}, and so must their product: the file is corrupt")
+        if offset % alignment:
+            raise CheckpointError(f"{path}: tensor {name} starts at offset {offset}, not a multiple of "
+                                  f"general.alignment ({alignment}); the file is corrupt")
         try:
             qtype = ggml_type(type_id)
         except KeyError:
@@ -249,7 +268,16 @@ def read_gguf_file(path: str | Path) -> GGUFFile:
         if name in tensors:
             raise CheckpointError(f"{path} holds two tensors named {name}; the file is corrupt")
         tensors[name] = TensorInfo(name, tuple(int(d) for d in reversed(ne)), qtype, start, nbytes)
+    _check_no_overlap(path, tensors.values())
     return GGUFFile(path, version, metadata, tensors, buf)
+
+
+def _check_no_overlap(path: Path, tensors) -> None:
+    """Two tensors sharing bytes would be a way to make a small file stand for a large model."""
+    ends = sorted((t.start, t.start + t.nbytes, t.name) for t in tensors)
+    for (_, end, first), (start, _, second) in zip(ends, ends[1:]):
+        if start < end:
+            raise CheckpointError(f"{path}: tensors {first} and {second} overlap; the file is corrupt")
 
 
 # --- Dequantization ----------------------------------------------------------------------
@@ -383,17 +411,26 @@ def _weights(file: GGUFFile) -> GGUFWeights:
 
 # --- Configuration -----------------------------------------------------------------------
 
-def _get(file: GGUFFile, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-    """Metadata `key`, checked to be of type `kind`; `default` if absent (required if not given)."""
+def _is(value, kind: type | tuple[type, ...]) -> bool:
+    """isinstance, but a bool is not an int (GGUF types them apart; Python does not)."""
+    return isinstance(value, kind) and (not isinstance(value, bool) or kind is bool)
+
+
+def _get(file: GGUFFile, key: str, kind: type | tuple[type, ...], default: Any = ...,
+         items: type | None = None, error: type[Exception] = ConfigError) -> Any:
+    """Metadata `key`, checked to be of type `kind` (a list of `items`, if given); `default` if
+    absent (required if not given)."""
     if key not in file.metadata:
         if default is ...:
-            raise ConfigError(f"{file.path} has no metadata key {key}: the file is incomplete or "
-                              "not a Llama model")
+            raise error(f"{file.path} has no metadata key {key}: the file is incomplete or not a Llama model")
         return default
     value = file.metadata[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise ConfigError(f"{file.path}: metadata {key} is {value!r}; expected a {expected}")
+    expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+    if not _is(value, kind):
+        raise error(f"{file.path}: metadata {key} is {shown(value)}; expected a {expected}")
+    if items is not None and not all(_is(item, items) for item in value):
+        bad = next(item for item in value if not _is(item, items))
+        raise error(f"{file.path}: metadata {key} holds {shown(bad)}; expected a list of {items.__name__}")
     return value
 
 
@@ -430,7 +467,7 @@ def gguf_model_args(file: GGUFFile) -> ModelArgs:
     """ModelArgs from GGUF metadata (max_seq_len is left at its default: the caller's choice)."""
     arch = _get(file, "general.architecture", str)
     if arch != "llama":
-        raise ConfigError(f"{file.path}: general.architecture is {arch!r}; npllama runs Llama models "
+        raise ConfigError(f"{file.path}: general.architecture is {shown(arch)}; npllama runs Llama models "
                           "(architecture 'llama') only")
     if _get(file, f"{arch}.expert_count", int, 0):
         raise ConfigError(f"{file.path} is a mixture-of-experts model ({arch}.expert_count = "
@@ -445,30 +482,40 @@ def gguf_model_args(file: GGUFFile) -> ModelArgs:
     if stated != vocab_size:
         raise ConfigError(f"{file.path}: {arch}.vocab_size is {stated} but {EMBEDDING.gguf} has "
                           f"{vocab_size} rows; the file is inconsistent")
-    # llama.cpp's defaults where the key may be absent (old Llama 1/2 conversions).
-    theta = float(_get(file, f"{arch}.rope.freq_base", (int, float), 10000.0))
+    keys = _args_keys(arch)
     try:
         args = ModelArgs(
             dim=dim,
-            n_layers=_get(file, f"{arch}.block_count", int),
+            n_layers=_get(file, keys["n_layers"], int),
             n_heads=n_heads,
-            n_kv_heads=_get(file, f"{arch}.attention.head_count_kv", int, n_heads),
+            n_kv_heads=_get(file, keys["n_kv_heads"], int, n_heads),
             vocab_size=vocab_size,
-            norm_eps=float(_get(file, f"{arch}.attention.layer_norm_rms_epsilon", (int, float))),
-            rope_theta=theta,
-            ffn_hidden_dim=_get(file, f"{arch}.feed_forward_length", int),
+            norm_eps=_get(file, keys["norm_eps"], (int, float)),
+            # llama.cpp's default where the key is absent (old Llama 1/2 conversions).
+            rope_theta=_get(file, keys["rope_theta"], (int, float), 10000.0),
+            ffn_hidden_dim=_get(file, keys["ffn_hidden_dim"], int),
             tie_embeddings=OUTPUT.gguf not in file.tensors,
         )
-    except ConfigError as e:
-        raise ConfigError(f"{file.path}: {e}") from None
+        scaling = _rope_scaling(file, arch, args.head_dim, args.rope_theta)
+    except ConfigValueError as e:
+        raise ConfigError(f"{file.path}: {e.named(keys)}") from None
     for key in (f"{arch}.rope.dimension_count", f"{arch}.attention.key_length",
                 f"{arch}.attention.value_length"):
         value = _get(file, key, int, args.head_dim)
         if value != args.head_dim:
             raise ConfigError(f"{file.path}: {key} is {value} but embedding_length / head_count is "
                               f"{args.head_dim}; npllama needs head_dim = dim / n_heads, fully rotated")
-    scaling = _rope_scaling(file, arch, args.head_dim, theta)
     return replace(args, rope_scaling=scaling) if scaling is not None else args
+
+
+def _args_keys(arch: str) -> dict[str, str]:
+    """ModelArgs' fields as GGUF names them, for messages in the file's own words."""
+    return {"dim": f"{arch}.embedding_length", "n_layers": f"{arch}.block_count",
+            "n_heads": f"{arch}.attention.head_count", "n_kv_heads": f"{arch}.attention.head_count_kv",
+            "vocab_size": f"the rows of {EMBEDDING.gguf}", "norm_eps": f"{arch}.attention.layer_norm_rms_epsilon",
+            "rope_theta": f"{arch}.rope.freq_base", "ffn_hidden_dim": f"{arch}.feed_forward_length",
+            "rope_scaling.factor": f"the largest divisor in {ROPE_FREQS}",
+            "rope_scaling.original_max_seq_len": f"{arch}.rope.scaling.original_context_length"}
 
 
 # --- Tokenizer ---------------------------------------------------------------------------
@@ -482,14 +529,14 @@ def gguf_tokenizer(file: GGUFFile) -> Tokenizer:
     """The byte-level BPE tokenizer of tokenizer.ggml.* metadata (model "gpt2")."""
     model = _get(file, "tokenizer.ggml.model", str)
     if model != "gpt2":
-        what = "SentencePiece (Llama 1/2)" if model == "llama" else repr(model)
+        what = "SentencePiece (Llama 1/2)" if model == "llama" else shown(model)
         raise TokenizerError(f"{file.path}: the tokenizer is {what}; npllama reads byte-level BPE "
                              "tokenizers (tokenizer.ggml.model 'gpt2': Llama 3, SmolLM2)")
-    tokens = _get(file, "tokenizer.ggml.tokens", list)
-    types = _get(file, "tokenizer.ggml.token_type", list, None)
+    tokens = _get(file, "tokenizer.ggml.tokens", list, items=str, error=TokenizerError)
+    types = _get(file, "tokenizer.ggml.token_type", list, None, items=int, error=TokenizerError)
     ids = {}
     for key in ("bos", "eos", "eot", "eom"):
-        value = _get(file, f"tokenizer.ggml.{key}_token_id", int, None)
+        value = _get(file, f"tokenizer.ggml.{key}_token_id", int, None, error=TokenizerError)
         if value is not None and not 0 <= value < len(tokens):
             raise TokenizerError(f"{file.path}: tokenizer.ggml.{key}_token_id is {value}, outside the "
                                  f"{len(tokens)}-token vocabulary")
@@ -505,7 +552,7 @@ def gguf_tokenizer(file: GGUFFile) -> Tokenizer:
     stop_ids |= {i for i, t in enumerate(tokens) if t in _END_OF_GENERATION and t in specials}
     return Tokenizer.from_byte_level_bpe(
         str(file.path), tokens, types, pre, bos_id=ids["bos"], eos_id=ids["eos"], stop_ids=stop_ids,
-        add_bos=add_bos, merges=_get(file, "tokenizer.ggml.merges", list, None),
+        add_bos=add_bos, merges=_get(file, "tokenizer.ggml.merges", list, None, items=str, error=TokenizerError),
         chat_template=_get(file, "tokenizer.chat_template", str, None))
 
 

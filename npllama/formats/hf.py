@@ -26,6 +26,7 @@ is used (a `PermutedRows`), so nothing is copied at load.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,13 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from ..config import OUTPUT, ModelArgs, RopeScaling, meta_name
-from ..errors import CheckpointError, ConfigError, ModelNotFoundError, TokenizerError
+from ..config import LIMITS, OUTPUT, ModelArgs, RopeScaling, meta_name
+from ..errors import (CheckpointError, ConfigError, ConfigValueError, ModelNotFoundError, TokenizerError, clipped,
+                      shown)
 from ..tokenizer import (LLAMA3_PAT_STR, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED,
                         Tokenizer)
-from .shared import LazyRows, check_weights, checked_size
+from .shared import (LazyRows, check_weights, checked_size, describe_exception, open_regular, read_json,
+                     reject_json_constant)
 
 # --- safetensors ---------------------------------------------------------------------------
 
@@ -49,44 +52,70 @@ SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 
 
+MAX_ELEMENTS = 1 << 48
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are unique: json.loads would keep the last of two silently."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a key appears twice")
+    return out
+
+
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Tensors of a .safetensors file as read-only NumPy views of its memory map."""
+    """Tensors of a .safetensors file as read-only NumPy views of its memory map. Every entry of
+    the header is checked before it sizes anything: its shape is a list of ints, its bytes are
+    where its offsets say, within the file, and no two tensors share bytes."""
     path = Path(path)
     size = checked_size(path, ".safetensors", "safetensors", 8)
-    with open(path, "rb") as f:
+    with open_regular(path, "a .safetensors file") as f:
         n = int.from_bytes(f.read(8), "little")
         if n > MAX_HEADER_BYTES or 8 + n > size:
             raise CheckpointError(f"{path} is truncated or not a safetensors file (its header claims "
                                   f"{n} bytes, the file has {size - 8} after the length)")
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); the file "
-                              "is corrupt or not a safetensors file") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_start = 8 + n
-    mm = np.memmap(path, dtype=np.uint8, mode="r") if header else None
-    tensors = {}
-    for name, spec in header.items():
         try:
-            dtype = np.dtype(SAFETENSORS_DTYPES[spec["dtype"]])
-            shape = tuple(int(d) for d in spec["shape"])
-            begin, end = (int(o) for o in spec["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name} has a malformed or unknown entry {spec!r} "
-                                  f"(dtypes npllama reads: {', '.join(SAFETENSORS_DTYPES)})") from None
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != nbytes:
-            raise CheckpointError(f"{path}: tensor {name} ({spec['dtype']} {list(shape)}) has data "
+            header = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=reject_json_constant)
+        except (ValueError, RecursionError) as e:
+            raise CheckpointError(f"{path}: the safetensors header is not valid JSON "
+                                  f"({describe_exception(e)}); the file is corrupt or not a safetensors file") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+        header.pop("__metadata__", None)
+        data_start = 8 + n
+        mm = np.memmap(f, dtype=np.uint8, mode="r") if header else None
+    tensors, spans = {}, []
+    for name, spec in header.items():
+        dtype, shape, (begin, end) = _tensor_entry(path, clipped(name), spec)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not 0 <= begin <= end or end - begin != nbytes:
+            raise CheckpointError(f"{path}: tensor {clipped(name)} ({spec['dtype']} {list(shape)}) has data "
                                   f"offsets {[begin, end]}, which do not fit its size; the file is corrupt")
         if data_start + end > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name} ends {data_start + end - size} "
+            raise CheckpointError(f"{path} is truncated: tensor {clipped(name)} ends {data_start + end - size} "
                                   "bytes past the end of the file; download it again")
+        spans.append((begin, end, clipped(name)))
         tensors[name] = np.ndarray(shape, dtype, buffer=mm, offset=data_start + begin)
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: tensors {first} and {second} overlap; the file is corrupt")
     return tensors
+
+
+def _tensor_entry(path: Path, name: str, spec) -> tuple[np.dtype, tuple[int, ...], tuple[int, int]]:
+    """dtype, shape and data offsets of one header entry, each of the type and range it must be."""
+    def ints(value, length=None) -> bool:
+        return (isinstance(value, list) and (length is None or len(value) == length) and len(value) <= 8
+                and all(type(d) is int and 0 <= d <= MAX_ELEMENTS for d in value))
+
+    if not (isinstance(spec, dict) and spec.get("dtype") in SAFETENSORS_DTYPES and ints(spec.get("shape"))
+            and ints(spec.get("data_offsets"), 2) and math.prod(spec["shape"]) <= MAX_ELEMENTS):
+        raise CheckpointError(f"{path}: tensor {name} has a malformed or unknown entry (dtype one of "
+                              f"{', '.join(SAFETENSORS_DTYPES)}, shape and data_offsets lists of integers "
+                              "expected); the file is corrupt")
+    return np.dtype(SAFETENSORS_DTYPES[spec["dtype"]]), tuple(spec["shape"]), tuple(spec["data_offsets"])
 
 
 # --- Weights -------------------------------------------------------------------------------
@@ -143,8 +172,8 @@ class HFWeights(Mapping):
 def read_hf_tensors(directory: Path) -> dict[str, np.ndarray]:
     """Every tensor of model.safetensors, or of the shards model.safetensors.index.json names."""
     index_path = directory / INDEX_FILE
-    if index_path.is_file():
-        index = _read_json(index_path, CheckpointError)
+    if index_path.exists():
+        index = read_json(index_path, f"the {INDEX_FILE} of {directory}", CheckpointError)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path} has no weight_map: it should map each tensor name "
@@ -152,12 +181,9 @@ def read_hf_tensors(directory: Path) -> dict[str, np.ndarray]:
         shards = {}
         for name, file in weight_map.items():
             if file not in shards:
-                if not (directory / file).is_file():
-                    raise ModelNotFoundError(f"{directory / file} not found, but {INDEX_FILE} puts "
-                                             f"{name} in it: download the missing shard")
-                shards[file] = read_safetensors(directory / file)
+                shards[file] = read_safetensors(_shard_path(directory, index_path, name, file))
             if name not in shards[file]:
-                raise CheckpointError(f"{directory / file} has no tensor {name}, which {INDEX_FILE} "
+                raise CheckpointError(f"{directory / file} has no tensor {clipped(name)}, which {INDEX_FILE} "
                                       "says it holds; the shards and the index do not match")
         return {name: shards[file][name] for name, file in weight_map.items()}
     single = directory / "model.safetensors"
@@ -171,6 +197,18 @@ def read_hf_tensors(directory: Path) -> dict[str, np.ndarray]:
     hint = (f" (it has {bins[0]}: npllama does not read PyTorch pickles from Hugging Face repos; "
             "download the .safetensors files instead)") if bins else ""
     raise ModelNotFoundError(f"{directory} has config.json but no model.safetensors or {INDEX_FILE}{hint}")
+
+
+def _shard_path(directory: Path, index_path: Path, name: str, file) -> Path:
+    """A shard the index names: a plain file name in the model directory, never a path that
+    leads out of it (absolute, or through ..), which a hostile index could use to read any file."""
+    if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
+        raise CheckpointError(f"{index_path} puts {clipped(name)} in {shown(file)}, which is not a file "
+                              "name in the model directory; the index is corrupt or hostile")
+    if not (directory / file).exists():
+        raise ModelNotFoundError(f"{directory / file} not found, but {INDEX_FILE} puts {clipped(name)} "
+                                 "in it: download the missing shard")
+    return directory / file
 
 
 def hf_weights(directory: Path, args: ModelArgs) -> HFWeights:
@@ -193,58 +231,62 @@ def hf_weights(directory: Path, args: ModelArgs) -> HFWeights:
 
 # --- config.json ---------------------------------------------------------------------------
 
-def _read_json(path: Path, error: type[Exception] = ConfigError) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelNotFoundError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path} is not valid JSON: {e}") from None
+# ModelArgs' fields as config.json names them, for messages in the file's own words.
+CONFIG_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+               "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "norm_eps": "rms_norm_eps",
+               "rope_theta": "rope_theta", "ffn_hidden_dim": "intermediate_size",
+               "tie_embeddings": "tie_word_embeddings", "rope_scaling.factor": "rope_scaling.factor",
+               "rope_scaling.low_freq_factor": "rope_scaling.low_freq_factor",
+               "rope_scaling.high_freq_factor": "rope_scaling.high_freq_factor",
+               "rope_scaling.original_max_seq_len": "rope_scaling.original_max_position_embeddings"}
 
 
 def hf_model_args(path: str | Path) -> ModelArgs:
     """ModelArgs from a LlamaForCausalLM config.json (max_seq_len: the caller's choice)."""
     path = Path(path)
-    config = _read_json(path)
+    config = read_json(path, "a Hugging Face config.json", max_bytes=1 << 20)
     if not isinstance(config, dict):
         raise ConfigError(f"{path} must hold a JSON object")
-    kind = config.get("model_type")
-    architectures = config.get("architectures") or []
-    if kind != "llama" or any(a != "LlamaForCausalLM" for a in architectures):
-        raise ConfigError(f"{path} describes a {', '.join(architectures) or kind or 'model of unknown type'}; "
-                          "npllama runs LlamaForCausalLM models (model_type 'llama') only")
 
     def get(key: str, kind: type | tuple = int, default: Any = ...) -> Any:
         value = config.get(key, default)
         if value is ...:
             raise ConfigError(f"{path} has no {key}, which a Llama config needs")
         if value is not default and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
-            raise ConfigError(f"{path}: {key} is {value!r}, expected a {getattr(kind, '__name__', 'number')}")
+            expected = "a number" if kind == (int, float) else f"a {getattr(kind, '__name__', kind)}"
+            raise ConfigError(f"{path}: {key} is {shown(value)}; expected {expected}")
         return value
 
+    kind, architectures = get("model_type", str, None), get("architectures", list, [])
+    if kind != "llama":
+        raise ConfigError(f"{path}: model_type is {shown(kind)}; npllama runs Llama models (model_type "
+                          "'llama', architecture LlamaForCausalLM) only")
+    if any(a != "LlamaForCausalLM" for a in architectures):
+        other = next(a for a in architectures if a != "LlamaForCausalLM")
+        raise ConfigError(f"{path}: architectures holds {shown(other)}; npllama runs LlamaForCausalLM only")
     if get("hidden_act", str, "silu") != "silu":
-        raise ConfigError(f"{path}: hidden_act is {config['hidden_act']!r}; Llama's SwiGLU uses silu")
+        raise ConfigError(f"{path}: hidden_act is {shown(config['hidden_act'])}; Llama's SwiGLU uses silu")
     for key in ("attention_bias", "mlp_bias"):
         if get(key, bool, False):
             raise ConfigError(f"{path}: {key} is true; npllama's Llama has no biases")
-    rope = config.get("rope_parameters") or {}  # transformers >= 5 groups theta and scaling here
-    scaling_config = config.get("rope_scaling") or rope
-    theta = rope.get("rope_theta", get("rope_theta", (int, float), 10000.0))  # HF LlamaConfig's default
+    rope = get("rope_parameters", dict, {})  # transformers >= 5 groups theta and scaling here
+    scaling = get("rope_scaling", dict, None) or rope
     try:
         args = ModelArgs(
             dim=get("hidden_size"),
             n_layers=get("num_hidden_layers"),
             n_heads=get("num_attention_heads"),
-            n_kv_heads=get("num_key_value_heads", int, None) or config["num_attention_heads"],
+            n_kv_heads=get("num_key_value_heads", int, None) or get("num_attention_heads"),
             vocab_size=get("vocab_size"),
-            norm_eps=float(get("rms_norm_eps", (int, float))),
-            rope_theta=float(theta),
+            norm_eps=get("rms_norm_eps", (int, float)),
+            # HF LlamaConfig's default, where neither place states it.
+            rope_theta=rope.get("rope_theta", get("rope_theta", (int, float), 10000.0)),
             ffn_hidden_dim=get("intermediate_size"),
-            rope_scaling=_rope_scaling(scaling_config, path),
+            rope_scaling=_rope_scaling(scaling, path),
             tie_embeddings=get("tie_word_embeddings", bool, False),
         )
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    except ConfigValueError as e:
+        raise ConfigError(f"{path}: {e.named(CONFIG_KEYS)}") from None
     head_dim = get("head_dim", int, args.head_dim)
     if head_dim != args.head_dim:
         raise ConfigError(f"{path}: head_dim is {head_dim} but hidden_size / num_attention_heads is "
@@ -254,21 +296,20 @@ def hf_model_args(path: str | Path) -> ModelArgs:
 
 def _rope_scaling(config: dict, path: Path) -> RopeScaling | None:
     """Llama 3.1's rope_scaling {"rope_type": "llama3", "factor", ...} as Meta's RopeScaling."""
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: rope_scaling is {config!r}, expected an object or null")
     kind = config.get("rope_type", config.get("type", "default"))
     if kind == "default":
         return None
     if kind != "llama3":
-        raise ConfigError(f"{path}: rope_scaling type {kind!r} is not supported; npllama implements "
+        raise ConfigError(f"{path}: rope_scaling type {shown(kind)} is not supported; npllama implements "
                           "Llama 3.1's ('llama3') only")
-    try:
-        return RopeScaling(factor=float(config["factor"]), low_freq_factor=float(config["low_freq_factor"]),
-                           high_freq_factor=float(config["high_freq_factor"]),
-                           original_max_seq_len=int(config["original_max_position_embeddings"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: rope_scaling {config!r} lacks or misstates {e}; Llama 3.1 gives "
-                          "factor, low_freq_factor, high_freq_factor, original_max_position_embeddings") from None
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+               if k not in config]
+    if missing:
+        raise ConfigError(f"{path}: rope_scaling has no {', '.join(missing)}; Llama 3.1 gives factor, "
+                          "low_freq_factor, high_freq_factor and original_max_position_embeddings")
+    return RopeScaling(factor=config["factor"], low_freq_factor=config["low_freq_factor"],
+                       high_freq_factor=config["high_freq_factor"],
+                       original_max_seq_len=config["original_max_position_embeddings"])
 
 
 # --- tokenizer.json ------------------------------------------------------------------------
@@ -295,77 +336,118 @@ def pre_tokenizer_name(pre: Any) -> str | None:
     return None
 
 
-def _token_content(value: Any) -> str | None:
-    """tokenizer_config.json writes a token as "<s>" or as {"content": "<s>", ...}."""
-    return value.get("content") if isinstance(value, dict) else value
+def _checked(value, kind, what: str, path: Path, optional: bool = False):
+    """A tokenizer file's value of the type it must have (a bool is not an int), else TokenizerError."""
+    if optional and value is None:
+        return None
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise TokenizerError(f"{path}: {what} is {shown(value)}; expected {name}")
+    return value
+
+
+def _token_ids(vocab: dict, added: list, path: Path) -> tuple[list[str], list[int]]:
+    """Token strings and types by id. Ids must be 0..n-1 without gaps: the list is sized by how
+    many tokens there are, never by an id, which a hostile file could set to 2^63."""
+    tokens: dict[int, str] = {}
+    types: dict[int, int] = {}
+    for token, i in vocab.items():
+        if type(i) is not int or i < 0:
+            raise TokenizerError(f"{path}: token {shown(token)} has id {shown(i)}; ids are integers from 0")
+        if i in tokens:
+            raise TokenizerError(f"{path}: tokens {shown(tokens[i])} and {shown(token)} share id {i}")
+        tokens[i], types[i] = token, TOKEN_NORMAL
+    for t in added:  # added tokens may repeat a vocabulary entry (SmolLM2's do); they win
+        if not (isinstance(t, dict) and type(t.get("id")) is int and t["id"] >= 0
+                and isinstance(t.get("content"), str)):
+            raise TokenizerError(f"{path}: added_tokens holds {shown(t)}; each must be an object with an "
+                                 "integer id and a string content")
+        tokens[t["id"]] = t["content"]
+        types[t["id"]] = TOKEN_CONTROL if t.get("special") else TOKEN_USER_DEFINED
+    n_words = len(tokens)
+    if n_words > LIMITS["vocab_size"]:
+        raise TokenizerError(f"{path} holds {n_words} tokens, more than any model's {LIMITS['vocab_size']}")
+    if max(tokens, default=-1) >= n_words:
+        gap = next(i for i in range(n_words) if i not in tokens)
+        raise TokenizerError(f"{path}: no token has id {gap}, but ids go up to {max(tokens)}; ids must be "
+                             f"0..{n_words - 1} without gaps")
+    return [tokens[i] for i in range(n_words)], [types[i] for i in range(n_words)]
 
 
 def hf_tokenizer(directory: Path) -> Tokenizer:
     """The byte-level BPE tokenizer of tokenizer.json, with tokenizer_config.json's settings."""
     path = directory / "tokenizer.json"
-    if not path.is_file():
+    if not path.exists():
         hint = " (it has tokenizer.model: a SentencePiece tokenizer, which npllama does not read)" \
-            if (directory / "tokenizer.model").is_file() else ""
+            if (directory / "tokenizer.model").exists() else ""
         raise ModelNotFoundError(f"{path} not found{hint}: npllama needs the byte-level BPE tokenizer.json")
-    data = _read_json(path, TokenizerError)
-    model = data.get("model") or {}
+    data = _checked(read_json(path, "a Hugging Face tokenizer.json", TokenizerError), dict, "the file", path)
+    model = _checked(data.get("model") or {}, dict, "model", path)
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise TokenizerError(f"{path}: the tokenizer model is {model.get('type')!r}"
+        raise TokenizerError(f"{path}: the tokenizer model is {shown(model.get('type'))}"
                              f"{' with byte_fallback' if model.get('byte_fallback') else ''}; npllama "
                              "reads byte-level BPE tokenizers (Llama 3, SmolLM2)")
     if data.get("normalizer"):
-        raise TokenizerError(f"{path} has a normalizer ({data['normalizer'].get('type')}); npllama's "
-                             "byte-level BPE tokenizers apply none")
+        normalizer = data["normalizer"]
+        kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
+        raise TokenizerError(f"{path} has a normalizer ({shown(kind)}); npllama's byte-level BPE tokenizers "
+                             "apply none")
     pre = pre_tokenizer_name(data.get("pre_tokenizer"))
     if pre is None:
         raise TokenizerError(f"{path}: the pre_tokenizer is none npllama knows (Llama 3's split regex, "
                              "SmolLM2's digits + ByteLevel, GPT-2's ByteLevel); its text would be split "
                              "differently from how the model was trained")
-    vocab: dict[str, int] = model.get("vocab") or {}
-    added = {t["id"]: t for t in data.get("added_tokens", [])}
-    n_words = max([*vocab.values(), *added]) + 1
-    tokens: list[str | None] = [None] * n_words
-    types = [TOKEN_NORMAL] * n_words
-    for token, i in vocab.items():
-        tokens[i] = token
-    for i, t in added.items():
-        tokens[i] = t["content"]
-        types[i] = TOKEN_CONTROL if t.get("special") else TOKEN_USER_DEFINED
-    if None in tokens:
-        raise TokenizerError(f"{path}: no token has id {tokens.index(None)}; ids must be 0..{n_words - 1}")
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    tokens, types = _token_ids(_checked(model.get("vocab") or {}, dict, "model.vocab", path),
+                               _checked(data.get("added_tokens", []), list, "added_tokens", path), path)
+    merges = []
+    for m in _checked(model.get("merges", []), list, "model.merges", path):
+        if not (isinstance(m, str) or isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)):
+            raise TokenizerError(f"{path}: model.merges holds {shown(m)}; each must be \"a b\" or [\"a\", \"b\"]")
+        merges.append(m if isinstance(m, str) else " ".join(m))
 
     config_path = directory / "tokenizer_config.json"
-    config = _read_json(config_path, TokenizerError) if config_path.is_file() else {}
+    config = _checked(read_json(config_path, "a tokenizer_config.json", TokenizerError), dict, "the file",
+                      config_path) if config_path.exists() else {}
     ids = {t: i for i, t in enumerate(tokens)}
 
     def special_id(key: str) -> int | None:
-        name = _token_content(config.get(key))
+        value = config.get(key)
+        name = value.get("content") if isinstance(value, dict) else value  # "<s>" or {"content": "<s>"}
         if name is None:
             return None
-        if name not in ids:
-            raise TokenizerError(f"{config_path}: {key} {name!r} is not a token of {path}")
+        if not isinstance(name, str) or name not in ids:
+            raise TokenizerError(f"{config_path}: {key} {shown(name)} is not a token of {path}")
         return ids[name]
 
     bos_id, eos_id = special_id("bos_token"), special_id("eos_token")
     if eos_id is None:
         raise TokenizerError(f"{config_path if config else path}: no eos_token; npllama would not know "
                              "where generation ends")
-    add_bos = config.get("add_bos_token")
+    add_bos = _checked(config.get("add_bos_token"), bool, "add_bos_token", config_path, optional=True)
     if add_bos is None:  # Llama 3 says it in the post-processor: "<|begin_of_text|>" then $A
-        single = (data.get("post_processor") or {}).get("single") or []
-        first = single[0].get("SpecialToken", {}).get("id") if single and isinstance(single[0], dict) else None
-        add_bos = bos_id is not None and first == tokens[bos_id]
+        post = data.get("post_processor")
+        single = post.get("single") if isinstance(post, dict) else None
+        first = single[0] if isinstance(single, list) and single and isinstance(single[0], dict) else {}
+        special = first.get("SpecialToken")
+        add_bos = bos_id is not None and isinstance(special, dict) and special.get("id") == tokens[bos_id]
     stop_ids = {eos_id}
     generation_path = directory / "generation_config.json"
-    if generation_path.is_file():
-        eos = _read_json(generation_path).get("eos_token_id")
-        stop_ids |= set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    if generation_path.exists():
+        generation = _checked(read_json(generation_path, "a generation_config.json", TokenizerError), dict,
+                              "the file", generation_path)
+        eos = generation.get("eos_token_id")
+        for i in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+            if type(i) is not int or not 0 <= i < len(tokens):
+                raise TokenizerError(f"{generation_path}: eos_token_id holds {shown(i)}; expected ids of "
+                                     f"the {len(tokens)}-token vocabulary")
+            stop_ids.add(i)
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template if isinstance(t, dict)
+                         and t.get("name") == "default"), None)
+    template = _checked(template, str, "chat_template", config_path, optional=True)
     return Tokenizer.from_byte_level_bpe(str(path), tokens, types, pre, bos_id=bos_id, eos_id=eos_id,
-                                         stop_ids=stop_ids, add_bos=bool(add_bos), merges=merges,
+                                         stop_ids=stop_ids, add_bos=add_bos, merges=merges,
                                          chat_template=template)
 
 

@@ -39,9 +39,9 @@ import numpy as np
 
 from ..config import ModelArgs, RopeScaling, split_layer_name
 from ..errors import (CheckpointError, ConfigError, ConfigValueError, ModelNotFoundError, TokenizerError,
-                      UnsafeCheckpointError, shown)
+                      UnsafeCheckpointError, clipped, shown)
 from ..tokenizer import Tokenizer
-from .shared import check_weights, few, open_regular, read_json, read_regular
+from .shared import check_weights, describe_exception, few, open_regular, read_json, read_regular
 
 # --- params.json ----------------------------------------------------------------------------
 
@@ -285,7 +285,7 @@ class _StateDictUnpickler(pickle._Unpickler):
             # (builtins as __builtin__); name the module a reader would recognise.
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)
             raise UnsafeCheckpointError(
-                f"{self.path}: refusing to load global '{shown(module)[1:-1]}.{shown(name)[1:-1]}': "
+                f"{self.path}: refusing to load global '{clipped(str(module))}.{clipped(str(name))}': "
                 "a Llama state dict only holds tensors, so this file may be malicious (do not "
                 "torch.load it either); if you made it, save only model.state_dict()") from None
 
@@ -334,12 +334,6 @@ def _unpickle_state_dict(data: bytes, path: Path) -> dict[str, _TensorRef]:
             raise CheckpointError(f"{path}: entry {shown(name)} is a {type(value).__name__}, "
                                   f"not a tensor; {hint}")
     return state
-
-
-def describe_exception(e: Exception) -> str:
-    """Type and message, never empty and never long (a MemoryError's message is empty)."""
-    text = str(e)[:200] if not isinstance(e, MemoryError) else "more memory than data.pkl could need"
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # --- Tensors as views of the file --------------------------------------------------------

@@ -67,8 +67,15 @@ def read_regular(path: Path, expected: str, max_bytes: int) -> bytes:
         return f.read(max_bytes)
 
 
-def _no_constants(name: str):
+def reject_json_constant(name: str):
+    """json's hook for NaN, Infinity and -Infinity, which Python accepts and JSON does not."""
     raise ValueError(f"{name} is not a number JSON allows")
+
+
+def describe_exception(e: BaseException) -> str:
+    """Type and message, never empty and never long (a MemoryError's message is empty)."""
+    text = str(e)[:200] if not isinstance(e, MemoryError) else "more memory than the file could need"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def read_json(path: Path, expected: str, error: type[Exception] = ConfigError,
@@ -77,7 +84,7 @@ def read_json(path: Path, expected: str, error: type[Exception] = ConfigError,
     nesting too deep for the parser and integers too long to convert, each as `error`."""
     data = read_regular(path, expected, max_bytes)
     try:
-        return json.loads(data, parse_constant=_no_constants)
+        return json.loads(data, parse_constant=reject_json_constant)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
         reason = "it nests too deeply" if isinstance(e, RecursionError) else str(e)[:200]
         raise error(f"{path} is not valid JSON: {reason}") from None
