@@ -7,6 +7,8 @@ through the KV cache, and yields each token as soon as it is chosen.
 
 from __future__ import annotations
 
+import math
+import operator
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -14,6 +16,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import check_fits, fits
+from .errors import ArgumentError, NumericalError, shown
+
+
+def check_finite(logits: np.ndarray, position: int | None = None) -> None:
+    """NaN or infinite logits come from broken weights or configuration; sampling from them would
+    silently pick token 0."""
+    if not np.isfinite(logits).all():
+        where = f" at position {position}" if position is not None else ""
+        bad = int(np.flatnonzero(~np.isfinite(logits))[0])
+        raise NumericalError(f"the logits{where} hold {logits.flat[bad]} (token id {bad} first): the "
+                             "model's weights or configuration produce non-finite values")
 
 
 def next_token_probs(logits: np.ndarray) -> np.ndarray:
@@ -64,24 +77,44 @@ class Sampler:
     rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
-        if not self.temperature >= 0:  # written so that nan is refused too
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+        # The messages name the command line's flag too: they reach its users unchanged.
+        if not (number(self.temperature) and self.temperature >= 0):
+            raise ArgumentError(f"temperature (--temperature) is {shown(self.temperature)}; it must be a "
+                                "finite number >= 0 (0: greedy)")
+        if not (number(self.top_p) and 0 < self.top_p <= 1):
+            raise ArgumentError(f"top_p (--top-p) is {shown(self.top_p)}; it must be in (0, 1]")
+        if not integer(self.top_k):
+            raise ArgumentError(f"top_k (--top-k) is {shown(self.top_k)}; it must be an integer >= 0 "
+                                "(0 disables it)")
+        if self.seed is not None and not integer(self.seed):
+            raise ArgumentError(f"seed (--seed) is {shown(self.seed)}; it must be an integer >= 0")
         self.rng = np.random.default_rng(self.seed)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """The distribution a token is drawn from, after temperature, top-k and top-p."""
-        probs = top_k_filter(next_token_probs(logits / self.temperature), self.top_k)  # [V]
+        probs = top_k_filter(next_token_probs(self.scaled(logits)), self.top_k)  # [V]
         # Renormalise between the filters, as Hugging Face and llama.cpp do: top-p's p is a
         # fraction of what top-k kept, not of the whole vocabulary.
         probs = top_p_filter(probs / probs.sum(), self.top_p)  # [V]
         return probs / probs.sum()  # [V]
 
+    def scaled(self, logits: np.ndarray) -> np.ndarray:
+        """logits / temperature, in float64: a float32 quotient overflows already at 1e-37."""
+        check_finite(logits)
+        with np.errstate(over="ignore"):
+            return logits.astype(np.float64) / self.temperature  # [V]
+
     def __call__(self, logits: np.ndarray) -> int:
-        if self.temperature == 0:
+        check_finite(logits)
+        # A temperature so small that logits / temperature overflows even float64 (1e-320) is
+        # the limit of ever sharper distributions: greedy.
+        if self.temperature == 0 or not np.isfinite(self.scaled(logits)).all():
             return int(np.argmax(logits))
         probs = self.probabilities(logits)  # [V]
         # Inverse-CDF draw: one uniform number per token, so a seed fixes the whole run.
@@ -123,14 +156,19 @@ def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: S
     To continue a conversation, pass the previous call's `cache` and, as `start_pos`, its
     `stats.cached_positions`; `prompt` is then only the tokens not yet in the cache.
     """
-    prompt = [int(t) for t in prompt]
+    try:
+        prompt = [operator.index(t) for t in prompt]
+    except TypeError:
+        raise ArgumentError("the prompt must be a sequence of integer token ids") from None
+    if not prompt:
+        raise ArgumentError("the prompt is empty: give at least one token (e.g. the BOS token)")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ArgumentError(f"max_new_tokens is {shown(max_new_tokens)}; it must be an integer >= 0")
     sampler = sampler or Sampler()
     stats = stats if stats is not None else GenerationStats()
     stop_ids = set(model.tokenizer.stop_ids if stop_ids is None else stop_ids)
-    if cache is None:
-        cache = model.new_cache()
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one token (e.g. the BOS token)")
+    if cache is None:  # sized by what this call can use, not by the model's whole context
+        cache = model.new_cache(min(model.args.max_seq_len, len(prompt) + max(max_new_tokens, 1)))
     context = model.context_length(cache)
     check_fits(start_pos, len(prompt), context, generating=True)
     stats.prompt_tokens = len(prompt)
@@ -139,6 +177,7 @@ def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: S
     logits = model.forward(prompt, start_pos, cache, last_only=True)[-1]  # [V]
     stats.prefill_seconds = time.perf_counter() - t0
     pos = stats.cached_positions = start_pos + len(prompt)  # where the next token goes
+    check_finite(logits, pos - 1)
     stats.stop_reason = "max_new_tokens"
     t0 = time.perf_counter()
     for i in range(max_new_tokens):
@@ -154,5 +193,6 @@ def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: S
             stats.stop_reason = "max_seq_len"
             break
         logits = model.forward([token], pos, cache, last_only=True)[-1]  # [V]
+        check_finite(logits, pos)
         pos = stats.cached_positions = pos + 1
         stats.decode_seconds = time.perf_counter() - t0

@@ -57,10 +57,11 @@ def scale_rope_frequencies(freqs: np.ndarray, s: RopeScaling) -> np.ndarray:
     return np.where(in_band, blended, scaled).astype(np.float32)  # [hd/2]
 
 
-def rope_tables(freqs: np.ndarray, n_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of every angle pos * freq, precomputed once per model."""
-    angles = np.outer(np.arange(n_positions, dtype=np.float32), freqs)  # [P, hd/2]
-    return np.cos(angles), np.sin(angles)  # [P, hd/2] each
+def rope_tables(freqs: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of every angle pos * freq, for the positions a forward pass uses: computed per
+    call, not for the whole context at load, so a long context costs nothing until it is used."""
+    angles = np.outer(np.asarray(positions, dtype=np.float32), freqs)  # [T, hd/2]
+    return np.cos(angles), np.sin(angles)  # [T, hd/2] each
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

@@ -10,7 +10,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .config import EMBEDDING, NORM, OUTPUT, ModelArgs, check_fits
+from .config import EMBEDDING, LIMITS, NORM, OUTPUT, ModelArgs, check_fits
+from .errors import ArgumentError, shown
 from .layers import (apply_rope, attention, causal_mask, embed, feed_forward, keep, linear,
                      rms_norm, rope_frequencies, rope_tables)
 from .resident_or_streamed import (BF16, LayerWeights, StreamedWeight, TilePool, default_weights_budget,
@@ -62,8 +63,13 @@ class KVCache:
     def __init__(self, args: ModelArgs, max_seq_len: int):
         kv, hd = args.n_kv_heads, args.head_dim
         self.max_seq_len = max_seq_len
-        self.k = [np.zeros((kv, max_seq_len, hd), np.float32) for _ in range(args.n_layers)]  # [KV, P, hd]
-        self.v = [np.zeros((kv, hd, max_seq_len), np.float32) for _ in range(args.n_layers)]  # [KV, hd, P]
+        try:  # zeros are pages the OS maps on first write, but the address space is reserved now
+            self.k = [np.zeros((kv, max_seq_len, hd), np.float32) for _ in range(args.n_layers)]  # [KV, P, hd]
+            self.v = [np.zeros((kv, hd, max_seq_len), np.float32) for _ in range(args.n_layers)]  # [KV, hd, P]
+        except MemoryError:
+            gb = 2 * args.n_layers * kv * hd * 4 * max_seq_len / 2**30
+            raise ArgumentError(f"a KV cache of {max_seq_len} positions takes {gb:.1f} GB, more than this "
+                                "machine can give: pass a smaller max_seq_len (--max-seq-len)") from None
 
     @property
     def nbytes(self) -> int:
@@ -82,7 +88,10 @@ class Llama:
     def __init__(self, args: ModelArgs, weights: Mapping[str, np.ndarray], tokenizer=None,
                  dtype: str = "float32", weights_budget: int | None = None, source: str = ""):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+            raise ArgumentError(f"dtype is {shown(dtype)}; it must be one of {', '.join(DTYPES)}")
+        if weights_budget is not None and (not isinstance(weights_budget, (int, float)) or
+                                           isinstance(weights_budget, bool) or not 0 <= weights_budget < 2**62):
+            raise ArgumentError(f"weights_budget is {shown(weights_budget)}; it must be a number of bytes >= 0")
         self.args, self.tokenizer, self.dtype, self.source = args, tokenizer, dtype, source
         self.weights = weights  # as stored: memory maps, never modified
         # In bf16 mode weights are rounded to bf16 too: a float32 checkpoint then behaves like the
@@ -104,12 +113,15 @@ class Llama:
         self.norm = vector(weights[NORM.meta])  # [D]
         output = weights[(EMBEDDING if args.tie_embeddings else OUTPUT).meta]
         self.output = matrix(output)  # [V, D]
-        cos, sin = rope_tables(rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling),
-                               args.max_seq_len)
-        self.rope_cos, self.rope_sin = cos, sin  # [max_seq_len, hd/2] each
+        self.rope_freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)  # [hd/2]
 
     def new_cache(self, max_seq_len: int | None = None) -> KVCache:
-        return KVCache(self.args, max_seq_len or self.args.max_seq_len)
+        """A KV cache for max_seq_len positions (default: the model's context)."""
+        n = self.args.max_seq_len if max_seq_len is None else max_seq_len
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= LIMITS["max_seq_len"]:
+            raise ArgumentError(f"max_seq_len is {shown(n)}; it must be an integer from 1 to "
+                                f"{LIMITS['max_seq_len']}")
+        return KVCache(self.args, n)
 
     def context_length(self, cache: KVCache | None = None) -> int:
         """Positions a sequence may use: the model's max_seq_len, or the cache's if smaller."""
@@ -150,8 +162,7 @@ class Llama:
         args, n_new = self.args, len(tokens)
         cache = cache or self.new_cache(n_new)
         step = self._step(trace)
-        cos = self.rope_cos[start_pos:start_pos + n_new]  # [T, hd/2]
-        sin = self.rope_sin[start_pos:start_pos + n_new]  # [T, hd/2]
+        cos, sin = rope_tables(self.rope_freqs, np.arange(start_pos, start_pos + n_new))  # [T, hd/2] each
         mask = causal_mask(n_new, start_pos)  # [T, S]
 
         h = step("embedding", embed(tokens, self.weights[EMBEDDING.meta]))  # [T, D]
@@ -168,13 +179,17 @@ class Llama:
     def _check_tokens(self, tokens, start_pos: int, cache: KVCache | None) -> np.ndarray:
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or len(tokens) == 0 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(f"tokens must be a non-empty 1-D sequence of ints, got shape {tokens.shape} "
-                             f"of {tokens.dtype}")
+            raise ArgumentError(f"tokens must be a non-empty 1-D sequence of ints, got shape {tokens.shape} "
+                                f"of {tokens.dtype}")
         if tokens.min() < 0 or tokens.max() >= self.args.vocab_size:
             bad = tokens[(tokens < 0) | (tokens >= self.args.vocab_size)][0]
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.args.vocab_size})")
+            raise ArgumentError(f"token id {bad} is outside the vocabulary [0, {self.args.vocab_size})")
+        if not isinstance(start_pos, (int, np.integer)) or isinstance(start_pos, bool) or start_pos < 0:
+            raise ArgumentError(f"start_pos is {shown(start_pos)}; it must be an integer >= 0")
         if cache is None and start_pos != 0:
-            raise ValueError("start_pos > 0 needs the cache that holds positions 0..start_pos-1")
+            raise ArgumentError("start_pos > 0 needs the cache that holds positions 0..start_pos-1")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise ArgumentError(f"cache is {shown(cache)}; pass the KVCache that model.new_cache() made")
         check_fits(start_pos, len(tokens), self.context_length(cache))
         return tokens
 

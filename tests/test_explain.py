@@ -98,8 +98,9 @@ def test_sizes_come_from_the_model(run):
     # freqs_cis is the table the forward pass rotated with, as complex numbers, and q_rot is q times it.
     freqs_cis = by_name["freqs_cis"].array
     assert freqs_cis.shape == (T, a.head_dim // 2)
-    np.testing.assert_array_equal(freqs_cis.real, model.rope_cos[:T])
-    np.testing.assert_array_equal(freqs_cis.imag, model.rope_sin[:T])
+    angles = np.outer(np.arange(T, dtype=np.float32), model.rope_freqs)  # [T, hd/2]
+    np.testing.assert_array_equal(freqs_cis.real, np.cos(angles))
+    np.testing.assert_array_equal(freqs_cis.imag, np.sin(angles))
     q, q_rot = by_name["q_per_token"].array, by_name["q_per_token_rotated"].array
     rotated = (q[:, 0::2] + 1j * q[:, 1::2]) * freqs_cis
     np.testing.assert_allclose(q_rot[:, 0::2] + 1j * q_rot[:, 1::2], rotated, rtol=1e-5, atol=1e-5)
@@ -228,10 +229,10 @@ def test_figures_are_pngs_of_the_trace(checkpoint, tmp_path, monkeypatch, capsys
     np.testing.assert_array_equal(drawn["probs"], trace[p + "probs"][HEAD])
     assert np.isneginf(drawn["masked_scores"]).sum() == len(tokens) * (len(tokens) - 1) // 2
 
-    # The RoPE arrows are the last position's row of the model's own tables.
+    # The RoPE arrows are the last position's angles, pos * freq, with the model's own frequencies.
     last = len(tokens) - 1
-    np.testing.assert_array_equal(figures["rope.png"].data["cos"], model.rope_cos[last])
-    np.testing.assert_array_equal(figures["rope.png"].data["sin"], model.rope_sin[last])
+    np.testing.assert_array_equal(figures["rope.png"].data["cos"], np.cos(np.float32(last) * model.rope_freqs))
+    np.testing.assert_array_equal(figures["rope.png"].data["sin"], np.sin(np.float32(last) * model.rope_freqs))
     assert len(figures["rope.png"].data["cos"]) == model.args.head_dim // 2
 
     # One RMS curve per token: the embedding, then each layer's output.

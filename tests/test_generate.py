@@ -457,7 +457,7 @@ def meta_rope_functions():
 @pytest.mark.parametrize("head_dim", [128, 64, 16])
 def test_scaled_rope_tables_match_meta(head_dim):
     freqs_cis = meta_rope_functions()(head_dim, 32768, 500000.0, use_scaled=True)  # [P, hd/2] complex
-    cos, sin = rope_tables(rope_frequencies(head_dim, 500000.0, RopeScaling()), 32768)
+    cos, sin = rope_tables(rope_frequencies(head_dim, 500000.0, RopeScaling()), np.arange(32768))
     np.testing.assert_allclose(cos, freqs_cis.real.numpy(), rtol=0, atol=1e-6)
     np.testing.assert_allclose(sin, freqs_cis.imag.numpy(), rtol=0, atol=1e-6)
 
@@ -625,14 +625,19 @@ def test_cli_missing_model(tmp_path, capsys):
 
 
 def test_cli_prompt_and_file_together(tmp_path, capsys):
+    """Flags that contradict each other or make no sense: one line, exit status 2, no model loaded."""
     (tmp_path / "p.txt").write_text("hi")
-    with pytest.raises(SystemExit) as e:
-        cli.main(["-p", "hi", "-f", str(tmp_path / "p.txt")])
-    assert "-p" in str(e.value.code) and "-f" in str(e.value.code)
-    for argv in (["-f", str(tmp_path / "none.txt")], ["-n", "-1"], ["--max-seq-len", "1"]):
-        with pytest.raises(SystemExit) as e:
-            cli.main(argv)
-        assert str(e.value.code).startswith("error:")
+    code, _, err = run_cli(capsys, "-p", "hi", "-f", tmp_path / "p.txt")
+    assert code == 2 and err.startswith("error:") and "-p" in err and "-f" in err
+    for argv, message in ((["-f", tmp_path / "none.txt"], "none.txt not found"),
+                          (["-f", tmp_path], "is a directory"), (["-f", "/dev/null"], "not a regular file"),
+                          (["-n", "-1"], "-n must be >= 0"), (["--max-seq-len", "1"], "--max-seq-len"),
+                          (["-s", "-1"], "seed (--seed) is -1"), (["--top-p", "nan"], "top_p (--top-p)"),
+                          (["--weights-budget-gb", "nan"], "--weights-budget-gb"),
+                          (["--weights-budget-gb", "inf"], "--weights-budget-gb"),
+                          (["--weights-budget-gb", "1e300"], "--weights-budget-gb")):
+        code, _, err = run_cli(capsys, "-m", tmp_path / "no-model-needed", *argv)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error:") and message in err, err
 
 
 def test_cli_prompt_too_long(load_once, checkpoint, capsys):
@@ -714,10 +719,8 @@ def test_help_states_each_default_once(subcommand, capsys):
         assert "(default: 0.0)" in text and "(default: 2048)" in text  # --temperature, --max-seq-len
 
 
-def test_cli_prompt_file_that_is_not_utf8(tmp_path):
+def test_cli_prompt_file_that_is_not_utf8(tmp_path, capsys):
     """A binary --file is a one-line error naming the file, before any model is loaded."""
     (tmp_path / "p.bin").write_bytes(b"caf\xe9 \xff\xfe")
-    with pytest.raises(SystemExit) as e:
-        cli.main(["-m", str(tmp_path / "no-model-needed"), "-f", str(tmp_path / "p.bin")])
-    assert str(e.value.code).startswith("error:") and "p.bin" in str(e.value.code)
-    assert "UTF-8" in str(e.value.code)
+    code, _, err = run_cli(capsys, "-m", tmp_path / "no-model-needed", "-f", tmp_path / "p.bin")
+    assert code == 2 and err.startswith("error:") and "p.bin" in err and "UTF-8" in err

@@ -110,7 +110,7 @@ def test_params_come_from_params_json(tmp_path, seed_prompt):
     model = npllama.load(tmp_path)
     assert model.args.norm_eps == 3e-5 and model.args.rope_theta == 12345.0
     # The RoPE table's first non-trivial frequency is theta^(-2/hd).
-    np.testing.assert_allclose(model.rope_sin[1, 1], np.sin(12345.0 ** (-2 / args.head_dim)), rtol=1e-6)
+    np.testing.assert_allclose(model.rope_freqs[1], 12345.0 ** (-2 / args.head_dim), rtol=1e-6)
     tokens = model.tokenizer.encode(seed_prompt)
     oracle = oracle_for(tmp_path).forward(tokens)
     np.testing.assert_allclose(model.forward(tokens), oracle, atol=FLOAT32_BOUND * np.abs(oracle).max())
@@ -259,7 +259,7 @@ def test_rope_scaling_factor_is_read_from_params_json(tmp_path):
     assert load_params(tmp_path / "params.json").rope_scaling == RopeScaling(factor=32.0)
     model = npllama.load(tmp_path, max_seq_len=64)
     freqs = rope_frequencies(args.head_dim, args.rope_theta, RopeScaling(factor=32.0))  # [hd/2]
-    np.testing.assert_array_equal(model.rope_cos[63], np.cos(np.float32(63) * freqs))
+    np.testing.assert_array_equal(model.rope_freqs, freqs)
     eight = rope_frequencies(args.head_dim, args.rope_theta, RopeScaling(factor=8.0))  # [hd/2]
     assert not np.allclose(freqs, eight)  # the factor matters for this head_dim
 
@@ -377,5 +377,5 @@ def test_params_max_seq_len_is_the_default_context(tmp_path):
     assert npllama.load(tmp_path).args.max_seq_len == 8192  # Llama 3's, when the file says nothing
     edit_params(tmp_path, max_seq_len=64)
     model = npllama.load(tmp_path)
-    assert model.args.max_seq_len == 64 and model.rope_cos.shape[0] == 64
+    assert model.args.max_seq_len == 64 and model.context_length() == 64
     assert npllama.load(tmp_path, max_seq_len=128).args.max_seq_len == 128  # the caller's wins

@@ -47,7 +47,7 @@ def rel_err(actual: np.ndarray, expected: np.ndarray) -> float:
 def rope_at(x: np.ndarray, positions, freqs: np.ndarray) -> np.ndarray:
     """apply_rope on x [H, T, hd] with the tables' rows for the given absolute positions."""
     positions = np.asarray(positions)
-    cos, sin = rope_tables(freqs, int(positions.max()) + 1)  # [P, hd/2] each
+    cos, sin = rope_tables(freqs, np.arange(int(positions.max()) + 1))  # [P, hd/2] each
     return apply_rope(x, cos[positions], sin[positions])  # [H, T, hd]
 
 
@@ -127,7 +127,7 @@ def test_rope_position_zero_is_the_identity(hd, theta, n_heads, seed):
     """Angle 0 at position 0, exactly. Catches tables that start at position 1
     (np.arange(1, P + 1)) or a model that reads the table one row late."""
     freqs = rope_frequencies(hd, theta)
-    cos, sin = rope_tables(freqs, 3)
+    cos, sin = rope_tables(freqs, np.arange(3))
     assert np.array_equal(cos[0], np.ones(hd // 2)) and np.array_equal(sin[0], np.zeros(hd // 2))
     x = np.random.default_rng(seed).standard_normal((n_heads, 1, hd)).astype(np.float32)
     assert np.array_equal(apply_rope(x, cos[:1], sin[:1]), x)
@@ -162,7 +162,7 @@ def test_rope_rotates_interleaved_pairs_like_complex_multiplication(hd, theta, n
     rng = np.random.default_rng(seed)
     positions = rng.integers(0, 2048, size=n_pos)
     x = rng.standard_normal((2, n_pos, hd)).astype(np.float32)  # [H, T, hd]
-    cos, sin = rope_tables(rope_frequencies(hd, theta), 2048)
+    cos, sin = rope_tables(rope_frequencies(hd, theta), np.arange(2048))
     y = apply_rope(x, cos[positions], sin[positions])
 
     z = x[..., 0::2].astype(np.complex128) + 1j * x[..., 1::2]  # [H, T, hd/2]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import ArgumentError
+from ..formats.shared import read_regular
 from ..model import DTYPES
 
 THE_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
@@ -63,14 +65,15 @@ def load_for_prompt(model_path: str | None, prompt: str, dtype: str):
     model = load_model(model_path, dtype=dtype, max_seq_len=len(prompt.encode("utf-8")) + 2)
     tokens = model.tokenizer.encode(prompt)
     if not tokens:
-        raise SystemExit("error: the prompt is empty and this tokenizer adds no begin-of-text token: "
-                         "give a prompt with -p")
+        raise ArgumentError("the prompt is empty and this tokenizer adds no begin-of-text token: "
+                            "give a prompt with -p")
     return model, tokens
 
 
 def read_prompt_file(path: Path) -> str:
+    """A prompt file's text: a regular file (not a directory or a FIFO) of UTF-8, at most 64 MB."""
     try:
-        return path.read_text(encoding="utf-8")
+        return read_regular(path, "a UTF-8 text file with the prompt (--file)", 64 << 20).decode("utf-8")
     except UnicodeDecodeError as e:
-        raise SystemExit(f"error: --file {path} is not UTF-8 text (byte {e.start}: "
-                         f"{e.object[e.start:e.start + 1]!r}); convert it to UTF-8") from None
+        raise ArgumentError(f"--file {path} is not UTF-8 text (byte {e.start}: "
+                            f"{e.object[e.start:e.start + 1]!r}); convert it to UTF-8") from None

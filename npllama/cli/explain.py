@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..generate import next_token_probs, top_tokens
+from ..layers import rope_tables
 from ..model import Llama, rounded_to_bf16
 from .common import load_for_prompt, subcommand_parser
 
@@ -75,7 +76,8 @@ def explain_steps(model: Llama, tokens, trace: dict, layer: int = 0, head: int =
     rms = residual_rms(trace, a.n_layers)  # [L+1, T]
     probs = next_token_probs(trace["logits"][-1])  # [V]
     best = top_tokens(probs, TOP_K)  # [k]
-    freqs_cis = model.rope_cos[:n_tokens] + 1j * model.rope_sin[:n_tokens]  # [T, hd/2] complex
+    cos, sin = rope_tables(model.rope_freqs, np.arange(n_tokens))  # [T, hd/2] each
+    freqs_cis = cos + 1j * sin  # [T, hd/2] complex
 
     group = f"kv head {kv_head} of {a.n_kv_heads}, shared by query heads " \
             f"{kv_head * a.n_rep}..{(kv_head + 1) * a.n_rep - 1} (grouped-query attention)"
@@ -97,7 +99,7 @@ def explain_steps(model: Llama, tokens, trace: dict, layer: int = 0, head: int =
         Step("freqs_cis", f"freqs_cis[pos, k] = cos(pos * f_k) + i sin(pos * f_k), "
              f"f_k = {a.rope_theta:g}^(-2k/{hd}), k < {hd // 2}: one rotation per pair of dimensions"
              + (" (f_k then Llama 3.1-scaled)" if a.rope_scaling else ""), freqs_cis,
-             "model.rope_cos + 1j * model.rope_sin, the tables the forward pass used",
+             "cos + 1j * sin of rope_tables(model.rope_freqs, positions), as the forward pass computes them",
              "pair k is the adjacent dims (2k, 2k+1), as in Meta's checkpoints"),
         from_trace("q_per_token_rotated", "q_rot: each pair (q[2i], q[2i+1]) as a complex number "
                    "times freqs_cis[pos, i] (RoPE)", p + "q_rot", head),
@@ -228,7 +230,7 @@ def write_figures(directory, model: Llama, tokens, trace: dict, layer: int, head
     probs = next_token_probs(trace["logits"][-1])  # [V]
     best = top_tokens(probs, plots.TOP_K_BARS)  # [k]
     return [
-        plots.plot_rope(directory / "rope.png", model.rope_cos[position], model.rope_sin[position], position,
+        plots.plot_rope(directory / "rope.png", *(t[0] for t in rope_tables(model.rope_freqs, [position])), position,
                         model.args.rope_theta),
         plots.plot_attention(directory / "attention.png", trace[p + "scores"][head],
                              trace[p + "masked_scores"][head], trace[p + "probs"][head], pieces, layer, head),

@@ -7,8 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import math
+
 from ..chat import chat_format_for
-from ..config import check_fits, fits
+from ..config import LIMITS, check_fits, fits
+from ..errors import ArgumentError
 from ..generate import GenerationStats, Sampler, next_token_probs, top_tokens
 from ..tokenizer import StreamDecoder
 from .common import (THE_PROMPT, add_dtype_option, add_model_option, load_model, new_parser,
@@ -55,11 +58,9 @@ def main(argv: list[str]) -> int:
 
 
 def run(args) -> int:
+    # Everything the flags can get wrong is checked before the model loads, which may take a while.
     check_args(args)
-    try:
-        sampler = Sampler(args.temperature, args.top_p, args.top_k, args.seed)
-    except ValueError as e:  # checked before the model loads, which may take a while
-        raise SystemExit(f"error: {e}") from None
+    sampler = Sampler(args.temperature, args.top_p, args.top_k, args.seed)
     prompt = read_prompt_file(args.file) if args.file else args.prompt
     budget = None if args.weights_budget_gb is None else int(args.weights_budget_gb * 2**30)
     model = load_model(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, weights_budget=budget)
@@ -67,6 +68,9 @@ def run(args) -> int:
         return chat(model, sampler, args, prompt)
     prompt = THE_PROMPT if prompt is None else prompt
     tokens = model.tokenizer.encode(prompt, bos=None)
+    if not tokens:
+        raise ArgumentError("the prompt is empty and this model's tokenizer adds no begin-of-text "
+                            "token, so there is nothing to continue: give a prompt with -p or -f")
     if args.truncate:
         tokens = fit_prompt(tokens, model.context_length(), model.tokenizer.bos_id)
     check_fits(0, len(tokens), model.context_length(), generating=True)  # before the story, not after
@@ -84,14 +88,15 @@ def run(args) -> int:
 
 def check_args(args) -> None:
     if args.prompt is not None and args.file is not None:
-        raise SystemExit("error: give the prompt with -p or -f, not both")
-    if args.file is not None and not args.file.is_file():
-        raise SystemExit(f"error: --file {args.file} does not exist")
+        raise ArgumentError("give the prompt with -p or -f, not both")
     if args.max_new_tokens is not None and args.max_new_tokens < 0:
-        raise SystemExit(f"error: -n must be >= 0, got {args.max_new_tokens}")
-    if not fits(0, 1, args.max_seq_len, generating=True):
-        raise SystemExit(f"error: --max-seq-len must leave room for a prompt token and a new one, "
-                         f"got {args.max_seq_len}")
+        raise ArgumentError(f"-n must be >= 0, got {args.max_new_tokens}")
+    if not fits(0, 1, args.max_seq_len, generating=True) or args.max_seq_len > LIMITS["max_seq_len"]:
+        raise ArgumentError(f"--max-seq-len must leave room for a prompt token and a new one, and be at "
+                            f"most {LIMITS['max_seq_len']}; got {args.max_seq_len}")
+    budget = args.weights_budget_gb
+    if budget is not None and not (math.isfinite(budget) and 0 <= budget <= 1 << 20):
+        raise ArgumentError(f"--weights-budget-gb must be a number of GB from 0 to {1 << 20}, got {budget}")
 
 
 def fit_prompt(tokens: list[int], context: int, bos_id: int | None) -> list[int]:
