@@ -1,23 +1,32 @@
-"""Random Llama 3 checkpoints in Meta's exact on-disk format, for tests and benchmarks.
+"""Checkpoints written for tests, fuzzing and benchmarks: random Llama 3 weights in Meta's exact
+on-disk format, and tiny valid models of every format npllama reads.
 
 `write_random_checkpoint(dir, args)` writes what Meta ships in a model directory:
 params.json, consolidated.00.pth (a torch.save'd dict of bf16 tensors with Meta's
 names) and tokenizer.model (the real Llama 3 one, from the `llama-models` wheel).
 Any shape works, from a 2-layer toy up to the full Meta-Llama-3-8B. `write_shards` splits a
 state dict the way Meta saves a model-parallel checkpoint (consolidated.00.pth, .01, ...).
+`tiny_model_files(format)` gives the files of a tiny valid Meta, GGUF or Hugging Face model (a
+256-byte vocabulary, dim 16): the seeds that tests/fuzz.py mutates and tests/test_hostile.py edits.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
+import tempfile
+import zipfile
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from npllama.config import ModelArgs
+from npllama.config import ModelArgs, layer_name, split_layer_name
 from npllama.formats.meta import params_json
+from npllama.tokenizer import gpt2_bytes_to_unicode
 
 LLAMA3_VOCAB_SIZE = 128256  # 128000 BPE ranks + 256 special tokens
 
@@ -99,3 +108,155 @@ def write_shards(directory: Path, state: dict[str, torch.Tensor], n: int) -> Pat
     for i, shard in enumerate(shards):
         torch.save(shard, directory / f"consolidated.{i:02d}.pth")
     return directory
+
+
+def write_torch_zip(path: Path, data_pkl: bytes) -> Path:
+    """A torch-format archive around a hand-made data.pkl."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", data_pkl)
+        z.writestr("archive/byteorder", b"little")
+        z.writestr("archive/version", b"3\n")
+    return path
+
+
+# --- Tiny valid models of every format ------------------------------------------------------------
+
+# A byte-level vocabulary: the 256 single bytes, then tokens merged from two earlier ones.
+TINY_MERGES = [(b" ", b"t"), (b"h", b"e"), (b" t", b"he"), (b"i", b"n"), (b" ", b"a"), (b" ", b" ")]
+TINY_RANKS = [bytes([b]) for b in range(256)] + [a + b for a, b in TINY_MERGES]
+TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # GGUF's and HF's, after the ranks
+# Where each format's model is: npllama.load is given the directory, or this file in it.
+TINY_ENTRY = {"meta": "", "gguf": "model.gguf", "hf": "", "hf-sharded": ""}
+
+
+def tiny_model_args(vocab_size: int) -> ModelArgs:
+    """Two layers with 2:1 GQA, small enough that headers are a fair share of every file."""
+    return ModelArgs(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size,
+                     norm_eps=1e-5, rope_theta=500000.0, multiple_of=16)
+
+
+def _tiny_weights(args: ModelArgs) -> dict[str, np.ndarray]:
+    """Meta-named float32 weights: norms near 1, matrices N(0, 1/fan_in)."""
+    rng = np.random.default_rng(0)
+    return {name: (1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1
+                   else rng.standard_normal(shape) / shape[1] ** 0.5).astype(np.float32)
+            for name, shape in args.weight_shapes().items()}
+
+
+def _stored_name(meta: str, fmt: str) -> str:
+    """A weight's name in format `fmt` ("gguf", "hf"), from npllama's table."""
+    i, tensor = split_layer_name(meta)
+    return getattr(tensor, fmt) if i is None else layer_name(getattr(tensor, fmt), i, fmt)
+
+
+def _byte_level(token: bytes) -> str:
+    table = gpt2_bytes_to_unicode()
+    return "".join(table[b] for b in token)
+
+
+def tiny_model_files(fmt: str) -> dict[str, bytes]:
+    """File name -> bytes of a tiny valid model: "meta", "gguf", "hf" or "hf-sharded"."""
+    return {"meta": _tiny_meta, "gguf": _tiny_gguf, "hf": _tiny_hf, "hf-sharded": _tiny_hf_sharded}[fmt]()
+
+
+def write_model_files(directory: Path, files: dict[str, bytes]) -> Path:
+    """The files into `directory`; returns what npllama.load takes (the directory or the .gguf)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return directory / "model.gguf" if "model.gguf" in files else directory
+
+
+def _tiny_meta() -> dict[str, bytes]:
+    # Llama 3's tokenizer.model holds BPE ranks only; npllama adds 256 special tokens after them.
+    args = tiny_model_args(len(TINY_RANKS) + 256)
+    pth = io.BytesIO()
+    torch.save({n: torch.from_numpy(w).to(torch.bfloat16) for n, w in _tiny_weights(args).items()}, pth)
+    ranks = b"".join(base64.b64encode(t) + b" %d\n" % rank for rank, t in enumerate(TINY_RANKS))
+    return {"params.json": json.dumps(params_json(args)).encode(), "consolidated.00.pth": pth.getvalue(),
+            "tokenizer.model": ranks}
+
+
+def tiny_gguf_metadata(args: ModelArgs) -> dict:
+    """The GGUF keys of the tiny model (gguf-py's writer adds general.architecture)."""
+    return {"llama.block_count": args.n_layers, "llama.context_length": 64,
+            "llama.embedding_length": args.dim, "llama.feed_forward_length": args.hidden_dim,
+            "llama.attention.head_count": args.n_heads, "llama.attention.head_count_kv": args.n_kv_heads,
+            "llama.rope.freq_base": float(args.rope_theta),
+            "llama.attention.layer_norm_rms_epsilon": float(args.norm_eps),
+            "llama.rope.dimension_count": args.head_dim, "llama.vocab_size": args.vocab_size,
+            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
+            "tokenizer.ggml.tokens": [_byte_level(t) for t in TINY_RANKS] + TINY_SPECIALS,
+            "tokenizer.ggml.token_type": [1] * len(TINY_RANKS) + [3] * len(TINY_SPECIALS),
+            "tokenizer.ggml.merges": [f"{_byte_level(a)} {_byte_level(b)}" for a, b in TINY_MERGES],
+            "tokenizer.ggml.bos_token_id": len(TINY_RANKS) + 1, "tokenizer.ggml.eos_token_id": len(TINY_RANKS) + 2,
+            "tokenizer.ggml.add_bos_token": False}
+
+
+def write_gguf_file(path: Path, metadata: dict, tensors: dict[str, np.ndarray]) -> Path:
+    """A GGUF file of these metadata (typed by their Python type: bool, int as uint32, float as
+    float32, str, list) and float32 tensors named as llama.cpp names them."""
+    from gguf import GGUFWriter
+    writer = GGUFWriter(str(path), "llama")
+    for key, value in metadata.items():
+        add = {bool: writer.add_bool, int: writer.add_uint32, float: writer.add_float32,
+               str: writer.add_string}.get(type(value), writer.add_array)
+        add(key, value)
+    for name, w in tensors.items():
+        writer.add_tensor(name, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _tiny_gguf() -> dict[str, bytes]:
+    args = tiny_model_args(len(TINY_RANKS) + len(TINY_SPECIALS))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_gguf_file(Path(tmp) / "model.gguf", tiny_gguf_metadata(args),
+                               {_stored_name(n, "gguf"): w for n, w in _tiny_weights(args).items()})
+        return {"model.gguf": path.read_bytes()}
+
+
+def _tiny_hf_common(args: ModelArgs) -> dict[str, bytes]:
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+              "hidden_size": args.dim, "num_hidden_layers": args.n_layers,
+              "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
+              "intermediate_size": args.hidden_dim, "rms_norm_eps": args.norm_eps,
+              "rope_theta": args.rope_theta, "vocab_size": args.vocab_size, "max_position_embeddings": 64,
+              "tie_word_embeddings": False, "rope_scaling": None, "torch_dtype": "float16"}
+    n = len(TINY_RANKS)
+    tokenizer = {
+        "version": "1.0", "normalizer": None, "post_processor": None, "decoder": {"type": "ByteLevel"},
+        "added_tokens": [{"id": n + i, "content": s, "special": True} for i, s in enumerate(TINY_SPECIALS)],
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
+        "model": {"type": "BPE", "byte_fallback": False,
+                  "vocab": {_byte_level(t): i for i, t in enumerate(TINY_RANKS)},
+                  "merges": [f"{_byte_level(a)} {_byte_level(b)}" for a, b in TINY_MERGES]}}
+    files = {"config.json": config, "tokenizer.json": tokenizer,
+             "tokenizer_config.json": {"bos_token": TINY_SPECIALS[1], "eos_token": TINY_SPECIALS[2],
+                                       "add_bos_token": False},
+             "generation_config.json": {"eos_token_id": [n, n + 2]}}
+    return {name: json.dumps(doc).encode() for name, doc in files.items()}
+
+
+def _tiny_hf_tensors(args: ModelArgs) -> dict[str, np.ndarray]:
+    return {_stored_name(n, "hf"): w.astype(np.float16) for n, w in _tiny_weights(args).items()}
+
+
+def _tiny_hf() -> dict[str, bytes]:
+    from safetensors.numpy import save
+    args = tiny_model_args(len(TINY_RANKS) + len(TINY_SPECIALS))
+    return {**_tiny_hf_common(args), "model.safetensors": save(_tiny_hf_tensors(args))}
+
+
+def _tiny_hf_sharded() -> dict[str, bytes]:
+    from safetensors.numpy import save
+    args = tiny_model_args(len(TINY_RANKS) + len(TINY_SPECIALS))
+    tensors = _tiny_hf_tensors(args)
+    names = sorted(tensors)
+    shards = {f"model-{i + 1:05d}-of-00002.safetensors": names[i::2] for i in range(2)}
+    index = {"metadata": {}, "weight_map": {n: file for file, part in shards.items() for n in part}}
+    return {**_tiny_hf_common(args), "model.safetensors.index.json": json.dumps(index).encode(),
+            **{file: save({n: tensors[n] for n in part}) for file, part in shards.items()}}

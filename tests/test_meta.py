@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from npllama.errors import CheckpointError, ModelNotFoundError, UnsafeCheckpointError
 from npllama.formats.meta import MergedShards, merge_shards, read_meta_checkpoint, read_pth
 from npllama.formats.shared import check_weights
-from oracle.checkpoints import random_state_dict, tiny_args, write_shards
+from oracle.checkpoints import random_state_dict, tiny_args, write_shards, write_torch_zip
 
 
 def torch_bytes(t: torch.Tensor) -> bytes:
@@ -51,14 +51,6 @@ def rewrite_zip(src: Path, dst: Path, change=lambda name, data: data, compressio
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression) as zout:
         for name in zin.namelist():
             zout.writestr(name, change(name, zin.read(name)))
-
-
-def write_torch_zip(path: Path, data_pkl: bytes):
-    """A torch-format archive around a hand-made data.pkl."""
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr("archive/data.pkl", data_pkl)
-        z.writestr("archive/byteorder", b"little")
-        z.writestr("archive/version", b"3\n")
 
 
 @pytest.fixture

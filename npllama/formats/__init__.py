@@ -23,6 +23,7 @@ from ..model import Llama
 from .gguf import read_gguf
 from .hf import read_hf
 from .meta import read_meta
+from .shared import open_regular
 
 EXPECTED = ("a Meta checkpoint directory (params.json, consolidated.00.pth, tokenizer.model), a "
             "Hugging Face Llama directory (config.json, model.safetensors, tokenizer.json) or a .gguf file")
@@ -46,7 +47,7 @@ def load(path, dtype: str = "float32", max_seq_len: int | None = None,
     start = time.perf_counter()
     kind = model_format(path)
     args, weights, tokenizer = READERS[kind](path)
-    if max_seq_len:
+    if max_seq_len is not None:
         args = replace(args, max_seq_len=max_seq_len)
     if tokenizer.n_words > args.vocab_size:
         raise ConfigError(f"{path}: the tokenizer has {tokenizer.n_words} tokens but the model's "
@@ -78,7 +79,7 @@ def model_format(path: Path) -> str:
             hint = f"; Hugging Face repos keep Meta's files in {path / 'original'}: pass that"
         found = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "") if names else "nothing"
         raise ModelNotFoundError(f"{path} is a directory holding {found}: npllama expected {EXPECTED}{hint}")
-    with open(path, "rb") as f:
+    with open_regular(path, EXPECTED) as f:
         magic = f.read(4)
     if magic == b"GGUF" or path.suffix == ".gguf":
         return "gguf"

@@ -39,8 +39,8 @@ from ..errors import (CheckpointError, ConfigError, ConfigValueError, ModelNotFo
                       shown)
 from ..tokenizer import (LLAMA3_PAT_STR, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED,
                         Tokenizer)
-from .shared import (LazyRows, check_weights, checked_size, describe_exception, open_regular, read_json,
-                     reject_json_constant)
+from .shared import (LazyRows, check_weights, checked_size, describe_exception, open_regular, parse_json_int,
+                     read_json)
 
 # --- safetensors ---------------------------------------------------------------------------
 
@@ -76,7 +76,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
                                   f"{n} bytes, the file has {size - 8} after the length)")
         raw = f.read(n)
         try:
-            header = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=reject_json_constant)
+            header = json.loads(raw, object_pairs_hook=_unique_keys, parse_int=parse_json_int)
         except (ValueError, RecursionError) as e:
             raise CheckpointError(f"{path}: the safetensors header is not valid JSON "
                                   f"({describe_exception(e)}); the file is corrupt or not a safetensors file") from None
@@ -110,7 +110,8 @@ def _tensor_entry(path: Path, name: str, spec) -> tuple[np.dtype, tuple[int, ...
         return (isinstance(value, list) and (length is None or len(value) == length) and len(value) <= 8
                 and all(type(d) is int and 0 <= d <= MAX_ELEMENTS for d in value))
 
-    if not (isinstance(spec, dict) and spec.get("dtype") in SAFETENSORS_DTYPES and ints(spec.get("shape"))
+    if not (isinstance(spec, dict) and isinstance(spec.get("dtype"), str) and spec["dtype"] in SAFETENSORS_DTYPES
+            and ints(spec.get("shape"))
             and ints(spec.get("data_offsets"), 2) and math.prod(spec["shape"]) <= MAX_ELEMENTS):
         raise CheckpointError(f"{path}: tensor {name} has a malformed or unknown entry (dtype one of "
                               f"{', '.join(SAFETENSORS_DTYPES)}, shape and data_offsets lists of integers "
@@ -180,14 +181,14 @@ def read_hf_tensors(directory: Path) -> dict[str, np.ndarray]:
                                   "to the shard file holding it")
         shards = {}
         for name, file in weight_map.items():
-            if file not in shards:
+            if not isinstance(file, str) or file not in shards:
                 shards[file] = read_safetensors(_shard_path(directory, index_path, name, file))
             if name not in shards[file]:
                 raise CheckpointError(f"{directory / file} has no tensor {clipped(name)}, which {INDEX_FILE} "
                                       "says it holds; the shards and the index do not match")
         return {name: shards[file][name] for name, file in weight_map.items()}
     single = directory / "model.safetensors"
-    if single.is_file():
+    if single.exists():
         return read_safetensors(single)
     other = sorted(p.name for p in directory.glob("*.safetensors"))
     if other:
@@ -202,7 +203,7 @@ def read_hf_tensors(directory: Path) -> dict[str, np.ndarray]:
 def _shard_path(directory: Path, index_path: Path, name: str, file) -> Path:
     """A shard the index names: a plain file name in the model directory, never a path that
     leads out of it (absolute, or through ..), which a hostile index could use to read any file."""
-    if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
+    if not isinstance(file, str) or len(file) > 255 or Path(file).name != file or file in (".", ".."):
         raise CheckpointError(f"{index_path} puts {clipped(name)} in {shown(file)}, which is not a file "
                               "name in the model directory; the index is corrupt or hostile")
     if not (directory / file).exists():

@@ -276,6 +276,18 @@ class _StateDictUnpickler(pickle._Unpickler):
     def __init__(self, data: bytes, path: Path):
         super().__init__(BytesIO(data))
         self.path = path
+        # Nesting depth of each container built so far (by id, with the object, so that its id
+        # is not reused): hashing a dict key nested 10^6 deep recurses in C until the process
+        # dies, so nesting is bounded as containers are built.
+        self.depths: dict[int, tuple[int, object]] = {}
+
+    def nested(self, container, items) -> None:
+        depth = 1 + max((self.depths.get(id(x), (0,))[0] for x in items), default=0)
+        if depth > MAX_NESTING:
+            raise CheckpointError(f"{self.path}: data.pkl nests containers more than {MAX_NESTING} deep; "
+                                  "a state dict needs a few levels, the file is corrupt or hostile")
+        if depth > self.depths.get(id(container), (0,))[0]:
+            self.depths[id(container)] = (depth, container)
 
     def find_class(self, module: str, name: str):
         try:
@@ -312,9 +324,35 @@ class _StateDictUnpickler(pickle._Unpickler):
                               f"({shown(pid)}); the file is corrupt")
 
 
-# data.pkl's size, and how many elements a tensor or storage may have (2^48: 256 TB of bf16).
+# data.pkl's size, how deep its containers nest (a state dict: a dict of tensors whose sizes are
+# tuples, a few levels), and how many elements a tensor or storage may have (2^48: 256 TB of bf16).
 MAX_PICKLE_BYTES = 64 << 20
+MAX_NESTING = 32
 MAX_ELEMENTS = 1 << 48
+
+
+def _bounded_nesting(opcode: bytes, new_items):
+    """Pickle's handler for an opcode that builds a container (or adds items to one, or calls a
+    function with them), with the result's nesting depth tracked. new_items(stack) are the items
+    it takes from the stack."""
+    original = pickle._Unpickler.dispatch[opcode[0]]
+
+    def load(self):
+        items = list(new_items(self.stack))
+        original(self)
+        self.nested(self.stack[-1], items)
+    return load
+
+
+# The items each container opcode takes: since the last MARK (the whole current stack, as the
+# pure-Python unpickler keeps it), or the last n.
+for _op, _take in ((pickle.TUPLE, lambda s: s), (pickle.LIST, lambda s: s), (pickle.DICT, lambda s: s),
+                   (pickle.FROZENSET, lambda s: s), (pickle.APPENDS, lambda s: s), (pickle.SETITEMS, lambda s: s),
+                   (pickle.ADDITEMS, lambda s: s), (pickle.TUPLE1, lambda s: s[-1:]),
+                   (pickle.TUPLE2, lambda s: s[-2:]), (pickle.TUPLE3, lambda s: s[-3:]),
+                   (pickle.APPEND, lambda s: s[-1:]), (pickle.SETITEM, lambda s: s[-2:]),
+                   (pickle.REDUCE, lambda s: s[-1:])):
+    _StateDictUnpickler.dispatch[_op[0]] = _bounded_nesting(_op, _take)
 
 
 def _unpickle_state_dict(data: bytes, path: Path) -> dict[str, _TensorRef]:
@@ -450,7 +488,7 @@ def read_pth(path: str | Path) -> dict[str, np.ndarray]:
         if f"{prefix}byteorder" in names:
             byteorder = _read_record(mm, zf, f"{prefix}byteorder", path, max_bytes=16)
             if byteorder != b"little":
-                order = byteorder.decode("latin-1") if byteorder in (b"big", b"little") else shown(byteorder)
+                order = byteorder.decode() if byteorder == b"big" else shown(byteorder.decode("latin-1"))
                 raise CheckpointError(f"{path} holds {order}-endian tensors; npllama reads little-endian ones only")
         refs = _unpickle_state_dict(_read_record(mm, zf, pickles[0], path, MAX_PICKLE_BYTES), path)
         return {name: _tensor_view(mm, zf, prefix, ref, name, path) for name, ref in refs.items()}

@@ -67,24 +67,26 @@ def read_regular(path: Path, expected: str, max_bytes: int) -> bytes:
         return f.read(max_bytes)
 
 
-def reject_json_constant(name: str):
-    """json's hook for NaN, Infinity and -Infinity, which Python accepts and JSON does not."""
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
 def describe_exception(e: BaseException) -> str:
     """Type and message, never empty and never long (a MemoryError's message is empty)."""
     text = str(e)[:200] if not isinstance(e, MemoryError) else "more memory than the file could need"
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def parse_json_int(digits: str) -> int | float:
+    """An integer of JSON: one too long for int() (4300 digits and up) becomes an infinite float,
+    so the check of the field it belongs to refuses it, naming the field."""
+    return int(digits) if len(digits) <= 300 else float(digits)
+
+
 def read_json(path: Path, expected: str, error: type[Exception] = ConfigError,
               max_bytes: int = 64 << 20) -> Any:
-    """A JSON file's value: NaN and Infinity (which Python's json accepts) refused, and so are
-    nesting too deep for the parser and integers too long to convert, each as `error`."""
+    """A JSON file's value, or `error` if it is not JSON or nests too deep for the parser. NaN
+    and Infinity, which Python's json accepts, pass as floats: the check of each value refuses
+    them naming its field, which a parse error could not."""
     data = read_regular(path, expected, max_bytes)
     try:
-        return json.loads(data, parse_constant=reject_json_constant)
+        return json.loads(data, parse_int=parse_json_int)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
         reason = "it nests too deeply" if isinstance(e, RecursionError) else str(e)[:200]
         raise error(f"{path} is not valid JSON: {reason}") from None
