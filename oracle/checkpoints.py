@@ -18,13 +18,14 @@ import json
 import shutil
 import tempfile
 import zipfile
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from npllama.config import ModelArgs, layer_name, split_layer_name
+from npllama.config import ModelArgs, RopeScaling, layer_name, split_layer_name
 from npllama.formats.meta import params_json
 from npllama.tokenizer import gpt2_bytes_to_unicode
 
@@ -120,13 +121,16 @@ def write_torch_zip(path: Path, data_pkl: bytes) -> Path:
 
 
 # --- Tiny valid models of every format ------------------------------------------------------------
+# Each holds every optional setting npllama reads (scaled RoPE, a context length, a chat template,
+# head_dim...), so that a test or a fuzzer editing one reaches the check behind it.
 
 # A byte-level vocabulary: the 256 single bytes, then tokens merged from two earlier ones.
 TINY_MERGES = [(b" ", b"t"), (b"h", b"e"), (b" t", b"he"), (b"i", b"n"), (b" ", b"a"), (b" ", b" ")]
 TINY_RANKS = [bytes([b]) for b in range(256)] + [a + b for a, b in TINY_MERGES]
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # GGUF's and HF's, after the ranks
-# Where each format's model is: npllama.load is given the directory, or this file in it.
+# What npllama.load is given: the directory ("") or this file in it.
 TINY_ENTRY = {"meta": "", "gguf": "model.gguf", "hf": "", "hf-sharded": ""}
+TINY_FORMATS = {"meta": "meta", "gguf": "gguf", "hf": "hf", "hf-sharded": "hf"}
 
 
 def tiny_model_args(vocab_size: int) -> ModelArgs:
@@ -154,9 +158,9 @@ def _byte_level(token: bytes) -> str:
     return "".join(table[b] for b in token)
 
 
-def tiny_model_files(fmt: str) -> dict[str, bytes]:
+def tiny_model_files(name: str) -> dict[str, bytes]:
     """File name -> bytes of a tiny valid model: "meta", "gguf", "hf" or "hf-sharded"."""
-    return {"meta": _tiny_meta, "gguf": _tiny_gguf, "hf": _tiny_hf, "hf-sharded": _tiny_hf_sharded}[fmt]()
+    return {"meta": _tiny_meta, "gguf": _tiny_gguf, "hf": _tiny_hf, "hf-sharded": _tiny_hf_sharded}[name]()
 
 
 def write_model_files(directory: Path, files: dict[str, bytes]) -> Path:
@@ -169,28 +173,35 @@ def write_model_files(directory: Path, files: dict[str, bytes]) -> Path:
 
 def _tiny_meta() -> dict[str, bytes]:
     # Llama 3's tokenizer.model holds BPE ranks only; npllama adds 256 special tokens after them.
-    args = tiny_model_args(len(TINY_RANKS) + 256)
+    args = replace(tiny_model_args(len(TINY_RANKS) + 256), rope_scaling=RopeScaling(factor=16.0))
+    params = {**params_json(args), "max_seq_len": 64}
     pth = io.BytesIO()
     torch.save({n: torch.from_numpy(w).to(torch.bfloat16) for n, w in _tiny_weights(args).items()}, pth)
     ranks = b"".join(base64.b64encode(t) + b" %d\n" % rank for rank, t in enumerate(TINY_RANKS))
-    return {"params.json": json.dumps(params_json(args)).encode(), "consolidated.00.pth": pth.getvalue(),
+    return {"params.json": json.dumps(params).encode(), "consolidated.00.pth": pth.getvalue(),
             "tokenizer.model": ranks}
 
 
 def tiny_gguf_metadata(args: ModelArgs) -> dict:
     """The GGUF keys of the tiny model (gguf-py's writer adds general.architecture)."""
+    n = len(TINY_RANKS)
     return {"llama.block_count": args.n_layers, "llama.context_length": 64,
             "llama.embedding_length": args.dim, "llama.feed_forward_length": args.hidden_dim,
             "llama.attention.head_count": args.n_heads, "llama.attention.head_count_kv": args.n_kv_heads,
             "llama.rope.freq_base": float(args.rope_theta),
             "llama.attention.layer_norm_rms_epsilon": float(args.norm_eps),
             "llama.rope.dimension_count": args.head_dim, "llama.vocab_size": args.vocab_size,
+            "llama.rope.scaling.original_context_length": TINY_GGUF_SCALING.original_max_seq_len,
             "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
             "tokenizer.ggml.tokens": [_byte_level(t) for t in TINY_RANKS] + TINY_SPECIALS,
-            "tokenizer.ggml.token_type": [1] * len(TINY_RANKS) + [3] * len(TINY_SPECIALS),
+            "tokenizer.ggml.token_type": [1] * n + [3] * len(TINY_SPECIALS),  # normal, then control
             "tokenizer.ggml.merges": [f"{_byte_level(a)} {_byte_level(b)}" for a, b in TINY_MERGES],
-            "tokenizer.ggml.bos_token_id": len(TINY_RANKS) + 1, "tokenizer.ggml.eos_token_id": len(TINY_RANKS) + 2,
-            "tokenizer.ggml.add_bos_token": False}
+            "tokenizer.ggml.bos_token_id": n + 1, "tokenizer.ggml.eos_token_id": n + 2,
+            "tokenizer.ggml.eot_token_id": n + 2, "tokenizer.ggml.add_bos_token": False,
+            "tokenizer.chat_template": "{{ messages }}"}
+
+
+TINY_GGUF_SCALING = RopeScaling(factor=8.0, original_max_seq_len=512)
 
 
 def write_gguf_file(path: Path, metadata: dict, tensors: dict[str, np.ndarray]) -> Path:
@@ -212,10 +223,15 @@ def write_gguf_file(path: Path, metadata: dict, tensors: dict[str, np.ndarray]) 
 
 
 def _tiny_gguf() -> dict[str, bytes]:
+    from npllama.formats.gguf import ROPE_FREQS
+    from npllama.layers import rope_frequencies
     args = tiny_model_args(len(TINY_RANKS) + len(TINY_SPECIALS))
+    tensors = {_stored_name(n, "gguf"): w for n, w in _tiny_weights(args).items()}
+    # Llama 3.1's RoPE scaling, as llama.cpp writes it: the divisor of each frequency.
+    tensors[ROPE_FREQS] = (rope_frequencies(args.head_dim, args.rope_theta)
+                           / rope_frequencies(args.head_dim, args.rope_theta, TINY_GGUF_SCALING))
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_gguf_file(Path(tmp) / "model.gguf", tiny_gguf_metadata(args),
-                               {_stored_name(n, "gguf"): w for n, w in _tiny_weights(args).items()})
+        path = write_gguf_file(Path(tmp) / "model.gguf", tiny_gguf_metadata(args), tensors)
         return {"model.gguf": path.read_bytes()}
 
 
@@ -225,7 +241,10 @@ def _tiny_hf_common(args: ModelArgs) -> dict[str, bytes]:
               "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
               "intermediate_size": args.hidden_dim, "rms_norm_eps": args.norm_eps,
               "rope_theta": args.rope_theta, "vocab_size": args.vocab_size, "max_position_embeddings": 64,
-              "tie_word_embeddings": False, "rope_scaling": None, "torch_dtype": "float16"}
+              "tie_word_embeddings": False, "torch_dtype": "float16", "head_dim": args.head_dim,
+              "attention_bias": False, "mlp_bias": False,
+              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
     n = len(TINY_RANKS)
     tokenizer = {
         "version": "1.0", "normalizer": None, "post_processor": None, "decoder": {"type": "ByteLevel"},
@@ -236,7 +255,7 @@ def _tiny_hf_common(args: ModelArgs) -> dict[str, bytes]:
                   "merges": [f"{_byte_level(a)} {_byte_level(b)}" for a, b in TINY_MERGES]}}
     files = {"config.json": config, "tokenizer.json": tokenizer,
              "tokenizer_config.json": {"bos_token": TINY_SPECIALS[1], "eos_token": TINY_SPECIALS[2],
-                                       "add_bos_token": False},
+                                       "add_bos_token": False, "chat_template": "{{ messages }}"},
              "generation_config.json": {"eos_token_id": [n, n + 2]}}
     return {name: json.dumps(doc).encode() for name, doc in files.items()}
 

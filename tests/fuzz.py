@@ -47,18 +47,11 @@ import traceback
 import zipfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 import npllama
-from npllama.config import ModelArgs, RopeScaling, layer_name, split_layer_name
 from npllama.errors import NpllamaError
-from npllama.formats.gguf import ROPE_FREQS
-from npllama.formats.meta import params_json
-from npllama.layers import rope_frequencies
-from npllama.tokenizer import LLAMA3_NUM_SPECIAL_TOKENS, gpt2_bytes_to_unicode
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TARGET = "tests.fuzz:load_and_run"
@@ -79,14 +72,7 @@ def load_and_run(path: str) -> None:
     list(model.generate(ids, 2))
 
 
-# --- Seeds: tiny valid models ---------------------------------------------------------------
-
-# A byte-level vocabulary: the 256 single bytes, then tokens merged from two earlier ones.
-MERGES = [(b" ", b"t"), (b"h", b"e"), (b" t", b"he"), (b"i", b"n"), (b" ", b"a"), (b" ", b" ")]
-RANKS = [bytes([b]) for b in range(256)] + [a + b for a, b in MERGES]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # GGUF's and HF's, after the ranks
-GGUF_FILE = "model.gguf"
-
+# --- Seeds: tiny valid models (oracle/checkpoints.py) ---------------------------------------
 
 @dataclass
 class Seed:
@@ -96,117 +82,13 @@ class Seed:
     entry: str = ""  # what npllama.load is given: the directory, or this file in it
 
 
-def seed_args(vocab_size: int) -> ModelArgs:
-    """Two layers with 2:1 GQA, small enough that headers are a fair share of every file (the
-    oracle's tiny_args has Llama 3's 128k vocabulary, and its module needs torch)."""
-    return ModelArgs(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size,
-                     norm_eps=1e-5, rope_theta=500000.0, multiple_of=16)
+def make_seeds(fmt: str) -> list[Seed]:
+    from oracle.checkpoints import TINY_ENTRY, TINY_FORMATS, tiny_model_files  # torch: the parent only
+    return [Seed(name, fmt, tiny_model_files(name), TINY_ENTRY[name])
+            for name, of in TINY_FORMATS.items() if of == fmt]
 
 
-def random_weights(args: ModelArgs) -> dict[str, np.ndarray]:
-    """Meta-named float32 weights: norms near 1, matrices N(0, 1/fan_in)."""
-    rng = np.random.default_rng(0)
-    return {name: (1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1
-                   else rng.standard_normal(shape) / shape[1] ** 0.5).astype(np.float32)
-            for name, shape in args.weight_shapes().items()}
-
-
-def stored_name(meta: str, fmt: str) -> str:
-    """A weight's name in format `fmt` ("gguf", "hf"), from config's table."""
-    i, tensor = split_layer_name(meta)
-    return getattr(tensor, fmt) if i is None else layer_name(getattr(tensor, fmt), i, fmt)
-
-
-def byte_level(token: bytes) -> str:
-    table = gpt2_bytes_to_unicode()
-    return "".join(table[b] for b in token)
-
-
-def meta_seeds() -> list[Seed]:
-    import torch  # only here: a .pth is torch.save's own format
-    # Llama 3's tokenizer.model holds BPE ranks only; npllama adds 256 special tokens after them.
-    args = replace(seed_args(len(RANKS) + LLAMA3_NUM_SPECIAL_TOKENS), rope_scaling=RopeScaling(factor=16.0))
-    params = {**params_json(args), "max_seq_len": 64}  # every key npllama reads, for JSON edits to reach
-    pth = io.BytesIO()
-    torch.save({n: torch.from_numpy(w).to(torch.bfloat16) for n, w in random_weights(args).items()}, pth)
-    ranks = b"".join(base64.b64encode(t) + b" %d\n" % rank for rank, t in enumerate(RANKS))
-    return [Seed("meta", "meta", {"params.json": json.dumps(params).encode(),
-                                  "consolidated.00.pth": pth.getvalue(), "tokenizer.model": ranks})]
-
-
-def gguf_seeds() -> list[Seed]:
-    from gguf import GGUFWriter
-    args = seed_args(len(RANKS) + len(SPECIALS))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / GGUF_FILE
-        w = GGUFWriter(str(path), "llama")
-        w.add_block_count(args.n_layers)
-        w.add_context_length(64)
-        w.add_embedding_length(args.dim)
-        w.add_feed_forward_length(args.hidden_dim)
-        w.add_head_count(args.n_heads)
-        w.add_head_count_kv(args.n_kv_heads)
-        w.add_rope_freq_base(args.rope_theta)
-        w.add_layer_norm_rms_eps(args.norm_eps)
-        w.add_rope_dimension_count(args.head_dim)
-        w.add_vocab_size(args.vocab_size)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("smollm")
-        w.add_token_list([byte_level(t) for t in RANKS] + SPECIALS)
-        w.add_token_types([1] * len(RANKS) + [3] * len(SPECIALS))  # normal, then control
-        w.add_token_merges([f"{byte_level(a)} {byte_level(b)}" for a, b in MERGES])
-        w.add_bos_token_id(len(RANKS) + 1)
-        w.add_eos_token_id(len(RANKS) + 2)
-        w.add_eot_token_id(len(RANKS) + 2)
-        w.add_add_bos_token(False)
-        w.add_chat_template("{{ messages }}")
-        for name, weight in random_weights(args).items():
-            w.add_tensor(stored_name(name, "gguf"), weight)
-        # Llama 3.1's RoPE scaling, as llama.cpp writes it: the divisor of each frequency.
-        scaling = RopeScaling(factor=8.0, original_max_seq_len=512)
-        w.add_uint32("llama.rope.scaling.original_context_length", scaling.original_max_seq_len)
-        w.add_tensor(ROPE_FREQS, rope_frequencies(args.head_dim, args.rope_theta)
-                     / rope_frequencies(args.head_dim, args.rope_theta, scaling))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        return [Seed("gguf", "gguf", {GGUF_FILE: path.read_bytes()}, GGUF_FILE)]
-
-
-def hf_seeds() -> list[Seed]:
-    from safetensors.numpy import save
-    args = seed_args(len(RANKS) + len(SPECIALS))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-              "hidden_size": args.dim, "num_hidden_layers": args.n_layers,
-              "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
-              "intermediate_size": args.hidden_dim, "rms_norm_eps": args.norm_eps,
-              "rope_theta": args.rope_theta, "vocab_size": args.vocab_size, "max_position_embeddings": 64,
-              "tie_word_embeddings": False, "torch_dtype": "float16", "head_dim": args.head_dim,
-              "attention_bias": False, "mlp_bias": False,
-              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
-    tokenizer = {
-        "version": "1.0", "normalizer": None, "post_processor": None, "decoder": {"type": "ByteLevel"},
-        "added_tokens": [{"id": len(RANKS) + i, "content": s, "special": True} for i, s in enumerate(SPECIALS)],
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
-        "model": {"type": "BPE", "byte_fallback": False, "vocab": {byte_level(t): i for i, t in enumerate(RANKS)},
-                  "merges": [f"{byte_level(a)} {byte_level(b)}" for a, b in MERGES]}}
-    common = {"config.json": config, "tokenizer.json": tokenizer,
-              "tokenizer_config.json": {"bos_token": SPECIALS[1], "eos_token": SPECIALS[2], "add_bos_token": False,
-                                        "chat_template": "{{ messages }}"},
-              "generation_config.json": {"eos_token_id": [len(RANKS), len(RANKS) + 2]}}
-    common = {name: json.dumps(doc).encode() for name, doc in common.items()}
-    tensors = {stored_name(n, "hf"): w.astype(np.float16) for n, w in random_weights(args).items()}
-    names = sorted(tensors)
-    shards = {f"model-{i + 1:05d}-of-00002.safetensors": names[i::2] for i in range(2)}
-    index = {"metadata": {}, "weight_map": {n: file for file, part in shards.items() for n in part}}
-    return [Seed("hf", "hf", {**common, "model.safetensors": save(tensors)}),
-            Seed("hf-sharded", "hf", {**common, "model.safetensors.index.json": json.dumps(index).encode(),
-                                      **{file: save({n: tensors[n] for n in part}) for file, part in shards.items()}})]
-
-
-SEED_MAKERS = {"meta": meta_seeds, "gguf": gguf_seeds, "hf": hf_seeds}
+FORMATS = ("meta", "gguf", "hf")
 
 
 # --- Mutations ------------------------------------------------------------------------------
@@ -881,10 +763,10 @@ def main(argv: list[str] | None = None) -> int:
         worker_main(args.worker)
         return 0
     formats = args.formats.split(",")
-    if unknown := set(formats) - set(SEED_MAKERS):
-        parser.error(f"unknown formats {sorted(unknown)}; known: {', '.join(SEED_MAKERS)}")
+    if unknown := set(formats) - set(FORMATS):
+        parser.error(f"unknown formats {sorted(unknown)}; known: {', '.join(FORMATS)}")
     minutes = 1.0 if args.minutes is None and args.inputs is None else args.minutes
-    seeds = {fmt: SEED_MAKERS[fmt]() for fmt in formats}
+    seeds = {fmt: make_seeds(fmt) for fmt in formats}
     workdir = Path(tempfile.mkdtemp(prefix="npllama-fuzz-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
     try:
         check_seeds(seeds, workdir)
