@@ -24,6 +24,8 @@ import pytest
 import torch
 
 import npllama
+import npllama.formats.hf
+import npllama.formats.shared
 from npllama import cli
 from npllama.errors import (ArgumentError, CheckpointError, ConfigError, ModelNotFoundError, NumericalError,
                             TokenizerError, UnsafeCheckpointError)
@@ -458,16 +460,18 @@ def test_refused_build_leaves_no_trace(tmp_path, target, state):
 
 
 @pytest.mark.parametrize("shard", ["/etc/passwd", "../outside.safetensors", "sub/../../x.safetensors"])
-def test_index_may_not_lead_out_of_the_model_directory(tmp_path, shard):
+def test_index_may_not_lead_out_of_the_model_directory(tmp_path, shard, monkeypatch):
     path = model_dir(tmp_path, "hf-sharded")
-    outside = tmp_path / "outside.safetensors"
-    outside.write_bytes(tiny_model_files("hf")["model.safetensors"])
+    (tmp_path / "outside.safetensors").write_bytes(tiny_model_files("hf")["model.safetensors"])
     edit_json(path / "model.safetensors.index.json",
               lambda doc: doc["weight_map"].__setitem__("model.norm.weight", shard))
-    accessed = outside.stat().st_atime_ns
+    opened = []
+    open_regular = npllama.formats.shared.open_regular
+    monkeypatch.setattr(npllama.formats.shared, "open_regular", lambda p, e: opened.append(p) or open_regular(p, e))
+    monkeypatch.setattr(npllama.formats.hf, "open_regular", npllama.formats.shared.open_regular)
     refused(CheckpointError, path / "model.safetensors.index.json", "not a file name in the model directory",
             call=npllama.load, path=path)
-    assert outside.stat().st_atime_ns == accessed
+    assert opened and all(Path(p).resolve().parent == path.resolve() for p in opened), opened
 
 
 # --- Messages ---------------------------------------------------------------------------------
