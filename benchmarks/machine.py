@@ -170,6 +170,7 @@ class Probes:
         import torch.nn.functional as F
 
         from npllama.resident_or_streamed import StreamedWeight, TilePool
+        from npllama.threads import Threads
         torch.set_num_threads(threads)
         cols = 4096 if mb >= 64 else 1024
         rows = max(1, mb * 2**20 // (4 * cols))
@@ -179,7 +180,7 @@ class Probes:
         x = rng.standard_normal(cols, dtype=np.float32)  # [in]
         wt, xt = torch.from_numpy(w), torch.from_numpy(x)[None]  # [out, in], [1, in]
         b = w.astype(ml_dtypes.bfloat16)  # [out, in] bf16
-        streamed = StreamedWeight(b, TilePool(threads))
+        streamed = StreamedWeight(b, TilePool(Threads(threads)))
         out = np.empty_like(w)  # [out, in]
         out.fill(0)  # touch the pages once so the preallocated case measures the copy alone
         self.probes = {

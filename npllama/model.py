@@ -15,7 +15,8 @@ from .errors import ArgumentError, shown
 from .layers import (apply_rope, attention, causal_mask, embed, feed_forward, keep, linear,
                      rms_norm, rope_frequencies, rope_tables)
 from .resident_or_streamed import (BF16, LayerWeights, StreamedWeight, TilePool, default_weights_budget,
-                      float32_bytes, round_to_bf16, to_float32)
+                                   float32_bytes, round_to_bf16, to_float32)
+from .threads import Threads
 
 DTYPES = ("float32", "bfloat16")
 
@@ -86,7 +87,8 @@ class Llama:
     """
 
     def __init__(self, args: ModelArgs, weights: Mapping[str, np.ndarray], tokenizer=None,
-                 dtype: str = "float32", weights_budget: int | None = None, source: str = ""):
+                 dtype: str = "float32", weights_budget: int | None = None, source: str = "",
+                 threads: int | None = None):
         if dtype not in DTYPES:
             raise ArgumentError(f"dtype is {shown(dtype)}; it must be one of {', '.join(DTYPES)}")
         if weights_budget is not None and (not isinstance(weights_budget, (int, float)) or
@@ -94,6 +96,7 @@ class Llama:
             raise ArgumentError(f"weights_budget is {shown(weights_budget)}; it must be a number of bytes >= 0")
         self.args, self.tokenizer, self.dtype, self.source = args, tokenizer, dtype, source
         self.weights = weights  # as stored: memory maps, never modified
+        self.threads = Threads(threads)
         # In bf16 mode weights are rounded to bf16 too: a float32 checkpoint then behaves like the
         # notebook's bf16 one (and bf16 ones are unchanged, the round trip is exact).
         vector = round_to_bf16 if dtype == "bfloat16" else to_float32
@@ -102,7 +105,7 @@ class Llama:
         if self.resident:
             matrix = vector
         else:
-            pool = TilePool()
+            pool = TilePool(self.threads)
 
             def matrix(w):
                 # Streaming upcasts exactly; a non-bf16 matrix in bf16 mode must be rounded first.
@@ -159,8 +162,12 @@ class Llama:
         every intermediate of TRACE_NAMES. `last_only` computes logits of the last position only.
         """
         tokens = self._check_tokens(tokens, start_pos, cache)
+        with self.threads.applied():
+            return self._forward(tokens, start_pos, cache or self.new_cache(len(tokens)), trace, last_only)
+
+    def _forward(self, tokens: np.ndarray, start_pos: int, cache: KVCache, trace: dict | None,
+                 last_only: bool) -> np.ndarray:
         args, n_new = self.args, len(tokens)
-        cache = cache or self.new_cache(n_new)
         step = self._step(trace)
         cos, sin = rope_tables(self.rope_freqs, np.arange(start_pos, start_pos + n_new))  # [T, hd/2] each
         mask = causal_mask(n_new, start_pos)  # [T, S]

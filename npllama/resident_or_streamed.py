@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
-from threadpoolctl import ThreadpoolController
-
 from .config import LAYER_TENSORS, layer_name
+from .threads import Threads
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # float32 bytes of one tile: twice the 1 MB L2 of the machine this was tuned on (the shared L3
@@ -56,13 +55,13 @@ def default_weights_budget() -> int:
 
 
 class TilePool:
-    """One worker thread per core, each with its own float32 tile buffer, shared by all weights."""
+    """Worker threads, as many as `threads` allows at most, each with its own float32 tile
+    buffer, shared by all weights; each product uses as many as are free right now."""
 
-    def __init__(self, n_threads: int | None = None):
-        self.n_threads = n_threads or min(os.cpu_count() or 1, 8)
-        self.executor = ThreadPoolExecutor(self.n_threads, thread_name_prefix="npllama-tiles")
+    def __init__(self, threads: Threads):
+        self.threads = threads
+        self.executor = ThreadPoolExecutor(threads.max, thread_name_prefix="npllama-tiles")
         self.local = threading.local()
-        self.blas = ThreadpoolController()  # finds the BLAS NumPy loaded
 
     def buffer(self, n_floats: int) -> np.ndarray:
         buf = getattr(self.local, "buf", None)
@@ -74,7 +73,7 @@ class TilePool:
         """fn(share) for each share, in parallel. The pool's threads already fill the cores, so
         BLAS runs single-threaded meanwhile: with its own threads too, two tiles' matmuls fight
         for the cores and the stream slows several-fold."""
-        with self.blas.limit(limits=1, user_api="blas"):
+        with self.threads.blas_threads(1):
             for _ in self.executor.map(fn, shares):
                 pass
 
@@ -107,7 +106,7 @@ class StreamedWeight:
                 np.copyto(w, self.stored[r0:r1])
                 np.matmul(x, w.T, out=y[:, r0:r1])  # [T, in] @ [in, r] -> [T, r]
 
-        n = self.pool.n_threads
+        n = self.pool.threads.current
         cuts = [n_out * i // n for i in range(n + 1)]
         self.pool.run(rows, [range(a, b) for a, b in zip(cuts, cuts[1:]) if b > a])
         return y

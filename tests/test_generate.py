@@ -695,7 +695,7 @@ def test_cli_bad_sampling_flags(load_once, checkpoint, capsys, flag):
 
 FLAGS = ["-m", "--model", "-p", "--prompt", "-f", "--file", "-n", "--max-new-tokens", "--temperature",
          "--top-p", "--top-k", "-s", "--seed", "--max-seq-len", "--truncate", "--chat", "--system",
-         "--dtype", "--weights-budget-gb", "download"]
+         "--dtype", "--weights-budget-gb", "-t", "--threads", "download"]
 
 
 def test_help_mentions_every_flag():

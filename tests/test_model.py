@@ -16,6 +16,7 @@ from npllama.formats.shared import LazyRows
 from npllama.layers import keep
 from npllama.model import LAYER_TRACE_NAMES
 from npllama.resident_or_streamed import StreamedWeight, TilePool
+from npllama.threads import Threads
 from oracle.checkpoints import (llama3_8b_args, llama32_1b_args, random_state_dict, tiny_args,
                                 write_random_checkpoint, write_shards)
 from oracle.compare import BFLOAT16_BOUND, FLOAT32_BOUND, compare_traces, format_table
@@ -152,7 +153,7 @@ def test_streamed_matmul_equals_the_float32_matmul(n_threads, tile_rows, n_token
     rng = np.random.default_rng(0)
     w = rng.standard_normal((1000, 40)).astype(ml_dtypes.bfloat16)
     x = rng.standard_normal((n_tokens, 40)).astype(np.float32)
-    streamed = StreamedWeight(w, TilePool(n_threads))
+    streamed = StreamedWeight(w, TilePool(Threads(n_threads)))
     streamed.tile_rows = tile_rows
     expected = x @ w.astype(np.float32).T  # [T, 1000]
     # Different splits take different BLAS kernels, which sum in different orders: a few float32
@@ -165,7 +166,7 @@ def test_streamed_matmul_gives_blas_its_threads_back():
     from threadpoolctl import threadpool_info
     before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
     w = np.ones((64, 16), ml_dtypes.bfloat16)
-    assert (np.ones((1, 16), np.float32) @ StreamedWeight(w, TilePool(2)).T == 16).all()
+    assert (np.ones((1, 16), np.float32) @ StreamedWeight(w, TilePool(Threads(2))).T == 16).all()
     assert [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"] == before
 
 

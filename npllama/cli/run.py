@@ -12,6 +12,7 @@ import math
 from ..chat import chat_format_for
 from ..config import LIMITS, check_fits, fits
 from ..errors import ArgumentError
+from ..threads import requested_threads
 from ..generate import GenerationStats, Sampler, next_token_probs, top_tokens
 from ..tokenizer import StreamDecoder
 from .common import (THE_PROMPT, add_dtype_option, add_model_option, load_model, new_parser,
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dtype_option(p)
     p.add_argument("--weights-budget-gb", type=float, help="RAM a float32 copy of the weights may take; "
                    "above it weights stay memory-mapped (default: half the RAM)")
+    p.add_argument("-t", "--threads", type=int, help="threads to compute with (default: $NPLLAMA_NUM_THREADS, "
+                   "else the cores other processes leave free, measured as it runs)")
     return p
 
 
@@ -63,7 +66,8 @@ def run(args) -> int:
     sampler = Sampler(args.temperature, args.top_p, args.top_k, args.seed)
     prompt = read_prompt_file(args.file) if args.file else args.prompt
     budget = None if args.weights_budget_gb is None else int(args.weights_budget_gb * 2**30)
-    model = load_model(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, weights_budget=budget)
+    model = load_model(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, weights_budget=budget,
+                       threads=args.threads)
     if args.chat:
         return chat(model, sampler, args, prompt)
     prompt = THE_PROMPT if prompt is None else prompt
@@ -94,6 +98,7 @@ def check_args(args) -> None:
     if not fits(0, 1, args.max_seq_len, generating=True) or args.max_seq_len > LIMITS["max_seq_len"]:
         raise ArgumentError(f"--max-seq-len must leave room for a prompt token and a new one, and be at "
                             f"most {LIMITS['max_seq_len']}; got {args.max_seq_len}")
+    requested_threads(args.threads)  # before the model loads: -t 0 or a bad NPLLAMA_NUM_THREADS
     budget = args.weights_budget_gb
     if budget is not None and not (math.isfinite(budget) and 0 <= budget <= 1 << 20):
         raise ArgumentError(f"--weights-budget-gb must be a number of GB from 0 to {1 << 20}, got {budget}")

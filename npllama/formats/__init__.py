@@ -30,7 +30,7 @@ EXPECTED = ("a Meta checkpoint directory (params.json, consolidated.00.pth, toke
 
 
 def load(path, dtype: str = "float32", max_seq_len: int | None = None,
-         weights_budget: int | None = None, verbose: bool = False) -> Llama:
+         weights_budget: int | None = None, verbose: bool = False, threads: int | None = None) -> Llama:
     """Load a Llama from a Meta checkpoint directory, a Hugging Face directory or a GGUF file.
 
     dtype: "float32" (default) or "bfloat16" (the notebook's dtype flow, emulated).
@@ -40,6 +40,8 @@ def load(path, dtype: str = "float32", max_seq_len: int | None = None,
     weights_budget: bytes a float32 copy of the weights may take; above it, weights stay
         memory-mapped and are upcast tile by tile as the matmul reads them. Default: half the
         machine's RAM.
+    threads: threads to compute with; default: $NPLLAMA_NUM_THREADS, else the cores that
+        other processes leave free, measured every quarter second (npllama/threads.py).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -52,7 +54,8 @@ def load(path, dtype: str = "float32", max_seq_len: int | None = None,
     if tokenizer.n_words > args.vocab_size:
         raise ConfigError(f"{path}: the tokenizer has {tokenizer.n_words} tokens but the model's "
                           f"vocab_size is {args.vocab_size}: they do not belong together")
-    model = Llama(args, weights, tokenizer, dtype=dtype, weights_budget=weights_budget, source=str(path))
+    model = Llama(args, weights, tokenizer, dtype=dtype, weights_budget=weights_budget, source=str(path),
+                  threads=threads)
     if verbose:
         print(f"loaded {FORMAT_NAMES[kind]} {path} in {time.perf_counter() - start:.2f}s: {describe(model)}",
               file=sys.stderr)
