@@ -31,6 +31,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import numpy as np  # noqa: E402
 
+import npllama.fused  # noqa: E402
 import npllama.layers  # noqa: E402
 import npllama.model  # noqa: E402
 import prepare  # noqa: E402
@@ -39,8 +40,9 @@ from npllama.formats.meta import load_params  # noqa: E402
 from npllama.resident_or_streamed import StreamedWeight  # noqa: E402
 from stats import timed  # noqa: E402
 
-# Each module calls its own name `linear`: the matmul breakdown wraps both with a timer.
-LINEAR_CALLERS = (npllama.model, npllama.layers)
+# Each module calls its own name `linear` (the fast path's takes an `out`): the matmul breakdown
+# wraps each with a timer.
+LINEAR_CALLERS = (npllama.model, npllama.layers, npllama.fused)
 
 
 # --- Engines: the same four calls on both sides --------------------------------------------
@@ -250,9 +252,9 @@ def matmul_breakdown(engine, ctx: int, steps: int) -> dict:
     originals = {m: m.linear for m in LINEAR_CALLERS}
 
     def make(original):
-        def timed_linear(x, w):
+        def timed_linear(x, w, *out):
             t0 = time.perf_counter()
-            y = original(x, w)
+            y = original(x, w, *out)
             rec = times.setdefault(names.get(id(w), f"other {w.shape}"), [0.0, 0, 0])
             rec[0] += time.perf_counter() - t0
             rec[1] += 1

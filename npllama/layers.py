@@ -141,16 +141,9 @@ def silu(x: np.ndarray) -> np.ndarray:
     return np.divide(x, d, out=d)  # [...]
 
 
-def feed_forward(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray, step=keep,
-                 w13: np.ndarray | None = None) -> np.ndarray:
-    """SwiGLU: w2(silu(w1 x) * w3 x). The gate decides, per hidden unit, how much of `up` passes.
-    `w13`, w1 and w3 stacked by rows, is the fast path: one matmul for both, same numbers."""
-    if w13 is None:
-        gate, up = linear(x, w1), linear(x, w3)  # [T, D] -> [T, F] each
-    else:
-        gate_up, f = linear(x, w13), len(w1)  # [T, D] -> [T, 2F]
-        gate, up = gate_up[:, :f], gate_up[:, f:]  # [T, F] each
-    gate = step("gate", gate)  # [T, F]
-    up = step("up", up)  # [T, F]
+def feed_forward(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray, step=keep) -> np.ndarray:
+    """SwiGLU: w2(silu(w1 x) * w3 x). The gate decides, per hidden unit, how much of `up` passes."""
+    gate = step("gate", linear(x, w1))  # [T, D] -> [T, F]
+    up = step("up", linear(x, w3))  # [T, D] -> [T, F]
     hidden = step("hidden", step("silu_gate", silu(gate)) * up)  # [T, F]
     return linear(hidden, w2)  # [T, F] -> [T, D]

@@ -15,7 +15,8 @@ from .errors import ArgumentError, shown
 from .layers import (apply_rope, attention, causal_mask, embed, feed_forward, keep, linear,
                      rms_norm, rope_frequencies, rope_tables)
 from .resident_or_streamed import (BF16, LayerWeights, StreamedWeight, TilePool, default_weights_budget,
-                                   float32_bytes, round_to_bf16, to_float32)
+                                   layer_float32_bytes, round_to_bf16, to_float32)
+from . import fused
 from .threads import Threads
 
 DTYPES = ("float32", "bfloat16")
@@ -100,23 +101,31 @@ class Llama:
         # In bf16 mode weights are rounded to bf16 too: a float32 checkpoint then behaves like the
         # notebook's bf16 one (and bf16 ones are unchanged, the round trip is exact).
         vector = round_to_bf16 if dtype == "bfloat16" else to_float32
-        budget = default_weights_budget() if weights_budget is None else weights_budget
-        self.resident = float32_bytes(weights) <= budget
-        if self.resident:
-            matrix = vector
-        else:
-            pool = TilePool(self.threads)
+        pool = TilePool(self.threads)
 
-            def matrix(w):
-                # Streaming upcasts exactly; a non-bf16 matrix in bf16 mode must be rounded first.
-                return round_to_bf16(w) if dtype == "bfloat16" and w.dtype != BF16 else StreamedWeight(w, pool)
-        self.layers = [LayerWeights.from_checkpoint(weights, i, matrix, vector) for i in range(args.n_layers)]
-        if self.resident:
-            self.layers = [layer.fuse() for layer in self.layers]
-        self.norm = vector(weights[NORM.meta])  # [D]
+        def streamed(w):
+            # Streaming upcasts exactly; a non-bf16 matrix in bf16 mode must be rounded first.
+            return round_to_bf16(w) if dtype == "bfloat16" and w.dtype != BF16 else StreamedWeight(w, pool)
+
+        # Tiered residency: layers get a float32 copy, in order, while it fits the budget; the
+        # rest (and the output matrix, if it does not fit) stay mapped and are streamed.
+        budget = default_weights_budget() if weights_budget is None else weights_budget
         output = weights[(EMBEDDING if args.tie_embeddings else OUTPUT).meta]
-        self.output = matrix(output)  # [V, D]
+        self.layers, spent = [], 4 * output.size  # the output first: every token reads all of it
+        output_resident = spent <= budget
+        spent = spent if output_resident else 0
+        for i in range(args.n_layers):
+            cost = layer_float32_bytes(weights, i)
+            resident = spent + cost <= budget
+            spent += cost if resident else 0
+            layer = LayerWeights.from_checkpoint(weights, i, vector if resident else streamed, vector)
+            self.layers.append(layer.fuse() if resident else layer)
+        self.resident_layers = sum(layer.wqkv is not None for layer in self.layers)
+        self.resident = output_resident and self.resident_layers == args.n_layers
+        self.norm = vector(weights[NORM.meta])  # [D]
+        self.output = vector(output) if output_resident else streamed(output)  # [V, D]
         self.rope_freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)  # [hd/2]
+        self.decode_buffers = fused.Decode(args)
 
     def new_cache(self, max_seq_len: int | None = None) -> KVCache:
         """A KV cache for max_seq_len positions (default: the model's context)."""
@@ -167,6 +176,8 @@ class Llama:
 
     def _forward(self, tokens: np.ndarray, start_pos: int, cache: KVCache, trace: dict | None,
                  last_only: bool) -> np.ndarray:
+        if trace is None and self.dtype == "float32":  # the same numbers in fewer NumPy calls
+            return fused.forward(self, tokens, start_pos, cache, last_only)
         args, n_new = self.args, len(tokens)
         step = self._step(trace)
         cos, sin = rope_tables(self.rope_freqs, np.arange(start_pos, start_pos + n_new))  # [T, hd/2] each
@@ -217,11 +228,7 @@ def transformer_block(x, w: LayerWeights, args: ModelArgs, cos, sin, mask,
     """One layer: x + attention(norm(x)), then + feed_forward(norm(.)). x: [T, D] -> [T, D]."""
     n_new = x.shape[0]
     xn = step("attention_norm", rms_norm(x, w.attention_norm, args.norm_eps))  # [T, D]
-    if w.wqkv is None:
-        q, k, v = linear(xn, w.wq), linear(xn, w.wk), linear(xn, w.wv)  # [T, H*hd], [T, KV*hd] x 2
-    else:  # fast path, same numbers: one matmul over the stacked rows, then split the columns
-        qkv, q_end, k_end = linear(xn, w.wqkv), len(w.wq), len(w.wq) + len(w.wk)  # [T, (H+2KV)*hd]
-        q, k, v = qkv[:, :q_end], qkv[:, q_end:k_end], qkv[:, k_end:]
+    q, k, v = linear(xn, w.wq), linear(xn, w.wk), linear(xn, w.wv)  # [T, H*hd], [T, KV*hd] x 2
     q = step("q", split_heads(q, args.n_heads))  # [T, H*hd] -> [H, T, hd]
     k = step("k", split_heads(k, args.n_kv_heads))  # [T, KV*hd] -> [KV, T, hd]
     v = step("v", split_heads(v, args.n_kv_heads))  # [T, KV*hd] -> [KV, T, hd]
@@ -237,4 +244,4 @@ def transformer_block(x, w: LayerWeights, args: ModelArgs, cos, sin, mask,
     h = step("residual", x + step("attention_out", linear(attn, w.wo)))  # [T, D]
 
     hn = step("ffn_norm", rms_norm(h, w.ffn_norm, args.norm_eps))  # [T, D]
-    return step("out", h + step("ffn_out", feed_forward(hn, w.w1, w.w2, w.w3, step, w.w13)))  # [T, D]
+    return step("out", h + step("ffn_out", feed_forward(hn, w.w1, w.w2, w.w3, step)))  # [T, D]

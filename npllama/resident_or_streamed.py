@@ -42,8 +42,9 @@ def round_to_bf16(w: np.ndarray) -> np.ndarray:
     return w.astype(BF16).astype(np.float32)
 
 
-def float32_bytes(weights: Mapping[str, np.ndarray]) -> int:
-    return sum(4 * w.size for w in weights.values())
+def layer_float32_bytes(weights: Mapping[str, np.ndarray], i: int) -> int:
+    """What a float32 copy of layer i's weights takes."""
+    return sum(4 * weights[layer_name(t.meta, i)].size for t in LAYER_TENSORS)
 
 
 def default_weights_budget() -> int:
@@ -93,9 +94,10 @@ class StreamedWeight:
     def T(self) -> _Transposed:
         return _Transposed(self)
 
-    def matmul_transposed(self, x: np.ndarray) -> np.ndarray:
+    def matmul_transposed(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """x @ w.T, into `out` if given."""
         n_out, n_in = self.shape
-        y = np.empty((x.shape[0], n_out), np.float32)  # [T, out]
+        y = np.empty((x.shape[0], n_out), np.float32) if out is None else out  # [T, out]
 
         def rows(share: range) -> None:
             for r0 in range(share.start, share.stop, self.tile_rows):

@@ -96,7 +96,11 @@ def model_format(path: Path) -> str:
 def describe(model: Llama) -> str:
     a = model.args
     n_params = sum(w.size for w in model.weights.values())
-    mode = "float32 copy in RAM" if model.resident else "memory-mapped, streamed through the matmul in tiles"
+    layers = model.args.n_layers
+    mode = ("float32 copy in RAM" if model.resident else
+            f"float32 copy in RAM for {model.resident_layers} of {layers} layers, the rest memory-mapped and "
+            "streamed through the matmul in tiles" if model.resident_layers else
+            "memory-mapped, streamed through the matmul in tiles")
     return (f"{n_params / 1e6:.1f}M params, dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads "
             f"({a.n_kv_heads} kv), vocab {a.vocab_size}, rope_theta {a.rope_theta:g}, "
             f"{model.dtype} compute, weights {mode}")
