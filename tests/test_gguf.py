@@ -77,7 +77,8 @@ def random_weights(args=ARGS, seed=0) -> dict[str, np.ndarray]:
 
 
 def write_gguf(path, weights, md=None, qtypes=None, arch="llama", extra_tensors=None) -> Path:
-    """weights: Meta-named float32 arrays, stored as qtypes[name] (default F32)."""
+    """weights: Meta-named float32 arrays, stored as qtypes[name] (default F32), or uint8 rows
+    of blocks already of type qtypes[name] (gguf-py cannot quantize to K-quants)."""
     md = metadata() if md is None else md
     writer = GGUFWriter(str(path), arch)
     for key, value in md.items():
@@ -101,7 +102,8 @@ def write_gguf(path, weights, md=None, qtypes=None, arch="llama", extra_tensors=
             writer.add_tensor(gguf_name(name), w.astype(ml_dtypes.bfloat16).view(np.uint16),
                               raw_shape=w.shape, raw_dtype=Q.BF16)
         else:
-            writer.add_tensor(gguf_name(name), quantize(w, qtype), raw_dtype=qtype)
+            blocks = w if w.dtype == np.uint8 else quantize(w, qtype)
+            writer.add_tensor(gguf_name(name), blocks, raw_dtype=qtype)
     for name, w in (extra_tensors or {}).items():
         writer.add_tensor(name, w)
     with warnings.catch_warnings():
@@ -197,16 +199,47 @@ def test_quantized_tensors_decode_lazily_and_exactly(weights, tmp_path, qtype):
                                atol=FLOAT32_BOUND * np.abs(reference).max())
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
-def test_fast_kernels_equal_gguf_py_bit_for_bit(qtype):
-    """On arbitrary bytes (any float16 scale, NaN and inf included)."""
+# Where each type keeps its float16 scales: byte offsets within a block.
+FLOAT16_FIELDS = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+
+
+def every_pattern_blocks(qtype, seed=0) -> np.ndarray:
+    """2^16 blocks, uint8 [65536, bytes per block]: each float16 scale field takes every one of the
+    65536 bit patterns (NaNs with their payloads, infinities, subnormals, -0), every other byte
+    (packed scales, quants) every one of the 256 values 256 times, the columns shuffled apart."""
     from gguf import GGML_QUANT_SIZES
-    block, size = GGML_QUANT_SIZES[qtype]
-    blocks = np.random.default_rng(0).integers(0, 256, (7, 3 * size), dtype=np.uint8)
+    size = GGML_QUANT_SIZES[qtype][1]
+    rng = np.random.default_rng(seed)
+    blocks = np.empty((1 << 16, size), np.uint8)
+    for column in range(size):
+        blocks[:, column] = rng.permutation(np.arange(1 << 16) % 256)
+    for start in FLOAT16_FIELDS[qtype]:
+        blocks[:, start:start + 2] = rng.permutation(1 << 16).astype(np.uint16).view(np.uint8).reshape(-1, 2)
+    return blocks
+
+
+def assert_same_bits(ours: np.ndarray, theirs: np.ndarray) -> None:
+    """Equal as float32 bit patterns: NaN payloads and the sign of zero count."""
+    assert ours.dtype == theirs.dtype == np.float32 and ours.shape == theirs.shape
+    mismatched = np.flatnonzero(ours.view(np.uint32) != theirs.view(np.uint32))
+    assert not len(mismatched), (f"{len(mismatched)} values differ, first at flat index {mismatched[0]}: "
+                                 f"{ours.flat[mismatched[0]]!r} vs gguf-py's {theirs.flat[mismatched[0]]!r}")
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
+def test_fast_kernels_equal_gguf_py_bit_for_bit(qtype):
+    """On arbitrary bytes: every float16 scale (NaN and inf included), every byte of packed
+    scales and quants; as rows, one long row, a single row and a single block."""
+    blocks = every_pattern_blocks(qtype)
+    ours = ggml_type(qtype)
     with np.errstate(all="ignore"):
-        ours = ggml_type(qtype)
-        np.testing.assert_array_equal(dequantize_rows(blocks, ours), dequantize(blocks, qtype))
-        np.testing.assert_array_equal(dequantize_rows(blocks[4], ours), dequantize(blocks, qtype)[4])
+        rows = blocks.reshape(256, -1)  # [rows, bytes per row]: 256 blocks a row
+        assert_same_bits(dequantize_rows(rows, ours), dequantize(rows, qtype))
+        assert_same_bits(dequantize_rows(rows[4], ours), dequantize(rows[4], qtype))
+        assert_same_bits(dequantize_rows(rows[4:5], ours), dequantize(rows[4:5], qtype))
+        odd = blocks[:4099].reshape(-1)  # one row of 4099 blocks: not a whole number of pieces
+        assert_same_bits(dequantize_rows(odd, ours), dequantize(odd, qtype))
+        assert_same_bits(dequantize_rows(blocks[7], ours), dequantize(blocks[7], qtype))
 
 
 def test_type_table_agrees_with_gguf_py():
@@ -215,18 +248,49 @@ def test_type_table_agrees_with_gguf_py():
         {int(q): (q.name, *sizes) for q, sizes in GGML_QUANT_SIZES.items()}
 
 
+def random_k_quant_blocks(shape: tuple[int, int], qtype, rng) -> np.ndarray:
+    """Random blocks of a K-quant whose float16 scales are small and finite, so a model computes
+    finite numbers: uint8 [rows, bytes per row]."""
+    from gguf import GGML_QUANT_SIZES
+    block, size = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (shape[0] * shape[1] // block, size), dtype=np.uint8)
+    for start in FLOAT16_FIELDS[qtype]:
+        scale = rng.uniform(0.5, 1.0, len(blocks)) / (64 * math.sqrt(shape[1]))
+        blocks[:, start:start + 2] = scale.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(shape[0], -1)
+
+
 def test_gguf_py_is_only_needed_for_other_quant_types(weights, tmp_path):
-    """The default model's types (F32, Q4_1, Q8_0) load without gguf-py; K-quants say what to install."""
+    """The default model's types (F32, Q4_1, Q8_0) and those of Q4_K_M and Q5_K_M files (Q4_K,
+    Q5_K, Q6_K) load without gguf-py, giving gguf-py's numbers; others say what to install."""
     import subprocess
     import sys
     q4 = write_gguf(tmp_path / "q4.gguf", weights, qtypes={n: Q.Q4_1 for n, w in weights.items() if w.ndim == 2})
     q5 = write_gguf(tmp_path / "q5.gguf", weights, qtypes={"layers.1.feed_forward.w2.weight": Q.Q5_0})
-    code = ("import sys; sys.modules['gguf'] = None; import npllama; "
-            "m = npllama.load(sys.argv[1]); print(m.forward([1, 2, 3]).shape); npllama.load(sys.argv[2])")
-    run = subprocess.run([sys.executable, "-c", code, str(q4), str(q5)], capture_output=True, text=True,
-                         cwd=Path(__file__).parent.parent)
+    # K-quant rows hold 256 values: a model whose every matrix row is a multiple of 256 long.
+    args = dataclasses.replace(ARGS, dim=256, multiple_of=256)
+    rng = np.random.default_rng(0)
+    k_types = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
+    k_weights, k_qtypes = {}, {}
+    for i, (name, w) in enumerate(random_weights(args).items()):
+        if w.ndim == 2:
+            k_qtypes[name] = k_types[i % 3]
+            w = random_k_quant_blocks(w.shape, k_qtypes[name], rng)
+        k_weights[name] = w
+    assert set(k_qtypes.values()) == set(k_types)
+    kq = write_gguf(tmp_path / "kq.gguf", k_weights, metadata(args), qtypes=k_qtypes)
+    code = ("import sys; sys.modules['gguf'] = None; import numpy as np; import npllama; "
+            "m = npllama.load(sys.argv[1]); print(m.forward([1, 2, 3]).shape); "
+            "np.save(sys.argv[4], npllama.load(sys.argv[3]).forward([1, 2, 3])); npllama.load(sys.argv[2])")
+    run = subprocess.run([sys.executable, "-c", code, str(q4), str(q5), str(kq), str(tmp_path / "kq.npy")],
+                         capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert run.stdout == f"(3, {VOCAB})\n"
     assert "tensor blk.1.ffn_down.weight: decoding Q5_0 tensors needs gguf-py: pip install gguf" in run.stderr
+    decoded = {name: dequantize(w, k_qtypes[name]) if name in k_qtypes else w
+               for name, w in k_weights.items()}
+    reference = Llama(read_gguf(kq)[0], decoded).forward([1, 2, 3])
+    assert np.isfinite(reference).all()
+    np.testing.assert_array_equal(np.load(tmp_path / "kq.npy"), reference)
 
 
 def test_lazy_rows_index_like_an_array():

@@ -19,9 +19,10 @@ SmolLM2 by perplexity.
 
 The header is parsed here rather than with gguf-py's GGUFReader, which builds one NumPy view
 per metadata string: seconds for SmolLM2's 98k vocabulary and merge strings, where this parser
-reads each string array in one tight loop. F32/F16/BF16, Q8_0, Q4_0 and Q4_1 are decoded here
-too, so the default model needs nothing beyond NumPy; gguf-py (pip install gguf) is imported only
-to dequantize other types (K-quants, IQ*, Q5_*).
+reads each string array in one tight loop. F32/F16/BF16, Q8_0, Q4_0, Q4_1 and the K-quants of
+Q4_K_M and Q5_K_M files (Q4_K, Q5_K, Q6_K) are decoded here too, so the default model and the usual
+Llama 3 downloads need nothing beyond NumPy; gguf-py (pip install gguf) is imported only to
+dequantize other types (Q2_K, Q3_K, IQ*, Q5_0, Q5_1...).
 """
 
 from __future__ import annotations
@@ -282,58 +283,157 @@ def _check_no_overlap(path: Path, tensors) -> None:
 
 # --- Dequantization ----------------------------------------------------------------------
 
-# The legacy block formats, written out because gguf-py's generic kernels take several times
-# longer (most of a GGUF model's load time); the results are bit-identical (tests/test_gguf.py).
-# Each block holds 32 values: a float16 scale d (and for Q4_1 a float16 minimum m), then the
-# quants. Q4 packs two per byte: the low nibbles are values 0..15, the high nibbles 16..31.
+# The block formats llama.cpp's files use most, written out because gguf-py's generic kernels
+# take several times longer (most of a GGUF model's load time). Each kernel repeats gguf-py's
+# float32 operations in gguf-py's order, so the results are bit-identical, NaN payloads and
+# signed zeros included (tests/test_gguf.py).
+#
+# A kernel writes the values of N blocks into `out`, float32 [N, values per block], all blocks
+# at once. NumPy pays a fixed cost for each run of contiguous elements an operation walks, so
+# the kernels unpack bits where the runs are long (whole rows of bytes; 4 or 8 bytes at a time
+# in uint32/uint64 words, whose masks keep each byte's bits within that byte), in whatever order
+# that leaves the values, and put them in order in the one copy that turns them into floats.
 
 def _scales(b: np.ndarray, start: int) -> np.ndarray:
     return b[:, start:start + 2].view(np.float16).astype(np.float32)  # [N, 1]
 
 
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    q = np.empty((len(qs), 32), np.float32)  # [N, 32]
-    np.bitwise_and(qs, 15, out=q[:, :16], casting="unsafe")
-    np.right_shift(qs, 4, out=q[:, 16:], casting="unsafe")
-    return q
+def _nibble_planes(qs: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte, unpacked: [N, w] -> [2, N, w], the low nibbles then the high."""
+    planes = np.empty((2, *qs.shape), np.uint8)  # [2, N, w]
+    np.bitwise_and(qs, 15, out=planes[0])
+    np.right_shift(qs, 4, out=planes[1])
+    return planes
 
 
-def _q8_0(b: np.ndarray) -> np.ndarray:  # [N, 34] -> [N, 32]: d * q
-    q = b[:, 2:].view(np.int8).astype(np.float32)
-    q *= _scales(b, 0)
-    return q
+# The legacy formats: blocks of 32 values, a float16 scale d (and for Q4_1 a float16 minimum m),
+# then the quants; Q4 packs values 0..15 in the low nibbles, 16..31 in the high ones.
+
+def _q8_0(b: np.ndarray, out: np.ndarray) -> None:  # [N, 34] -> [N, 32]: d * q
+    np.copyto(out, b[:, 2:].view(np.int8))
+    out *= _scales(b, 0)
 
 
-def _q4_0(b: np.ndarray) -> np.ndarray:  # [N, 18] -> [N, 32]: d * (q - 8)
-    q = _nibbles(b[:, 2:])
-    q -= 8
-    q *= _scales(b, 0)
-    return q
+def _q4(b: np.ndarray, out: np.ndarray) -> None:  # [N, 16] -> [N, 32]: the 4-bit q
+    np.copyto(out.reshape(len(b), 2, 16), _nibble_planes(b).transpose(1, 0, 2))
 
 
-def _q4_1(b: np.ndarray) -> np.ndarray:  # [N, 20] -> [N, 32]: d * q + m
-    q = _nibbles(b[:, 4:])
-    q *= _scales(b, 0)
-    q += _scales(b, 2)
-    return q
+def _q4_0(b: np.ndarray, out: np.ndarray) -> None:  # [N, 18] -> [N, 32]: d * (q - 8)
+    _q4(b[:, 2:], out)
+    out -= 8
+    out *= _scales(b, 0)
 
 
-_KERNELS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1}
+def _q4_1(b: np.ndarray, out: np.ndarray) -> None:  # [N, 20] -> [N, 32]: d * q + m
+    _q4(b[:, 4:], out)
+    out *= _scales(b, 0)
+    out += _scales(b, 2)
+
+
+# The K-quants: super-blocks of 256 values whose sub-blocks each have an integer scale, itself
+# scaled by the super-block's float16 d. Q4_K and Q5_K: 8 sub-blocks of 32, each with a 6-bit
+# scale sc and a 6-bit minimum m (times the float16 dmin): value = d*sc * q - dmin*m, q of 4 or 5
+# bits. Q6_K: 16 sub-blocks of 16 with int8 scales: value = d*sc * (q - 32), q of 6 bits.
+
+_LOW_6_BITS, _LOW_4_BITS, _BITS_4_5 = 0x3F3F3F3F, 0x0F0F0F0F, 0x30303030  # the mask in each byte
+
+
+def _k_scales_and_mins(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's and Q5_K's 8 sub-block scales d*sc and minimums dmin*m: [N, 8, 1] each.
+
+    Bytes 4..15 pack the 6-bit sc and m, taken here as three words of four bytes (i = 0..3):
+        word 0, byte i: low 6 bits sc[i],  top 2 bits the top 2 bits of sc[i+4]
+        word 1, byte i: low 6 bits m[i],   top 2 bits the top 2 bits of m[i+4]
+        word 2, byte i: low nibble the low 4 bits of sc[i+4], high nibble those of m[i+4]"""
+    words = b[:, 4:16].view(np.uint32)  # [N, 3]
+    low_sc, low_m, high = words[:, 0], words[:, 1], words[:, 2]  # [N]
+    packed = np.empty((len(b), 4), np.uint32)  # [N, 4], as bytes sc[0..7] then m[0..7]
+    np.bitwise_and(low_sc, _LOW_6_BITS, out=packed[:, 0])
+    packed[:, 1] = (high & _LOW_4_BITS) | ((low_sc >> 2) & _BITS_4_5)
+    np.bitwise_and(low_m, _LOW_6_BITS, out=packed[:, 2])
+    packed[:, 3] = ((high >> 4) & _LOW_4_BITS) | ((low_m >> 2) & _BITS_4_5)
+    d_dmin = b[:, 0:4].view(np.float16).astype(np.float32)  # [N, 2]
+    products = d_dmin[:, :, None] * packed.view(np.uint8).reshape(-1, 2, 8).astype(np.float32)  # [N, 2, 8]
+    return products[:, 0, :, None], products[:, 1, :, None]
+
+
+def _q4_k(b: np.ndarray, out: np.ndarray) -> None:  # [N, 144] -> [N, 256]
+    n = len(b)
+    # Each run c of 32 bytes holds sub-block 2c in its low nibbles and 2c+1 in its high ones.
+    q = _nibble_planes(b[:, 16:]).reshape(2, n, 4, 32)  # [low/high, N, run, 32]
+    _k_quant_values(b, q, out)
+
+
+def _q5_k(b: np.ndarray, out: np.ndarray) -> None:  # [N, 176] -> [N, 256]
+    n = len(b)
+    q = _nibble_planes(b[:, 48:]).reshape(2, n, 4, 32)  # [low/high, N, run, 32]: Q4_K's 4 bits
+    # The fifth bits: sub-block s's are bit s of the 32 bytes qh.
+    qh = np.ascontiguousarray(b[:, 16:48]).view(np.uint64)  # [N, 4 words]
+    fifth = np.empty((2, n, 4, 4), np.uint64)  # [low/high, N, run, 4 words]: sub-block 2*run + low/high
+    for s in range(8):
+        np.right_shift(qh, s, out=fifth[s % 2, :, s // 2])
+    fifth &= 0x0101010101010101
+    fifth *= 16
+    q.view(np.uint64).reshape(fifth.shape)[...] |= fifth
+    _k_quant_values(b, q, out)
+
+
+def _k_quant_values(b: np.ndarray, q: np.ndarray, out: np.ndarray) -> None:
+    """d*sc * q - dmin*m: q [low/high, N, run, 32] -> out [N, 256]."""
+    n = len(b)
+    np.copyto(out.reshape(n, 4, 2, 32), q.transpose(1, 2, 0, 3))  # sub-block 2*run + low/high
+    values = out.reshape(n, 8, 32)
+    scale, minimum = _k_scales_and_mins(b)  # [N, 8, 1]
+    values *= scale
+    values -= minimum
+
+
+def _q6_k(b: np.ndarray, out: np.ndarray) -> None:  # [N, 210] -> [N, 256]
+    n = len(b)
+    # Low 4 bits: each half h of ql (64 bytes) holds values 128h..128h+63 in its low nibbles,
+    # the next 64 in its high ones; so value 128h + 64p + 32r + j with p low/high, r a run of 32.
+    q = _nibble_planes(b[:, :128]).reshape(2, n, 2, 2, 32)  # [p, N, h, r, 32]
+    # High 2 bits: bits 2k, 2k+1 of qh's half h (32 bytes) belong to value 128h + 32k + j, k = 2p + r.
+    qh = np.ascontiguousarray(b[:, 128:192]).view(np.uint64).reshape(n, 2, 4)  # [N, h, 4 words]
+    top = np.empty((2, n, 2, 2, 4), np.uint64)  # [p, N, h, r, 4 words]
+    for k in range(4):
+        np.right_shift(qh, 2 * k, out=top[k // 2, :, :, k % 2])
+    top &= 0x0303030303030303
+    top *= 16
+    q.view(np.uint64).reshape(top.shape)[...] |= top
+    q -= 32  # wraps around in uint8: read as int8 it is q - 32, from -32 to 31
+    np.copyto(out.reshape(n, 2, 2, 2, 32), q.view(np.int8).transpose(1, 2, 0, 3, 4))  # [N, h, p, r, 32]
+    values = out.reshape(n, 16, 16)
+    values *= _scales(b, 208)[:, :, None] * b[:, 192:208, None].view(np.int8).astype(np.float32)  # [N, 16, 1]
+
+
+# dequantize_rows hands the kernels this many values' blocks at a time (1 MB of float32): a
+# kernel makes several passes over its intermediates and its output, which then stay in the CPU's
+# cache instead of going to memory and back each time (a 4096 x 4096 K-quant matrix decodes 1.1
+# to 1.4 times faster so than in one call).
+PIECE_VALUES = 1 << 18
+
+_KERNELS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
 def dequantize_rows(blocks: np.ndarray, qtype: GGMLType) -> np.ndarray:
     """float32 values of quantized rows: uint8 [..., bytes_per_row] -> float32 [..., row_length]."""
     kernel = _KERNELS.get(qtype.name)
-    if kernel is None:  # K-quants, IQ*, Q5_*...: gguf-py's kernels
+    if kernel is None:  # Q2_K, Q3_K, IQ*, Q5_0...: gguf-py's kernels
         try:
             from gguf import GGMLQuantizationType
             from gguf.quants import dequantize
         except ImportError:
             raise CheckpointError(f"decoding {qtype.name} tensors needs gguf-py: pip install gguf "
-                                  "(npllama decodes F32, F16, BF16, Q8_0, Q4_0 and Q4_1 itself)") from None
+                                  "(npllama decodes F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and "
+                                  "Q6_K itself)") from None
         return dequantize(blocks, GGMLQuantizationType(qtype.id))
-    out = kernel(blocks.reshape(-1, qtype.type_size))  # [N blocks, 32]
-    return out.reshape(*blocks.shape[:-1], -1)
+    stored = blocks.reshape(-1, qtype.type_size)  # [N blocks, bytes]
+    out = np.empty((len(stored), qtype.block_size), np.float32)  # [N blocks, values]
+    step = max(1, PIECE_VALUES // qtype.block_size)
+    for start in range(0, len(stored), step):
+        kernel(stored[start:start + step], out[start:start + step])
+    return out.reshape(*blocks.shape[:-1], blocks.shape[-1] // qtype.type_size * qtype.block_size)
 
 
 # --- Weights -----------------------------------------------------------------------------
