@@ -25,6 +25,7 @@ import numpy as np
 
 from .config import EMBEDDING, ModelArgs
 from .layers import causal_mask, embed, rope_tables, softmax
+from .progress import Progress
 from .resident_or_streamed import LayerWeights, StreamedWeight
 
 
@@ -70,8 +71,10 @@ def forward(model, tokens: np.ndarray, start_pos: int, cache, last_only: bool) -
     cis = rope_cis(model.rope_freqs, start_pos, n_new)  # [T, hd/2]
     mask = None if n_new == 1 else causal_mask(n_new, start_pos)  # [T, S]: a lone token sees all
     h = embed(tokens, model.weights[EMBEDDING.meta])  # [T, D]
-    for i, layer in enumerate(model.layers):
-        h = block(h, layer, args, cis, mask, cache.k[i], cache.v[i], start_pos, buf)  # [T, D]
+    with Progress(f"prefill of {n_new} tokens", args.n_layers, "layers", model.verbose and n_new > 1) as progress:
+        for i, layer in enumerate(model.layers):
+            h = block(h, layer, args, cis, mask, cache.k[i], cache.v[i], start_pos, buf)  # [T, D]
+            progress.update(i + 1)
     if last_only:
         h = h[-1:]  # [1, D]
     hn = rms_norm(h, model.norm, args.norm_eps, np.empty_like(h))  # [T, D]

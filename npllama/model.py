@@ -17,6 +17,7 @@ from .layers import (apply_rope, attention, causal_mask, embed, feed_forward, ke
 from .resident_or_streamed import (BF16, LayerWeights, StreamedWeight, TilePool, default_weights_budget,
                                    layer_float32_bytes, round_to_bf16, to_float32)
 from . import fused
+from .progress import Progress
 from .threads import Threads
 
 DTYPES = ("float32", "bfloat16")
@@ -89,7 +90,7 @@ class Llama:
 
     def __init__(self, args: ModelArgs, weights: Mapping[str, np.ndarray], tokenizer=None,
                  dtype: str = "float32", weights_budget: int | None = None, source: str = "",
-                 threads: int | None = None):
+                 threads: int | None = None, verbose: bool = False):
         if dtype not in DTYPES:
             raise ArgumentError(f"dtype is {shown(dtype)}; it must be one of {', '.join(DTYPES)}")
         if weights_budget is not None and (not isinstance(weights_budget, (int, float)) or
@@ -97,7 +98,7 @@ class Llama:
             raise ArgumentError(f"weights_budget is {shown(weights_budget)}; it must be a number of bytes >= 0")
         self.args, self.tokenizer, self.dtype, self.source = args, tokenizer, dtype, source
         self.weights = weights  # as stored: memory maps, never modified
-        self.threads = Threads(threads)
+        self.threads, self.verbose = Threads(threads), verbose
         # In bf16 mode weights are rounded to bf16 too: a float32 checkpoint then behaves like the
         # notebook's bf16 one (and bf16 ones are unchanged, the round trip is exact).
         vector = round_to_bf16 if dtype == "bfloat16" else to_float32
@@ -114,12 +115,14 @@ class Llama:
         self.layers, spent = [], 4 * output.size  # the output first: every token reads all of it
         output_resident = spent <= budget
         spent = spent if output_resident else 0
-        for i in range(args.n_layers):
-            cost = layer_float32_bytes(weights, i)
-            resident = spent + cost <= budget
-            spent += cost if resident else 0
-            layer = LayerWeights.from_checkpoint(weights, i, vector if resident else streamed, vector)
-            self.layers.append(layer.fuse() if resident else layer)
+        with Progress("making the float32 copy of the weights", args.n_layers, "layers", verbose) as progress:
+            for i in range(args.n_layers):
+                cost = layer_float32_bytes(weights, i)
+                resident = spent + cost <= budget
+                spent += cost if resident else 0
+                layer = LayerWeights.from_checkpoint(weights, i, vector if resident else streamed, vector)
+                self.layers.append(layer.fuse() if resident else layer)
+                progress.update(i + 1)
         self.resident_layers = sum(layer.wqkv is not None for layer in self.layers)
         self.resident = output_resident and self.resident_layers == args.n_layers
         self.norm = vector(weights[NORM.meta])  # [D]

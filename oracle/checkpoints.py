@@ -204,22 +204,35 @@ def tiny_gguf_metadata(args: ModelArgs) -> dict:
 TINY_GGUF_SCALING = RopeScaling(factor=8.0, original_max_seq_len=512)
 
 
-def write_gguf_file(path: Path, metadata: dict, tensors: dict[str, np.ndarray]) -> Path:
+def write_gguf_file(path: Path, metadata: dict, tensors: dict[str, np.ndarray], qtype=None) -> Path:
     """A GGUF file of these metadata (typed by their Python type: bool, int as uint32, float as
-    float32, str, list) and float32 tensors named as llama.cpp names them."""
-    from gguf import GGUFWriter
+    float32, str, list) and float32 tensors named as llama.cpp names them; matrices whose rows
+    are whole blocks of `qtype` (a gguf.GGMLQuantizationType) are stored quantized."""
+    from gguf import GGML_QUANT_SIZES, GGUFWriter
+    from gguf.quants import quantize
     writer = GGUFWriter(str(path), "llama")
     for key, value in metadata.items():
         add = {bool: writer.add_bool, int: writer.add_uint32, float: writer.add_float32,
                str: writer.add_string}.get(type(value), writer.add_array)
         add(key, value)
+    block = GGML_QUANT_SIZES[qtype][0] if qtype is not None else None
     for name, w in tensors.items():
-        writer.add_tensor(name, w)
+        if block and w.ndim == 2 and w.shape[1] % block == 0:
+            writer.add_tensor(name, quantize(w, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, w)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def tiny_gguf(path: Path, args: ModelArgs | None = None, qtype=None) -> Path:
+    """The tiny GGUF model (tiny_model_files("gguf")), of other sizes or with quantized matrices."""
+    args = args or tiny_model_args(len(TINY_RANKS) + len(TINY_SPECIALS))
+    tensors = {_stored_name(n, "gguf"): w for n, w in _tiny_weights(args).items()}
+    return write_gguf_file(path, tiny_gguf_metadata(args), tensors, qtype)
 
 
 def _tiny_gguf() -> dict[str, bytes]:

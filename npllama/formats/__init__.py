@@ -20,6 +20,8 @@ from pathlib import Path
 
 from ..errors import ConfigError, ModelNotFoundError
 from ..model import Llama
+from ..resident_or_streamed import default_weights_budget
+from .dequantized import quantized, with_bf16_copy
 from .gguf import read_gguf
 from .hf import read_hf
 from .meta import read_meta
@@ -49,13 +51,16 @@ def load(path, dtype: str = "float32", max_seq_len: int | None = None,
     start = time.perf_counter()
     kind = model_format(path)
     args, weights, tokenizer = READERS[kind](path)
+    budget = default_weights_budget() if weights_budget is None else weights_budget
+    if quantized(weights) and sum(4 * w.size for w in weights.values()) > budget:
+        weights = with_bf16_copy(path, weights, verbose)  # see dequantized.py
     if max_seq_len is not None:
         args = replace(args, max_seq_len=max_seq_len)
     if tokenizer.n_words > args.vocab_size:
         raise ConfigError(f"{path}: the tokenizer has {tokenizer.n_words} tokens but the model's "
                           f"vocab_size is {args.vocab_size}: they do not belong together")
     model = Llama(args, weights, tokenizer, dtype=dtype, weights_budget=weights_budget, source=str(path),
-                  threads=threads)
+                  threads=threads, verbose=verbose)
     if verbose:
         print(f"loaded {FORMAT_NAMES[kind]} {path} in {time.perf_counter() - start:.2f}s: {describe(model)}",
               file=sys.stderr)

@@ -1,0 +1,66 @@
+"""A progress line on stderr for a step a person waits for: loading, dequantizing, a long prefill.
+
+Silent for the step's first two seconds (most steps end before anyone wonders), then redrawn at
+most ten times a second with the fraction done and the time left, and closed with one line
+saying how long the step took. On a terminal the line is redrawn in place; piped into a file,
+only the closing line is written, so logs stay readable.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+QUIET_SECONDS = 2.0
+REDRAW_SECONDS = 0.1
+
+
+class Progress:
+    def __init__(self, what: str, total: float, unit: str = "", enabled: bool = True, stream=None):
+        self.what, self.total, self.unit, self.enabled = what, max(total, 1e-9), unit, enabled
+        self.stream = stream or sys.stderr
+        self.start = self.drawn = time.monotonic()
+        self.shown = False
+
+    def update(self, done: float) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self.start < QUIET_SECONDS or now - self.drawn < REDRAW_SECONDS:
+            return
+        self.drawn, self.shown = now, True
+        if not self._is_terminal():
+            return
+        fraction = min(done / self.total, 1.0)
+        left = (now - self.start) * (1 - fraction) / fraction if fraction > 0 else float("inf")
+        bar = "#" * int(30 * fraction)
+        self.stream.write(f"\r{self.what}: [{bar:<30}] {100 * fraction:5.1f}% {self._amount(done)}"
+                          f" {_seconds(left)} left ")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """The closing line, if the step took long enough to have shown progress."""
+        if self.enabled and self.shown:
+            end = "\r" if self._is_terminal() else ""
+            self.stream.write(f"{end}{self.what}: done, {self._amount(self.total)} in "
+                              f"{_seconds(time.monotonic() - self.start)}" + " " * 30 + "\n")
+            self.stream.flush()
+
+    def _amount(self, done: float) -> str:
+        return f"({done:.1f}/{self.total:.1f} {self.unit})" if self.unit else ""
+
+    def _is_terminal(self) -> bool:
+        try:
+            return self.stream.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _seconds(s: float) -> str:
+    if s == float("inf"):
+        return "?"
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.1f} min"

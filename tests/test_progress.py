@@ -1,0 +1,60 @@
+"""The progress line: silent for a quick step, drawn for a slow one, one closing line in logs."""
+
+from __future__ import annotations
+
+import io
+
+from npllama import progress as P
+from npllama.progress import Progress
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class Clock:
+    def __init__(self, monkeypatch):
+        self.now = 100.0
+        monkeypatch.setattr(P.time, "monotonic", lambda: self.now)
+
+
+def test_a_quick_step_prints_nothing(monkeypatch):
+    clock, out = Clock(monkeypatch), Terminal()
+    with Progress("loading", 10, "GB", stream=out) as p:
+        clock.now += 1.5
+        p.update(10)
+    assert out.getvalue() == ""
+
+
+def test_a_slow_step_draws_and_closes(monkeypatch):
+    clock, out = Clock(monkeypatch), Terminal()
+    with Progress("dequantizing", 8, "GB", stream=out) as p:
+        clock.now += 3
+        p.update(2)
+        clock.now += 0.05  # too soon to redraw
+        p.update(3)
+        clock.now += 3
+        p.update(4)
+    lines = out.getvalue().split("\r")
+    assert "25.0% (2.0/8.0 GB) 9s left" in lines[1]  # 3 s for a quarter: 9 s to go
+    assert "50.0% (4.0/8.0 GB) 6s left" in lines[2] and len(lines) == 4
+    assert lines[3].startswith("dequantizing: done, (8.0/8.0 GB) in 6s") and lines[3].endswith("\n")
+
+
+def test_in_a_log_only_the_closing_line(monkeypatch):
+    clock, out = Clock(monkeypatch), io.StringIO()
+    with Progress("prefill of 4000 tokens", 30, "layers", stream=out) as p:
+        clock.now += 5
+        p.update(15)
+        clock.now += 5
+    assert out.getvalue().startswith("prefill of 4000 tokens: done, (30.0/30.0 layers) in 10s")
+    assert out.getvalue().count("\n") == 1
+
+
+def test_disabled_prints_nothing(monkeypatch):
+    clock, out = Clock(monkeypatch), Terminal()
+    with Progress("loading", 1, enabled=False, stream=out) as p:
+        clock.now += 10
+        p.update(1)
+    assert out.getvalue() == ""
