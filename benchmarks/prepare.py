@@ -12,9 +12,10 @@
            writing. npllama runs it memory-mapped, torch in bf16 from a torch.load(mmap=True).
 - 8b-q4km: a random Meta-Llama-3-8B as a Q4_K_M GGUF (4.9 GB): each tensor of the ggml type
            llama.cpp's Q4_K_M gives it (Q4_K, Q6_K, F32), filled with random blocks, and Meta's
-           vocabulary. npllama runs it memory-mapped, dequantizing tile by tile. No torch
-           baseline: torch cannot read GGUF, and smollm2's route (npllama's decoded weights
-           saved as a float32 state dict) would take 32 GB of RAM.
+           vocabulary. npllama runs it as any Q4_K_M download too big for RAM as float32
+           (formats/dequantized.py: a bf16 copy made at the first load). No torch baseline:
+           torch cannot read GGUF, and smollm2's route (npllama's decoded weights saved as a
+           float32 state dict) would take 32 GB of RAM.
 
 Checkpoints go to a cache directory (--cache-dir, default ~/.cache/npllama/bench), each written
 into `<name>.partial` (a directory, or the GGUF file) and renamed when complete, so an
@@ -311,8 +312,7 @@ def prepare(name: str, cache_dir: Path) -> dict:
         return dict(name=name, kind="gguf", path=str(path), weights_budget=0,
                     unavailable={"torch": "torch cannot read GGUF, and npllama's decoded weights would "
                                           "take 32 GB of RAM as a float32 state dict"},
-                    label="random Meta-Llama-3-8B, Q4_K_M GGUF memory-mapped, dequantized to "
-                          "float32 tile by tile")
+                    label="random Meta-Llama-3-8B, Q4_K_M GGUF (Q4_K, Q6_K), float32 compute")
     if name == "smollm2":
         path = Path(ensure_default_model())
         torch_path = torch_weights_from_npllama(path, cache_dir)
