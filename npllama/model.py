@@ -147,6 +147,11 @@ class Llama:
         from .generate import generate
         return generate(self, prompt, max_new_tokens, sampler, **kwargs)
 
+    def generate_batch(self, prompts, max_new_tokens=256, samplers=None, **kwargs):
+        """Completions of a list of prompts, computed together: see npllama.batch.generate."""
+        from .batch import generate
+        return generate(self, prompts, max_new_tokens, samplers, **kwargs)
+
     def _step(self, trace: dict | None):
         """The hook each named intermediate passes through: rounds to bf16 in the notebook's
         dtype flow, records into `trace` when asked, and otherwise costs one function call."""

@@ -59,9 +59,9 @@ def rope_tables(freqs: torch.Tensor, n_positions: int) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Adjacent dims as (real, imag) of a complex number, multiplied by e^(i*angle)."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [T, H, hd/2] complex
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [(B,) T, H, hd/2] complex
     # Stays float32, as in the notebook: scores and their softmax are computed in float32.
-    return torch.view_as_real(pairs * freqs_cis[:, None, :]).flatten(-2)  # [T, H, hd]
+    return torch.view_as_real(pairs * freqs_cis[:, None, :]).flatten(-2)  # [(B,) T, H, hd]
 
 
 def causal_mask(n_new: int, start_pos: int) -> torch.Tensor:
@@ -71,13 +71,13 @@ def causal_mask(n_new: int, start_pos: int) -> torch.Tensor:
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    return torch.repeat_interleave(x, n_rep, dim=1)  # [S, KV, hd] -> [S, H, hd]
+    return torch.repeat_interleave(x, n_rep, dim=-2)  # [(B,) S, KV, hd] -> [(B,) S, H, hd]
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    n_rep = q.shape[1] // k.shape[1]
-    keys = repeat_kv(k, n_rep)  # [S, H, hd]
-    return torch.matmul(q.transpose(0, 1), keys.permute(1, 2, 0)) / math.sqrt(q.shape[-1])  # [H, T, S]
+    n_rep = q.shape[-2] // k.shape[-2]
+    keys = repeat_kv(k, n_rep)  # [(B,) S, H, hd]
+    return torch.matmul(q.transpose(-3, -2), keys.movedim(-3, -1)) / math.sqrt(q.shape[-1])  # [(B,) H, T, S]
 
 
 def softmax(x: torch.Tensor, dtype) -> torch.Tensor:
@@ -85,9 +85,9 @@ def softmax(x: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def attention_output(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    values = repeat_kv(v, probs.shape[0] // v.shape[1]).transpose(0, 1)  # [H, S, hd]
-    out = torch.matmul(probs, values)  # [H, T, hd]
-    return out.transpose(0, 1).reshape(probs.shape[1], -1)  # [T, H*hd]
+    values = repeat_kv(v, probs.shape[-3] // v.shape[-2]).transpose(-3, -2)  # [(B,) H, S, hd]
+    out = torch.matmul(probs, values)  # [(B,) H, T, hd]
+    return out.transpose(-3, -2).flatten(-2)  # [(B,) T, H*hd]
 
 
 def attention(q, k, v, mask, record):
@@ -109,17 +109,17 @@ def feed_forward(x, w1, w2, w3, record):
 
 
 def transformer_block(x, w: dict, args: ModelArgs, freqs_cis, mask, cache_k, cache_v, start_pos, record):
-    n_new = x.shape[0]
+    """x [T, D], or [B, T, D] with caches [B, P, KV, hd] for a batch of rows of equal length."""
+    rows, end = x.shape[:-1], start_pos + x.shape[-2]
     xn = record("attention_norm", rms_norm(x, w["attention_norm.weight"], args.norm_eps))
-    q = record("q", linear(xn, w["attention.wq.weight"]).view(n_new, args.n_heads, args.head_dim))
-    k = record("k", linear(xn, w["attention.wk.weight"]).view(n_new, args.n_kv_heads, args.head_dim))
-    v = record("v", linear(xn, w["attention.wv.weight"]).view(n_new, args.n_kv_heads, args.head_dim))
+    q = record("q", linear(xn, w["attention.wq.weight"]).view(*rows, args.n_heads, args.head_dim))
+    k = record("k", linear(xn, w["attention.wk.weight"]).view(*rows, args.n_kv_heads, args.head_dim))
+    v = record("v", linear(xn, w["attention.wv.weight"]).view(*rows, args.n_kv_heads, args.head_dim))
     q = record("q_rot", apply_rope(q, freqs_cis))
     k = record("k_rot", apply_rope(k, freqs_cis))
-    cache_k[start_pos:start_pos + n_new] = k
-    cache_v[start_pos:start_pos + n_new] = v
-    attn = record("attention", attention(q, cache_k[:start_pos + n_new], cache_v[:start_pos + n_new],
-                                         mask, record))
+    cache_k[..., start_pos:end, :, :] = k
+    cache_v[..., start_pos:end, :, :] = v
+    attn = record("attention", attention(q, cache_k[..., :end, :, :], cache_v[..., :end, :, :], mask, record))
     h = record("residual", x + record("attention_out", linear(attn, w["attention.wo.weight"])))
     hn = record("ffn_norm", rms_norm(h, w["ffn_norm.weight"], args.norm_eps))
     ffn = feed_forward(hn, w["feed_forward.w1.weight"], w["feed_forward.w2.weight"],
@@ -147,8 +147,9 @@ class Oracle:
                                      self.max_seq_len)
         self.reset()
 
-    def reset(self):
-        shape = (self.max_seq_len, self.args.n_kv_heads, self.args.head_dim)
+    def reset(self, batch: int | None = None):
+        """Empty caches, for one sequence or for `batch` rows."""
+        shape = (*([batch] if batch else []), self.max_seq_len, self.args.n_kv_heads, self.args.head_dim)
         # Keys are cached after RoPE, which the notebook's flow leaves in float32.
         self.cache_k = [torch.zeros(shape) for _ in range(self.args.n_layers)]
         self.cache_v = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.args.n_layers)]
@@ -156,8 +157,8 @@ class Oracle:
     @torch.inference_mode()
     def forward(self, tokens, start_pos: int = 0, trace: dict | None = None,
                 inputs: dict | None = None) -> np.ndarray:
-        """float32 logits [T, V]; `trace` receives every intermediate as a float32 NumPy array
-        in npllama's layout and names.
+        """float32 logits [T, V] of tokens [T], or [B, T, V] of a batch [B, T] after reset(B);
+        `trace` receives every intermediate as a float32 NumPy array in npllama's layout and names.
 
         `inputs`, an npllama trace of the same tokens, makes every layer (and the final norm and
         the output layer) start from npllama's own input to it instead of the oracle's: end to
@@ -167,7 +168,7 @@ class Oracle:
         each layer alone."""
         args, w = self.args, self.weights
         tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
-        n_new = len(tokens)
+        n_new = tokens.shape[-1]
         freqs_cis = self.freqs_cis[start_pos:start_pos + n_new]
         mask = causal_mask(n_new, start_pos)
 
@@ -175,7 +176,7 @@ class Oracle:
             def record(name, x):
                 if trace is not None:
                     a = x.float()
-                    trace[prefix + name] = (a.transpose(0, 1) if name in HEAD_MAJOR else a).numpy().copy()
+                    trace[prefix + name] = (a.transpose(-3, -2) if name in HEAD_MAJOR else a).numpy().copy()
                 return x
             return record
 
@@ -200,3 +201,23 @@ class Oracle:
             out.append(int(np.argmax(logits[-1])))
             logits = self.forward([out[-1]], start_pos=len(prompt) + len(out) - 1)
         return out
+
+    def greedy_batch(self, prompts: list[list[int]], n_new: int) -> list[list[int]]:
+        """Greedy continuations of a batch, the way Meta's generate does it (llama_models/llama3/
+        generation.py): rows padded on the right, every row advanced one position per step from
+        the shortest prompt's end, and a row still inside its prompt fed its own next prompt
+        token instead of the one predicted. No pad is ever fed. The first n_new new tokens of each row."""
+        lengths = [len(p) for p in prompts]
+        total = max(lengths) + n_new
+        tokens = torch.full((len(prompts), total), -1, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.tensor(p)
+        in_prompt = tokens != -1
+        self.reset(batch=len(prompts))
+        prev = 0
+        for cur in range(min(lengths), total):
+            logits = self.forward(tokens[:, prev:cur], start_pos=prev)  # [B, cur-prev, V]
+            predicted = torch.from_numpy(logits[:, -1].argmax(-1))
+            tokens[:, cur] = torch.where(in_prompt[:, cur], tokens[:, cur], predicted)
+            prev = cur
+        return [tokens[i, n:n + n_new].tolist() for i, n in enumerate(lengths)]
