@@ -56,11 +56,12 @@ class BatchCache:
 
 
 def forward(model, tokens: np.ndarray, lengths: np.ndarray, starts: np.ndarray, cache: BatchCache,
-            positions: str = "last") -> np.ndarray:
+            positions: str | slice = "last") -> np.ndarray:
     """Logits of N rows of right-padded tokens [N, T] through the cache's first N slots.
 
     positions="last": [N, V], each row's last real token's logits; "all": [N, T, V] (a pad's
-    logits mean nothing)."""
+    logits mean nothing); a slice: [N, len(slice), V], those positions of every row only (the
+    output matrix is the largest product of a pass over a long window)."""
     args = model.args
     n_rows, n_new = tokens.shape
     if n_rows > len(cache.order) or np.any(lengths < 1) or np.any(lengths > n_new):
@@ -80,6 +81,8 @@ def forward(model, tokens: np.ndarray, lengths: np.ndarray, starts: np.ndarray, 
         h = h.reshape(n_rows, n_new, -1)  # [N, T, D]
         if positions == "last":
             h = h[np.arange(n_rows), lengths - 1]  # [N, D]
+        elif isinstance(positions, slice):
+            h = h[:, positions]  # [N, T', D]
         out = linear(rms_norm(h, model.norm, args.norm_eps), model.output)  # [N, V] or [N, T, V]
     return out.astype(np.float32, copy=False)
 

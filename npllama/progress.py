@@ -22,7 +22,7 @@ class Progress:
         self.start = self.drawn = time.monotonic()
         self.shown = False
 
-    def update(self, done: float) -> None:
+    def update(self, done: float, note: str = "") -> None:
         now = time.monotonic()
         if not self.enabled or now - self.start < QUIET_SECONDS or now - self.drawn < REDRAW_SECONDS:
             return
@@ -33,7 +33,7 @@ class Progress:
         left = (now - self.start) * (1 - fraction) / fraction if fraction > 0 else float("inf")
         bar = "#" * int(30 * fraction)
         self.stream.write(f"\r{self.what}: [{bar:<30}] {100 * fraction:5.1f}% {self._amount(done)}"
-                          f" {_seconds(left)} left ")
+                          f" {_seconds(left)} left {note} ")
         self.stream.flush()
 
     def close(self) -> None:

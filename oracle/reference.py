@@ -14,6 +14,7 @@ scores, mask and softmax are float32; probabilities cast to bf16 before they wei
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -146,6 +147,16 @@ class Oracle:
         self.freqs_cis = rope_tables(rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling),
                                      self.max_seq_len)
         self.reset()
+
+    @classmethod
+    def of(cls, model, dtype=torch.float32, max_seq_len: int | None = None) -> Oracle:
+        """The oracle on an npllama model's own weights (as float32 tensors with Meta's names), so
+        that any checkpoint npllama loads can be checked."""
+        with warnings.catch_warnings():
+            # Read-only memory maps (GGUF) stay shared rather than copied: the oracle never writes them.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            state = {name: torch.from_numpy(np.asarray(w, dtype=np.float32)) for name, w in model.weights.items()}
+        return cls(model.args, state, dtype=dtype, max_seq_len=max_seq_len)
 
     def reset(self, batch: int | None = None):
         """Empty caches, for one sequence or for `batch` rows."""

@@ -8,6 +8,7 @@
     python -m npllama -m DIR --chat [--system S]  an interactive conversation
     python -m npllama explain [--plots DIR]       the forward pass step by step, as the notebook tells it
     python -m npllama compare                     every intermediate against the torch oracle
+    python -m npllama perplexity -f FILE          perplexity over a text, KL divergence to a reference
     python -m npllama download                    fetch the default model, nothing else
 
 Each subcommand is a module of this package with a `main(argv)`; what they share (the seed
@@ -21,7 +22,7 @@ import sys
 
 from ..errors import NpllamaError
 
-SUBCOMMANDS = ("explain", "compare", "download")
+SUBCOMMANDS = ("explain", "compare", "perplexity", "download")
 
 
 def main(argv: list[str] | None = None) -> int:

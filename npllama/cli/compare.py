@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
-
-import numpy as np
 
 from .common import load_for_prompt, subcommand_parser
 
 MAX_NAMED = 12  # failing steps named in the summary line; the table marks every one
-INSTALL_ORACLE = ('compare runs the torch oracle, which needs torch. Install the CPU build, then the '
+INSTALL_ORACLE = ('this runs the torch oracle, which needs torch. Install the CPU build, then the '
                   'oracle extra:\n'
                   '    pip install torch        # any torch >= 2.1; the CPU build is enough\n'
                   '    pip install "npllama[oracle]"')
@@ -37,14 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start each oracle layer from npllama's own input to that layer, so rounding "
                         "differences do not compound over the layers (bf16 on deep models needs this)")
     return p
-
-
-def oracle_state_dict(model, torch) -> dict:
-    """npllama's weights as float32 torch tensors with Meta's names; the Oracle casts them to its dtype."""
-    with warnings.catch_warnings():
-        # Read-only memory maps (GGUF) stay shared rather than copied: the oracle never writes to them.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return {name: torch.from_numpy(np.asarray(w, dtype=np.float32)) for name, w in model.weights.items()}
 
 
 def main(argv: list[str]) -> int:
@@ -61,8 +50,7 @@ def main(argv: list[str]) -> int:
     bf16 = args.dtype == "bfloat16"
     ours, theirs = {}, {}
     model.forward(tokens, trace=ours)
-    oracle = Oracle(model.args, oracle_state_dict(model, torch),
-                    dtype=torch.bfloat16 if bf16 else torch.float32, max_seq_len=len(tokens))
+    oracle = Oracle.of(model, dtype=torch.bfloat16 if bf16 else torch.float32, max_seq_len=len(tokens))
     oracle.forward(tokens, trace=theirs, inputs=ours if args.per_layer else None)
     rows = compare_traces(ours, theirs, BFLOAT16_BOUND if bf16 else FLOAT32_BOUND)
 

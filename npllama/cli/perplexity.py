@@ -1,0 +1,104 @@
+"""`python -m npllama perplexity -m MODEL -f FILE [--ctx-size N] [--batch B] [--kl-divergence]`:
+the model's perplexity over a whole text, by llama-perplexity's method (npllama/perplexity.py),
+and with --kl-divergence how far its next-token distributions are from a reference's: the torch
+oracle on the same weights, or another npllama configuration (--reference PATH,
+--reference-dtype). Bounds given with --max-mean-kl, --max-kl, --min-top1 and --max-logit-error
+make it exit 1 when crossed."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import perplexity as P
+from ..errors import ArgumentError
+from ..model import DTYPES
+from ..progress import Progress
+from .common import add_dtype_option, add_model_option, load_model, new_parser, read_prompt_file
+from .compare import INSTALL_ORACLE
+
+BOUNDS = {"max_mean_kl": ("mean_kl", "<="), "max_kl": ("max_kl", "<="), "min_top1": ("top1_agreement", ">="),
+          "max_logit_error": ("max_logit_error", "<=")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = new_parser("python -m npllama perplexity", __doc__.split("\n\n")[0].replace("`", ""))
+    add_model_option(p)
+    p.add_argument("-f", "--file", type=Path, required=True, help="the text to score (UTF-8)")
+    p.add_argument("-c", "--ctx-size", type=int, default=512, help="window length n_ctx; the second half "
+                   "of each window is scored")
+    p.add_argument("-b", "--batch", type=int, default=1, help="windows computed in one pass")
+    add_dtype_option(p)
+    p.add_argument("-t", "--threads", type=int, help="threads to compute with (see python -m npllama --help)")
+    p.add_argument("--kl-divergence", action="store_true", help="also compare every scored token's "
+                   "distribution with the reference's")
+    p.add_argument("--reference", default="oracle", help="the reference: 'oracle' (the torch oracle on this "
+                   "model's weights, float32; needs torch), or a model path for another npllama configuration")
+    p.add_argument("--reference-dtype", choices=DTYPES, default="float32",
+                   help="compute precision of a --reference model")
+    p.add_argument("--max-mean-kl", type=float, help="fail if the mean KL divergence is above this")
+    p.add_argument("--max-kl", type=float, help="fail if any token's KL divergence is above this")
+    p.add_argument("--min-top1", type=float, help="fail if the two agree on the most likely token less "
+                   "often than this (percent)")
+    p.add_argument("--max-logit-error", type=float, help="fail if any logit differs by more than this")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    bounds = {key: getattr(args, key) for key in BOUNDS if getattr(args, key) is not None}
+    if bounds and not args.kl_divergence:
+        raise ArgumentError(f"--{next(iter(bounds)).replace('_', '-')} bounds a KL divergence: add --kl-divergence")
+    if args.batch < 1:
+        raise ArgumentError(f"--batch must be at least 1, got {args.batch}")
+    text = read_prompt_file(args.file)
+    if not text.strip():
+        raise ArgumentError(f"--file {args.file} is empty: there is nothing to score")
+    model = load_model(args.model, dtype=args.dtype, threads=args.threads)
+    if args.ctx_size > model.args.max_seq_len:
+        raise ArgumentError(f"--ctx-size {args.ctx_size} is beyond the model's context of "
+                            f"{model.args.max_seq_len} positions")
+    tok = model.tokenizer
+    chunks = P.windows(tok.encode(text), args.ctx_size, tok.bos_id if tok.add_bos else None)
+    reference = reference_logits(args, model) if args.kl_divergence else None
+    print(f"perplexity: {len(chunks)} windows of {args.ctx_size} tokens, {args.ctx_size // 2 - 1} scored in each")
+    totals = None
+    with Progress("perplexity", len(chunks), "windows") as progress:
+        for done, totals in enumerate(P.evaluate(chunks, P.model_logits(model, args.batch), reference)):
+            ppl, err = totals.perplexity()
+            windows_done = min((done + 1) * args.batch, len(chunks))
+            print(f"[{windows_done}]{ppl:.4f},", end="", flush=True)
+            progress.update(windows_done, f"PPL {ppl:.4f} +/- {err:.4f}")
+    ppl, err = totals.perplexity()
+    print(f"\nFinal estimate: PPL = {ppl:.4f} +/- {err:.5f} ({totals.count} tokens)")
+    if reference is None:
+        return 0
+    return report_kl(totals.kl_summary(), bounds)
+
+
+def reference_logits(args, model):
+    if args.reference != "oracle":
+        other = load_model(args.reference, dtype=args.reference_dtype, threads=args.threads)
+        return P.model_logits(other, args.batch)
+    try:
+        import torch
+
+        from oracle.reference import Oracle
+    except ImportError as e:
+        raise ArgumentError(f"{INSTALL_ORACLE}\n({e}); or give --reference another model") from None
+    return P.oracle_logits(Oracle.of(model, dtype=torch.float32, max_seq_len=args.ctx_size))
+
+
+def report_kl(kl: dict, bounds: dict) -> int:
+    print(f"KL divergence over {kl['tokens']} tokens: mean {kl['mean_kl']:.6g}, max {kl['max_kl']:.6g}, "
+          f"99.9th percentile {kl['p99.9_kl']:.6g}; same top token {kl['top1_agreement']:.2f}%; "
+          f"largest logit difference {kl['max_logit_error']:.6g}")
+    failed = [f"{key} {kl[key]:.6g} is not {op} {bounds[name]:g} (--{name.replace('_', '-')})"
+              for name, (key, op) in BOUNDS.items() if name in bounds
+              and not (kl[key] <= bounds[name] if op == "<=" else kl[key] >= bounds[name])]
+    if failed:
+        print("FAIL: " + "; ".join(failed))
+        return 1
+    if bounds:
+        print("OK: within every bound given")
+    return 0

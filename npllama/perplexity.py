@@ -1,0 +1,119 @@
+"""Perplexity and KL divergence over a whole text, by llama.cpp's llama-perplexity method.
+
+The text is tokenized once (with the tokenizer's BOS, if it has one) and cut into non-overlapping
+windows of n_ctx tokens; the tail too short for a window is left out, and llama-perplexity asks
+for at least two windows. Each window runs from position 0 in a context of its own, its first
+token replaced by BOS when the tokenizer adds one, and only its second half is scored: the logits
+at positions n_ctx/2 .. n_ctx-2 predict tokens n_ctx/2+1 .. n_ctx-1, so every scored token has at
+least half a window before it. Perplexity is exp(mean NLL) over every scored token; its error is
+ppl * the standard error of the mean NLL, as llama-perplexity prints it.
+
+KL divergence compares the model with a reference (the torch oracle, or another npllama
+configuration) on the same windows and positions: KL(P_reference || P_model) per token, with its
+mean, maximum and 99.9th percentile, how often the two agree on the most likely token, and the
+largest difference between the two's logits at any token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .batch import BatchCache, forward, log_softmax
+from .errors import ArgumentError
+
+
+def windows(tokens: list[int], n_ctx: int, bos_id: int | None) -> np.ndarray:
+    """The text's tokens as non-overlapping windows [n, n_ctx], each starting with BOS if given."""
+    if n_ctx < 4:
+        raise ArgumentError(f"--ctx-size is {n_ctx}; a window needs at least 4 tokens (half of it is scored)")
+    if len(tokens) < 2 * n_ctx:
+        raise ArgumentError(f"the text is {len(tokens)} tokens long; perplexity with --ctx-size {n_ctx} needs "
+                            f"at least {2 * n_ctx} (two windows, as llama-perplexity asks): give a longer text "
+                            "or a smaller --ctx-size")
+    n = len(tokens) // n_ctx
+    out = np.array(tokens[:n * n_ctx], np.int64).reshape(n, n_ctx)  # [n, n_ctx]
+    if bos_id is not None:
+        out[:, 0] = bos_id
+    return out
+
+
+def scored(n_ctx: int) -> slice:
+    """Positions whose logits are scored: each predicts the token after it."""
+    return slice(n_ctx // 2, n_ctx - 1)
+
+
+def model_logits(model, batch: int) -> Callable[[np.ndarray], np.ndarray]:
+    """windows [B, n_ctx] -> logits at the scored positions [B, n_ctx/2 - 1, V], `batch` windows
+    a pass (the rows of one batched forward share every weight read)."""
+    def run(chunk: np.ndarray) -> np.ndarray:
+        n_rows, n_ctx = chunk.shape
+        cache = BatchCache(model.args, n_rows, n_ctx)
+        return forward(model, chunk, np.full(n_rows, n_ctx), np.zeros(n_rows, np.int64), cache, scored(n_ctx))
+    run.batch = batch
+    return run
+
+
+def oracle_logits(oracle) -> Callable[[np.ndarray], np.ndarray]:
+    """The torch oracle as a reference: one window at a time, from position 0."""
+    def run(chunk: np.ndarray) -> np.ndarray:
+        out = []
+        for window in chunk:
+            oracle.reset()
+            out.append(oracle.forward(window)[scored(len(window))])
+        return np.stack(out)
+    run.batch = 1
+    return run
+
+
+@dataclass
+class Running:
+    """Scored tokens so far: NLL for perplexity, and against a reference the KL statistics."""
+
+    nll: list[np.ndarray] = field(default_factory=list)
+    kl: list[np.ndarray] = field(default_factory=list)
+    same_top1: int = 0
+    max_logit_error: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return sum(len(x) for x in self.nll)
+
+    def perplexity(self) -> tuple[float, float]:
+        """exp(mean NLL) and its standard error (llama-perplexity's formula)."""
+        nll = np.concatenate(self.nll)
+        mean = float(nll.mean())
+        var = float((nll * nll).mean()) - mean * mean
+        err = math.sqrt(var / (len(nll) - 1)) if len(nll) > 1 and var > 0 else 0.0
+        return math.exp(mean), math.exp(mean) * err
+
+    def kl_summary(self) -> dict:
+        kl = np.concatenate(self.kl)
+        return {"mean_kl": float(kl.mean()), "max_kl": float(kl.max()), "p99.9_kl": float(np.percentile(kl, 99.9)),
+                "top1_agreement": 100.0 * self.same_top1 / len(kl), "max_logit_error": self.max_logit_error,
+                "tokens": len(kl)}
+
+
+def evaluate(chunks: np.ndarray, logits_of, reference_of=None) -> Iterator[Running]:
+    """Score every window, `logits_of.batch` at a time; yields the running totals after each pass."""
+    totals, first = Running(), scored(chunks.shape[1]).start
+    for b in range(0, len(chunks), logits_of.batch):
+        chunk = chunks[b:b + logits_of.batch]
+        targets = chunk[:, first + 1:]  # [B, n]: the token each scored position predicts
+        logits = logits_of(chunk)  # [B, n, V]
+        logp = log_softmax(logits)  # [B, n, V]
+        totals.nll.append(-np.take_along_axis(logp, targets[..., None], -1).reshape(-1))
+        if reference_of is not None:
+            ref = np.concatenate([reference_of(chunk[i:i + reference_of.batch])
+                                  for i in range(0, len(chunk), reference_of.batch)])  # [B, n, V]
+            if ref.shape[-1] != logits.shape[-1]:
+                raise ArgumentError(f"the reference has a vocabulary of {ref.shape[-1]} tokens and the model "
+                                    f"{logits.shape[-1]}: KL divergence compares two versions of one model")
+            ref_logp = log_softmax(ref)  # [B, n, V]
+            totals.kl.append((np.exp(ref_logp) * (ref_logp - logp)).sum(-1).reshape(-1))
+            totals.same_top1 += int((ref.argmax(-1) == logits.argmax(-1)).sum())
+            totals.max_logit_error = max(totals.max_logit_error, float(np.abs(ref - logits).max()))
+        yield totals
