@@ -13,8 +13,8 @@ from npllama.generate import Sampler
 from oracle.checkpoints import random_state_dict, tiny_args
 from oracle.reference import Oracle
 
-PROMPTS = [[128000, 791, 4320, 311, 279, 17139], [128000], [128000, 9906, 11, 1917, 0, 3639, 374, 264, 3280, 30,
-                                                             1226, 2574], [5, 6]]
+PROMPTS = [[128000, 791, 4320, 311, 279, 17139], [128000],
+           [128000, 9906, 11, 1917, 0, 3639, 374, 264, 3280, 30, 1226, 2574], [5, 6]]
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,18 @@ def test_the_oracle_run_batched_the_meta_way_agrees(model, random_checkpoint):
 def test_bad_arguments_are_named(model, prompts, kwargs, message):
     with pytest.raises(npllama.errors.ArgumentError, match=message):
         model.generate_batch(prompts, **kwargs)
+
+
+def test_cli_batch_prints_each_completion_under_its_number(random_checkpoint, capsys, tmp_path):
+    from npllama import cli
+    path = random_checkpoint(tiny_args(n_kv_heads=2), seed=4)
+    (tmp_path / "prompts.txt").write_text("the answer is\n\nOnce upon a time\nhello\n")
+    code = cli.main(["-m", str(path), "-f", str(tmp_path / "prompts.txt"), "--batch", "-n", "5"])
+    out, err = capsys.readouterr()
+    model = npllama.load(path)
+    prompts = ["the answer is", "Once upon a time", "hello"]
+    expected = model.generate_batch([model.tokenizer.encode(p) for p in prompts], 5, Sampler(0))
+    stops = model.tokenizer.stop_ids
+    assert code == 0 and "[3 prompts, " in err
+    for i, (p, c) in enumerate(zip(prompts, expected), 1):
+        assert f"[{i}] {p}{model.tokenizer.decode([t for t in c.tokens if t not in stops])}\n" in out

@@ -4,16 +4,16 @@ prompt's tokens, the top-5 next tokens, a short continuation), plain streaming w
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
 import math
+import sys
+import time
+from pathlib import Path
 
 from ..chat import chat_format_for
 from ..config import LIMITS, check_fits, fits
 from ..errors import ArgumentError
-from ..threads import requested_threads
 from ..generate import GenerationStats, Sampler, next_token_probs, top_tokens
+from ..threads import requested_threads
 from ..tokenizer import StreamDecoder
 from .common import (THE_PROMPT, add_dtype_option, add_model_option, load_model, new_parser,
                      read_prompt_file)
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="chat in the model's own format (Llama 3 headers "
                    "or ChatML); with -p, answer that one message and exit")
     p.add_argument("--system", help="system message for --chat")
+    p.add_argument("--batch", action="store_true", help="each line of -f (or of -p) is a prompt of its own: "
+                   "all are continued together, and each completion is printed under its number")
     add_dtype_option(p)
     p.add_argument("--weights-budget-gb", type=float, help="RAM a float32 copy of the weights may take; "
                    "above it weights stay memory-mapped (default: half the RAM)")
@@ -71,6 +73,8 @@ def run(args) -> int:
     if args.chat:
         return chat(model, sampler, args, prompt)
     prompt = THE_PROMPT if prompt is None else prompt
+    if args.batch:
+        return run_batch(model, sampler, args, prompt)
     tokens = model.tokenizer.encode(prompt, bos=None)
     if not tokens:
         raise ArgumentError("the prompt is empty and this model's tokenizer adds no begin-of-text "
@@ -87,6 +91,27 @@ def run(args) -> int:
     print(prompt, end="", flush=True)
     stats = GenerationStats()
     stream(model, model.generate(tokens, n_new, sampler, stats=stats), stats)
+    return 0
+
+
+def run_batch(model, sampler: Sampler, args, text: str) -> int:
+    """Every non-empty line a prompt; the completions, labelled, once all are done."""
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ArgumentError("--batch found no prompt: give one per line with -f, or with -p")
+    rows = [model.tokenizer.encode(p, bos=None) for p in prompts]
+    if not all(rows):
+        raise ArgumentError("a prompt is empty and this model's tokenizer adds no begin-of-text token")
+    start = time.perf_counter()
+    done = model.generate_batch(rows, args.max_new_tokens or STORY_TOKENS, sampler)
+    seconds = time.perf_counter() - start
+    stops = model.tokenizer.stop_ids
+    for i, (prompt, completion) in enumerate(zip(prompts, done), 1):
+        text = model.tokenizer.decode([t for t in completion.tokens if t not in stops])
+        print(f"[{i}] {prompt}{text}\n    ({completion.new_tokens} tokens, stopped: {completion.stop_reason})")
+    total = sum(c.new_tokens for c in done)
+    print(f"[{len(prompts)} prompts, {total} new tokens in {seconds:.1f}s: {total / seconds:.1f} tok/s in all]",
+          file=sys.stderr)
     return 0
 
 
