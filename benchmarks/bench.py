@@ -5,6 +5,7 @@
     python benchmarks/bench.py --models 1b --decode-tokens 32 --contexts 128,1024
     python benchmarks/bench.py --with-8b --models 8b --contexts 128,1024   # writes a 16 GB file
     python benchmarks/bench.py --models 1b --profile                      # + cProfile of decode
+    python benchmarks/bench.py --models smollm2 --llama-bench ~/llama.cpp/build/bin/llama-bench
 
 The baseline is torch eager with a KV cache (benchmarks/torch_llama.py, written the way Meta's
 reference is; see its docstring for why not oracle.reference.Oracle), given the same weights and
@@ -16,6 +17,9 @@ Figures, for each engine on each model:
                   (tokenizer not loaded by torch, KV cache allocation excluded on both sides);
   prefill         tok/s of one forward pass over a 16-, 128- and 512-token prompt (--prefill);
   decode          tok/s over --decode-tokens greedy steps after a --decode-prompt-token prompt;
+  under load      the same decode while a busy loop holds the last core (machine.Spinner), and
+                  its ratio to the idle decode: npllama gives BLAS the cores other processes
+                  leave free, torch keeps its threads;
   decode at ctx   ms/token of --context-steps steps once the cache holds 128 / 1024 / 4096 real
                   positions (--contexts), filled by real prefill in --prefill-chunk chunks;
   memory          peak RssAnon and RssFile (sampled from /proc/<pid>/status every 20 ms by this
@@ -42,9 +46,16 @@ table: on 2 cores, one busy neighbour can make a 2-thread BLAS decode several ti
 --profile adds, per model, a cProfile of npllama's decode steps and a table of each weight
 matmul's time and GB/s (npllama's `linear` wrapped with a timer in the profiling process).
 
+--llama-bench PATH adds llama.cpp's decode, idle and under load, on smollm2: the given llama-bench
+binary runs an F32 GGUF of npllama's decoded weights, in the decode rounds (benchmarks/llama_cpp.py).
+
 Models (--models, comma-separated): tiny, smollm2 (the default SmolLM2-135M GGUF), 1b (random
-Llama-3.2-1B shape, float32), 8b (random Meta-Llama-3-8B, bf16 memory-mapped; needs --with-8b).
-Random checkpoints are written once into --cache-dir (default ~/.cache/npllama/bench).
+Llama-3.2-1B shape, float32), and, only with --with-8b as they write multi-GB files: 8b (random
+Meta-Llama-3-8B, bf16 memory-mapped), 8b-tiered (the same file, npllama alone with an 8 GB weights
+budget: part of the layers float32-resident) and 8b-q4km (a random Meta-Llama-3-8B Q4_K_M GGUF,
+npllama alone; its first load makes npllama's bf16 copy, --fresh-bf16-copy deletes it first so
+that load is timed). An engine a model's spec says cannot run it is reported as not run, with
+the reason. Random checkpoints are written once into --cache-dir (default ~/.cache/npllama/bench).
 """
 
 from __future__ import annotations
@@ -52,6 +63,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,8 +72,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from interleave import engine_cfg, measure_engines, run_in_worker  # noqa: E402
+from llama_cpp import LlamaBench  # noqa: E402
 from machine import QuietMachine, code_info, machine_info  # noqa: E402
-from prepare import MODEL_NAMES, default_cache_dir  # noqa: E402
+from prepare import BIG_MODELS, MODEL_NAMES, bf16_copies, default_cache_dir  # noqa: E402
 from report import ENGINES, bandwidth_summary, check_targets, derive, render  # noqa: E402
 from stats import progress  # noqa: E402
 
@@ -119,8 +132,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "decode as a percentage of the machine's measured bandwidth limit.",
         epilog="How each figure is measured: see the docstring of benchmarks/bench.py.")
     p.add_argument("--with-8b", action="store_true",
-                   help="allow the 8b model (writes a 16 GB random checkpoint once, needs 33 GB free "
-                        "disk while writing); adds 8b to --models if not listed")
+                   help="allow the models that write multi-GB files once: " +
+                        "; ".join(f"{k}: {v}" for k, v in BIG_MODELS.items()) +
+                        " (the 8b's checkpoint needs 33 GB free disk while writing); adds 8b to "
+                        "--models if none of them is listed")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, a few tokens, short contexts, small bandwidth matrix: proves "
                         "the script works (CI), in under a minute; its figures mean nothing")
@@ -138,6 +153,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wait-budget", type=float, default=900,
                    help="stop waiting for a quiet machine once this many seconds have been spent "
                         "waiting in the whole run [default: 900]")
+    p.add_argument("--fresh-bf16-copy", action="store_true",
+                   help="delete npllama's bf16 copy of a quantized GGUF (8b-q4km) before its loads, "
+                        "so that the first load, which makes it again, is timed")
+    p.add_argument("--llama-bench", metavar="PATH", default=None,
+                   help="a llama.cpp llama-bench binary: adds llama.cpp's decode, idle and under "
+                        "load, on smollm2 (an F32 GGUF of npllama's decoded weights, written once)")
     p.add_argument("--profile", action="store_true",
                    help="also cProfile npllama's decode steps on each model (stats in the JSON, "
                         ".prof files next to it)")
@@ -151,10 +172,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, (kind, default, quick, _) in SIZES.items():
         if getattr(a, key) is None:
             setattr(a, key, kind(quick if a.quick else default))
-    if a.with_8b and "8b" not in a.models:
+    if a.llama_bench and not os.access(a.llama_bench, os.X_OK):
+        p.error(f"--llama-bench {a.llama_bench}: not an executable file")
+    big = [m for m in a.models if m in BIG_MODELS]
+    if a.with_8b and not big:
         a.models.append("8b")
-    if "8b" in a.models and not a.with_8b:
-        p.error("the 8b model writes a 16 GB checkpoint: pass --with-8b to confirm")
+    if big and not a.with_8b:
+        p.error("; ".join(f"{m} writes {BIG_MODELS[m]}" for m in big) + ": pass --with-8b to confirm")
     return a
 
 
@@ -172,17 +196,24 @@ def bandwidth_probe(a: argparse.Namespace, threads: int, when: str) -> dict:
 
 def benchmark_model(a: argparse.Namespace, name: str, threads: int, quiet: QuietMachine) -> dict:
     progress("bench", f"=== {name}: preparing ===")
-    prep = run_in_worker(f"{name}/prepare", a.threads,
-                         ("prepare", dict(name=name, cache_dir=str(a.cache_dir))))
+    prep = run_in_worker(f"{name}/prepare", a.threads, ("prepare", dict(
+        name=name, cache_dir=str(a.cache_dir), llama_cpp=a.llama_bench is not None)))
     if prep["status"] != "ok":
         reason = prep.get("reason") or prep.get("error")
         progress("bench", f"{name} skipped: {reason}")
         return {"status": prep["status"], "reason": reason}
-    progress("bench", f"=== {name}: {' and '.join(a.engines)}, interleaved ===")
-    engines, during = measure_engines(a, name, prep["spec"], threads, quiet)
-    return {"status": "ok", "spec": prep["spec"], "settings": engine_cfg(a, threads),
-            "prepare_peak_memory_mb": prep["peak_memory_sampled_mb"], "engines": engines,
-            "bandwidth_during_decode": during}
+    spec = prep["spec"]
+    if a.fresh_bf16_copy:
+        for copy in bf16_copies(spec):
+            progress("bench", f"deleting {copy} (--fresh-bf16-copy): the first load makes it again")
+            copy.unlink()
+    llama = LlamaBench(f"{name}/llama.cpp", a.llama_bench, spec["f32_gguf"], threads) \
+        if spec.get("f32_gguf") else None
+    progress("bench", f"=== {name}: {' and '.join([*a.engines, *(['llama.cpp'] if llama else [])])}, "
+             "interleaved ===")
+    measured = measure_engines(a, name, spec, threads, quiet, llama)
+    return {"status": "ok", "spec": spec, "settings": engine_cfg(a, threads),
+            "prepare_peak_memory_mb": prep["peak_memory_sampled_mb"], **measured}
 
 
 def profile_decode(a: argparse.Namespace, name: str, spec: dict, threads: int) -> dict:

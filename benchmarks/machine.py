@@ -1,6 +1,7 @@
 """The machine the benchmark runs on: what it is, which npllama it measures, how busy other
-processes keep it (the waits before each measurement, the foreign load during it), and what it
-can do (the bandwidth probes, run in a worker process)."""
+processes keep it (the waits before each measurement, the foreign load during it), the load the
+benchmark puts on it itself (`Spinner`), and what it can do (the bandwidth probes, run in a
+worker process)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import glob
 import hashlib
 import os
 import platform
+import resource
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -110,18 +113,59 @@ def machine_busy_ns() -> int:
     return (user + nice + system + irq + softirq + steal) * 10**9 // os.sysconf("SC_CLK_TCK")
 
 
+def children_ns() -> int:
+    """CPU time of this process's children that have exited and been waited for (a llama-bench
+    run measured and gone within the interval)."""
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return int((use.ru_utime + use.ru_stime) * 1e9)
+
+
 class ForeignLoad:
     """How many cores other processes (not this benchmark) kept busy over an interval: the
-    machine's busy time minus the benchmark processes' own CPU time, per wall second."""
+    machine's busy time minus the benchmark processes' own CPU time (this one, `pids`, and the
+    children that ended meanwhile), per wall second."""
 
     def __init__(self, pids):
         self.pids = [os.getpid(), *pids]
-        self.t0, self.busy0, self.own0 = time.perf_counter(), machine_busy_ns(), sum(map(cpu_ns, self.pids))
+        self.t0, self.busy0, self.own0 = time.perf_counter(), machine_busy_ns(), self.own_ns()
+
+    def own_ns(self) -> int:
+        return sum(map(cpu_ns, self.pids)) + children_ns()
 
     def cores(self) -> float:
         wall = time.perf_counter() - self.t0
-        foreign = (machine_busy_ns() - self.busy0) - (sum(map(cpu_ns, self.pids)) - self.own0)
+        foreign = (machine_busy_ns() - self.busy0) - (self.own_ns() - self.own0)
         return max(0.0, foreign / 1e9 / wall) if wall > 0 else 0.0
+
+
+class Spinner:
+    """A busy loop on one core, the load of the "under load" figures: what a user's browser or
+    build does to a 2-core machine. It is pinned to the last core this process may run on, ends
+    by itself after `seconds` or when the benchmark is gone (its parent changes), and `stop` ends
+    it when the rounds under load are over. The waits for a quiet machine count it as one of the
+    benchmark's own processes; `cores` says how much it ran over an interval."""
+
+    CODE = ("import os, time\n"
+            "os.sched_setaffinity(0, {{{core}}})\n"
+            "print('spinning', flush=True)\n"
+            "end = time.monotonic() + {seconds}\n"
+            "while time.monotonic() < end and os.getppid() == {parent}:\n"
+            "    sum(range(10000))\n")
+
+    def __init__(self, seconds: float = 3600):
+        self.core = max(os.sched_getaffinity(0))
+        code = self.CODE.format(core=self.core, seconds=seconds, parent=os.getpid())
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        self.proc.stdout.readline()  # it spins once it says so: the first measurement is under load
+        self.pid = self.proc.pid
+
+    def cores(self, t0: float, ns0: int) -> float:
+        """Cores it kept busy since perf_counter() was t0 and its cpu_ns() was ns0."""
+        return (cpu_ns(self.pid) - ns0) / 1e9 / (time.perf_counter() - t0)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 class QuietMachine:

@@ -3,19 +3,25 @@
 - tiny:    oracle.checkpoints.tiny_args(), a 2-layer Meta checkpoint (for --quick).
 - smollm2: the default SmolLM2-135M GGUF (npllama's ensure_default_model()). torch cannot read
            GGUF, so its baseline gets npllama's decoded weights (`model.weights`) saved once as a
-           float32 torch state dict.
+           float32 torch state dict; llama.cpp (--llama-bench) gets them as an F32 GGUF with the
+           original's metadata, so that all three compute in float32 from the same numbers.
 - 1b:      a random Llama-3.2-1B shape (oracle.checkpoints.llama32_1b_args()), stored bf16 as
            Meta ships it, computed in float32 by both engines (5 GB: fits in RAM).
 - 8b:      a random Meta-Llama-3-8B (16 GB bf16), only with --with-8b. It is written tensor by
            tensor into memory-mapped temporary files and then torch.save'd, so the writer never
            holds 16 GB (plus float32 temporaries) in RAM; it needs twice 16 GB of free disk while
            writing. npllama runs it memory-mapped, torch in bf16 from a torch.load(mmap=True).
+- 8b-tiered: the 8b's checkpoint, npllama alone with an 8 GB weights budget: its first layers
+           get a float32 copy, the rest are streamed (tiered residency). torch bf16 has no such
+           budget: its figures on the same file are the 8b model's.
 - 8b-q4km: a random Meta-Llama-3-8B as a Q4_K_M GGUF (4.9 GB): each tensor of the ggml type
            llama.cpp's Q4_K_M gives it (Q4_K, Q6_K, F32), filled with random blocks, and Meta's
            vocabulary. npllama runs it as any Q4_K_M download too big for RAM as float32
            (formats/dequantized.py: a bf16 copy made at the first load). No torch baseline:
            torch cannot read GGUF, and smollm2's route (npllama's decoded weights saved as a
            float32 state dict) would take 32 GB of RAM.
+
+The 8b models write multi-GB files (BIG_MODELS): bench.py runs them only with --with-8b.
 
 Checkpoints go to a cache directory (--cache-dir, default ~/.cache/npllama/bench), each written
 into `<name>.partial` (a directory, or the GGUF file) and renamed when complete, so an
@@ -43,7 +49,10 @@ from oracle.checkpoints import (llama3_8b_args, llama3_tokenizer_path, llama32_1
                                 tiny_args, write_random_checkpoint)
 from stats import progress
 
-MODEL_NAMES = ("tiny", "smollm2", "1b", "8b", "8b-q4km")
+MODEL_NAMES = ("tiny", "smollm2", "1b", "8b", "8b-tiered", "8b-q4km")
+# The models that write multi-GB files, and what they write.
+BIG_MODELS = {"8b": "a 16 GB bf16 checkpoint", "8b-tiered": "the 8b's 16 GB checkpoint",
+              "8b-q4km": "a 4.9 GB GGUF, and npllama's 16 GB bf16 copy of it"}
 GB = 1 << 30
 
 
@@ -290,10 +299,54 @@ def torch_weights_from_npllama(model_path: Path, cache_dir: Path) -> Path:
     return out
 
 
+def f32_gguf(model_path: Path, cache_dir: Path) -> Path:
+    """The GGUF `model_path` with npllama's decoded float32 weights, for llama.cpp: the same
+    metadata (but the file type) and tensor names, written once into `cache_dir`."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+
+    import npllama
+
+    st = model_path.stat()
+    out = cache_dir / f"{model_path.stem}-{st.st_size}-{int(st.st_mtime)}.f32.gguf"
+    if out.exists():
+        return out
+    progress("bench", f"writing npllama's float32 weights of {model_path} into {out} for llama.cpp")
+    reader = GGUFReader(model_path)
+    weights = {gguf_name(name): w for name, w in npllama.load(model_path).weights.items()}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    writer = GGUFWriter(str(partial), reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue  # the writer's own, or changed below
+        array = field.types[0] == GGUFValueType.ARRAY
+        writer.add_key_value(key, field.contents(), field.types[0], field.types[-1] if array else None)
+    writer.add_file_type(LlamaFileType.ALL_F32)
+    for t in reader.tensors:  # [out, in] arrays; the writer stores ggml's reversed shape
+        writer.add_tensor(t.name, np.asarray(weights[t.name], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    partial.rename(out)
+    return out
+
+
+def bf16_copies(spec: dict) -> list[Path]:
+    """npllama's bf16 copies of a quantized GGUF too big for RAM as float32, which its first
+    load makes (npllama/formats/dequantized.py), named after the GGUF."""
+    if spec.get("kind") != "gguf":
+        return []
+    from npllama.formats.default_model import cache_dir
+    return sorted((cache_dir() / "dequantized").glob(f"{Path(spec['path']).stem}-*.bf16.safetensors"))
+
+
 # --- What each model is -------------------------------------------------------------------
 
-def prepare(name: str, cache_dir: Path) -> dict:
-    """Make sure the model's files exist; return the spec the engine workers need."""
+def prepare(name: str, cache_dir: Path, llama_cpp: bool = False) -> dict:
+    """Make sure the model's files exist; return the spec the engine workers need (with
+    `llama_cpp`, and for smollm2 only, an F32 GGUF for llama.cpp as spec["f32_gguf"]).
+    spec["unavailable"] names the engines that cannot run the model, with the reason."""
     if name == "tiny":
         path = random_checkpoint(cache_dir, "tiny", tiny_args(), streaming=False)
         return dict(name=name, kind="meta", path=str(path), torch_dtype="float32", weights_budget=None,
@@ -307,6 +360,13 @@ def prepare(name: str, cache_dir: Path) -> dict:
         return dict(name=name, kind="meta", path=str(path), torch_dtype="bfloat16", weights_budget=0,
                     label="random Meta-Llama-3-8B, bf16 file memory-mapped; "
                           "npllama float32 compute, torch bf16")
+    if name == "8b-tiered":
+        path = random_checkpoint(cache_dir, "llama3-8b-random", llama3_8b_args(), streaming=True)
+        return dict(name=name, kind="meta", path=str(path), torch_dtype="bfloat16", weights_budget=8 * GB,
+                    unavailable={"torch": "torch bf16 has no weights budget; its figures on this file "
+                                          "are the 8b model's"},
+                    label="random Meta-Llama-3-8B, bf16 file; npllama float32 compute with an 8 GB "
+                          "weights budget (the first layers float32-resident, the rest streamed)")
     if name == "8b-q4km":
         path = random_q4_k_m_gguf(cache_dir, "llama3-8b-q4km-random", llama3_8b_args())
         return dict(name=name, kind="gguf", path=str(path), weights_budget=0,
@@ -316,7 +376,10 @@ def prepare(name: str, cache_dir: Path) -> dict:
     if name == "smollm2":
         path = Path(ensure_default_model())
         torch_path = torch_weights_from_npllama(path, cache_dir)
-        return dict(name=name, kind="gguf", path=str(path), torch_weights=str(torch_path),
+        spec = dict(name=name, kind="gguf", path=str(path), torch_weights=str(torch_path),
                     torch_dtype="float32", weights_budget=None,
                     label=f"SmolLM2-135M GGUF ({path.name}), decoded to float32 by npllama")
+        if llama_cpp:
+            spec["f32_gguf"] = str(f32_gguf(path, cache_dir))
+        return spec
     raise ValueError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)}")

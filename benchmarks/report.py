@@ -10,8 +10,15 @@ from stats import summary
 ENGINES = ("npllama", "torch")
 
 
+def under_load_ratio(e: dict) -> None:
+    """Decode under load over idle decode (medians), as e["decode_under_load_vs_idle"]."""
+    if e.get("decode_under_load_tok_s") and e.get("decode_tok_s"):
+        e["decode_under_load_vs_idle"] = e["decode_under_load_tok_s"]["median"] / e["decode_tok_s"]["median"]
+
+
 def derive(model: dict, run_limit_gb_s: float | None) -> None:
-    """Figures computed from measured ones: bandwidth %, peak memory, speedups, agreement.
+    """Figures computed from measured ones: bandwidth %, peak memory, under load vs idle,
+    speedups, agreement.
 
     The decode's % of the bandwidth limit uses the limit probed alongside the decode rounds (the
     same load from other processes); `decode_bandwidth_pct_of_run_best` uses the best probe of
@@ -27,6 +34,7 @@ def derive(model: dict, run_limit_gb_s: float | None) -> None:
             pct = [100 * n_bytes * r / (limit * 1e9) for r in e["decode_tok_s"]["samples"]]
             e[key] = dict(summary(pct, "%"), weight_bytes_per_token=n_bytes, limit_gb_s=limit)
         e["decode_gb_s"] = n_bytes * e["decode_tok_s"]["median"] / 1e9
+        under_load_ratio(e)
         peak = e["peak_memory_sampled_mb"]
         e["peak_memory_mb"] = {"RssAnon": peak.get("RssAnon"), "RssFile": peak.get("RssFile"),
                                "VmHWM": e["memory_final"].get("VmHWM")}
@@ -40,6 +48,8 @@ def derive(model: dict, run_limit_gb_s: float | None) -> None:
         ta, tb = a["greedy_tokens"], b["greedy_tokens"]
         same = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
         model["greedy_agreement"] = {"leading_tokens_equal": same, "of": min(len(ta), len(tb))}
+    if model.get("llama_cpp", {}).get("status") == "ok":
+        under_load_ratio(model["llama_cpp"])
 
 
 def fmt(x: float) -> str:
@@ -98,9 +108,16 @@ def model_table(model: dict) -> list[str]:
         lines.append(row(label, *vals, ""))
 
     timing("load (s)", False, "load_s")
+    if "load_made_bf16_copy_s" in ref:
+        timing("first load, making npllama's bf16 copy (s)", False, "load_made_bf16_copy_s")
+    if "load_mapped_bf16_copy_s" in ref:
+        timing("load mapping npllama's existing bf16 copy (s)", False, "load_mapped_bf16_copy_s")
     for n in ref.get("prefill_tok_s", {}):
         timing(f"prefill {n} tokens (tok/s)", True, "prefill_tok_s", n)
     timing(f"decode {model['settings']['decode_tokens']} tokens (tok/s)", True, "decode_tok_s")
+    if ref.get("decode_under_load_tok_s"):
+        timing("the same decode under load: a busy loop on one core (tok/s)", True, "decode_under_load_tok_s")
+        plain("decode under load / idle", lambda x: f"{x['decode_under_load_vs_idle']:.2f}x")
     for n in ref.get("decode_ms_at_context", {}):
         timing(f"decode at context {n} (ms/token)", False, "decode_ms_at_context", n)
     if ref.get("context_slowdown"):
@@ -127,10 +144,32 @@ def model_table(model: dict) -> list[str]:
     return lines
 
 
+def llama_cpp_table(model: dict) -> list[str]:
+    """Decode idle and under load, llama.cpp beside the engines."""
+    lc = model["llama_cpp"]
+    if lc["status"] != "ok":
+        return [f"- llama.cpp failed: {lc['error']}"]
+    engines = {k: e for k, e in model["engines"].items() if e["status"] == "ok"}
+    engines["llama.cpp"] = lc
+    lines = table(f"decode {model['settings']['decode_tokens']} tokens (tok/s)", *engines)
+    lines.append(row("idle", *(cell(e.get("decode_tok_s")) for e in engines.values())))
+    lines.append(row("under load (a busy loop on one core)",
+                     *(cell(e.get("decode_under_load_tok_s")) for e in engines.values())))
+    lines.append(row("under load / idle",
+                     *(fmt(e.get("decode_under_load_vs_idle")) for e in engines.values())))
+    b = lc.get("build", {})
+    return lines + ["", f"- llama.cpp: llama-bench {b.get('build_commit')} ({b.get('backends')}), "
+                        f"{lc['threads']} threads, `-p 0 -n {model['settings']['decode_tokens']} -r 1` "
+                        "(decodes from an empty cache) in each round, on an F32 GGUF of npllama's "
+                        f"decoded weights ({b.get('model_type')})"]
+
+
 def model_notes(model: dict) -> list[str]:
     notes = []
     for name, e in model["engines"].items():
-        if e["status"] != "ok":
+        if e["status"] == "skipped":
+            notes.append(f"{name} not run: {e['reason']}")
+        elif e["status"] != "ok":
             notes.append(f"{name} failed: {e['error']}")
         else:
             notes.append(f"{name} worker: {e['wall_s']:.0f} s wall, {e['cpu_s']:.0f} s CPU; 1-minute load "
@@ -145,9 +184,19 @@ def model_notes(model: dict) -> list[str]:
         notes.append(f"torch: {th['info']['dtype']}, attention {th['info']['gqa']}, "
                      f"{th['info']['num_threads']} threads")
     if npi.get("status") == "ok":
-        notes.append(f"npllama: {npi['info']['dtype']} compute, weights "
-                     f"{'resident float32' if npi['info']['resident'] else 'memory-mapped'}; "
-                     f"weights read per step {npi['info']['weight_bytes_per_token']['method']}")
+        info = npi["info"]
+        if info["resident"]:
+            weights = "resident float32"
+        elif info["resident_layers"]:
+            weights = (f"{info['resident_layers']} of {info['n_layers']} layers resident float32, "
+                       "the rest streamed")
+        else:
+            weights = "memory-mapped and streamed"
+        notes.append(f"npllama: {info['dtype']} compute, weights {weights}; "
+                     f"weights read per step {info['weight_bytes_per_token']['method']}")
+        if "load_mapped_bf16_copy_s" in npi and "load_made_bf16_copy_s" not in npi:
+            notes.append("npllama's bf16 copy existed before the first load: --fresh-bf16-copy deletes "
+                         "it first, to time the load that makes it")
     return [f"- {n}" for n in notes]
 
 
@@ -202,6 +251,13 @@ TARGETS = [
     ("8b", "load < 2 s", lambda m: _fig(m, "npllama", "load_s"), "<", 2.0, "s"),
     ("8b", "decode time <= 1.5x torch bf16",
      lambda m: _fig(m, "torch", "decode_tok_s") / _fig(m, "npllama", "decode_tok_s"), "<=", 1.5, "x"),
+    ("8b-q4km", "peak RSS <= 20 GB",
+     lambda m: m["engines"]["npllama"]["peak_memory_mb"]["VmHWM"] / 1024, "<=", 20, "GB"),
+    ("8b-q4km", "first load (makes the bf16 copy) <= 2 min",
+     lambda m: _fig(m, "npllama", "load_made_bf16_copy_s"), "<=", 120, "s"),
+    ("8b-q4km", "later load (maps the bf16 copy) <= 10 s",
+     lambda m: _fig(m, "npllama", "load_mapped_bf16_copy_s"), "<=", 10, "s"),
+    ("8b-q4km", "decode <= 1.7 s/token", lambda m: 1 / _fig(m, "npllama", "decode_tok_s"), "<=", 1.7, "s"),
 ]
 
 
@@ -255,6 +311,8 @@ def render(results: dict) -> str:
         else:
             out += [f"## {name}: {model['spec']['label']}", "", *model_table(model), "",
                     *model_notes(model), ""]
+            if "llama_cpp" in model:
+                out += [f"### {name}: llama.cpp beside npllama and torch", "", *llama_cpp_table(model), ""]
     if results["targets"]:
         out += ["## Issue targets (npllama)", "", *table("model", "target", "measured", "met")]
         out += [row(t["model"], t["target"], f"{fmt(t['value'])} {t['unit']}", "yes" if t["met"] else "NO")

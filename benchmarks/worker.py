@@ -2,7 +2,8 @@
 stays in its process. bench.py (interleave.Worker) starts `python benchmarks/worker.py`, writes
 one JSON request per line to its stdin and reads one JSON reply per line from its stdout:
 
-  {"op": "prepare", "name": ..., "cache_dir": ...}   write or find a model's files (prepare.py);
+  {"op": "prepare", "name": ..., "cache_dir": ..., "llama_cpp": ...}   write or find a model's
+      files (prepare.py);
   {"op": "engine", "engine": "npllama" | "torch", "spec": ..., "cfg": ...}   then, for that engine
       on that model: load, then setup, prefill, decode, fill, decode_at, or (npllama) profile;
   {"op": "probes", "threads": ..., "mb": ...}   then: bandwidth (every probe), matvec (the limit).
@@ -58,6 +59,9 @@ class NpllamaEngine:
         kwargs = {} if budget is None else {"weights_budget": budget}
         self.model = npllama.load(self.spec["path"], max_seq_len=self.max_seq_len, **kwargs)
 
+    def bf16_copies(self) -> list[Path]:
+        return prepare.bf16_copies(self.spec)
+
     def new_cache(self):
         self.cache = self.model.new_cache(self.max_seq_len)
 
@@ -66,7 +70,8 @@ class NpllamaEngine:
 
     def describe(self) -> dict:
         m = self.model
-        return {"resident": m.resident, "dtype": m.dtype,
+        return {"resident": m.resident, "resident_layers": m.resident_layers, "n_layers": m.args.n_layers,
+                "dtype": m.dtype,
                 "weight_bytes_per_token": {"bytes": npllama_weight_bytes(m),
                                            "method": "measured from model.layers and model.output"}}
 
@@ -118,6 +123,9 @@ class TorchEngine:
             saved = torch.load(self.spec["torch_weights"], mmap=False, weights_only=True)
             args, state = prepare.args_from_json(saved["args"]), saved["state_dict"]
         self.model = TorchLlama(args, state, self.dtype, self.max_seq_len, gqa=self.gqa)
+
+    def bf16_copies(self) -> list[Path]:
+        return []
 
     def new_cache(self):
         self.model.new_cache()
@@ -172,9 +180,16 @@ class Session:
         self.prompt = self.context_prompt = None
 
     def load(self) -> dict:
+        """The load's time, and whether it made or mapped npllama's bf16 copy of a quantized GGUF
+        too big for RAM (formats/dequantized.py): the first load makes it, later ones map it."""
         self.engine.model = None  # the previous repeat's model, freed before the next is timed
         gc.collect()
-        return {"seconds": timed(self.engine.load)[0]}
+        before = self.engine.bf16_copies()
+        reply = {"seconds": timed(self.engine.load)[0]}
+        after = self.engine.bf16_copies()
+        if after:
+            reply["bf16_copy"] = "made" if len(after) > len(before) else "mapped"
+        return reply
 
     def setup(self) -> dict:
         """KV cache, fixed prompts, and an untimed warm-up: first calls pay for lazy
@@ -281,7 +296,8 @@ def answer(op: str, request: dict, subject):
     """(reply, subject): `engine` and `probes` make the subject later requests are methods of."""
     if op == "prepare":
         try:
-            return {"spec": prepare.prepare(request["name"], Path(request["cache_dir"]))}, subject
+            return {"spec": prepare.prepare(request["name"], Path(request["cache_dir"]),
+                                            request.get("llama_cpp", False))}, subject
         except prepare.Skip as e:
             return {"status": "skipped", "reason": str(e)}, subject
     if op == "engine":

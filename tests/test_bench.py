@@ -1,6 +1,7 @@
-"""benchmarks/bench.py runs end to end (--quick) and reports every figure for both engines;
-benchmarks/torch_llama.py, the baseline, computes what the oracle computes. No time is asserted:
-timings on a shared machine prove nothing in a test."""
+"""benchmarks/bench.py runs end to end (--quick) and reports every figure for both engines, idle
+and under load; an engine a model cannot run is reported as not run; benchmarks/torch_llama.py,
+the baseline, computes what the oracle computes; the F32 GGUF for llama.cpp holds npllama's
+weights. No time is asserted: timings on a shared machine prove nothing in a test."""
 
 import json
 import subprocess
@@ -16,13 +17,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from torch_llama import TorchLlama  # noqa: E402
 
+import npllama  # noqa: E402
 from npllama.config import RopeScaling  # noqa: E402
-from oracle.checkpoints import random_state_dict, tiny_args  # noqa: E402
+from oracle.checkpoints import random_state_dict, tiny_args, tiny_gguf  # noqa: E402
 from oracle.reference import Oracle  # noqa: E402
 
 ENGINE_FIGURES = ("load_s", "prefill_tok_s", "decode_tok_s", "decode_ms_at_context",
                   "decode_bandwidth_pct", "decode_bandwidth_pct_of_run_best", "peak_memory_mb",
-                  "context_slowdown", "greedy_tokens", "foreign_cores")
+                  "context_slowdown", "greedy_tokens", "foreign_cores", "decode_under_load_tok_s",
+                  "decode_under_load_vs_idle")
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,9 @@ def test_json_has_every_figure_for_both_engines(quick_run):
         assert all(e["peak_memory_mb"][k] > 0 for k in ("RssAnon", "RssFile", "VmHWM"))
         assert e["info"]["weight_bytes_per_token"]["bytes"] > 0
         assert len(e["greedy_tokens"]) == settings["decode_tokens"] + 1
+        under = e["decode_under_load_tok_s"]
+        assert stat_ok(under) and e["decode_under_load_vs_idle"] > 0
+        assert len(under["spinner_cores"]) == under["n"] and max(under["spinner_cores"]) > 0  # it ran
     assert model["greedy_agreement"]["of"] == settings["decode_tokens"] + 1
 
 
@@ -86,10 +92,71 @@ def test_markdown_table_prints(quick_run):
     results, stdout, stderr, markdown = quick_run
     assert "| figure | npllama | torch | npllama speedup |" in stdout
     for label in ("load (s)", "prefill 8 tokens (tok/s)", "decode 4 tokens (tok/s)",
-                  "decode at context 64 (ms/token)", "% of bandwidth limit", "peak RssAnon"):
+                  "decode at context 64 (ms/token)", "% of bandwidth limit", "peak RssAnon",
+                  "decode under load / idle"):
         assert label in stdout
     assert markdown.strip() == stdout.strip()
     assert "[tiny/npllama]" in stderr and "[tiny/torch]" in stderr  # progress on stderr
+
+
+def test_an_engine_the_model_cannot_run_is_not_run(tmp_path):
+    """spec["unavailable"] starts no worker for that engine: it is reported as not run, with the
+    reason, and the other engine's figures stand."""
+    import bench
+    import prepare
+    from interleave import engine_cfg, measure_engines
+    from machine import QuietMachine
+    from report import derive, model_notes, model_table
+    a = bench.parse_args(["--quick", "--max-wait", "0"])
+    spec = dict(prepare.prepare("tiny", tmp_path), unavailable={"torch": "a reason of the spec's"})
+    model = {"status": "ok", "spec": spec, "settings": engine_cfg(a, 1),
+             **measure_engines(a, "tiny", spec, 1, QuietMachine(0, 0))}
+    derive(model, 10.0)
+    np_, th = model["engines"]["npllama"], model["engines"]["torch"]
+    assert th == {"engine": "torch", "status": "skipped", "reason": "a reason of the spec's"}
+    assert np_["status"] == "ok" and np_["decode_under_load_tok_s"]
+    notes = "\n".join(model_notes(model))
+    assert "torch not run: a reason of the spec's" in notes and "failed" not in notes
+    assert any(line.startswith("| decode under load / idle |") for line in model_table(model))
+
+
+def test_models_that_write_multi_gb_files_need_with_8b():
+    import bench
+    import prepare
+    for name in prepare.BIG_MODELS:
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--models", name])
+        assert bench.parse_args(["--with-8b", "--models", name]).models == [name]
+    assert bench.parse_args(["--with-8b", "--models", "tiny"]).models == ["tiny", "8b"]
+
+
+def test_f32_gguf_for_llama_cpp_holds_npllamas_weights(tmp_path):
+    """The GGUF llama.cpp runs: the original's metadata and tensor names, npllama's float32
+    weights (here decoded from Q8_0), so npllama computes the same logits from it."""
+    import gguf
+    import prepare
+    original = tiny_gguf(tmp_path / "q8.gguf", qtype=gguf.GGMLQuantizationType.Q8_0)
+    copy = prepare.f32_gguf(original, tmp_path / "cache")
+    assert prepare.f32_gguf(original, tmp_path / "cache") == copy  # written once
+    a, b = gguf.GGUFReader(original), gguf.GGUFReader(copy)
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    assert {t.tensor_type for t in b.tensors} == {gguf.GGMLQuantizationType.F32}
+    assert b.fields["general.file_type"].contents() == gguf.LlamaFileType.ALL_F32
+    def metadata(reader):
+        return {k: f.contents() for k, f in reader.fields.items()
+                if not k.startswith(("GGUF.", "general.file_type"))}
+    assert metadata(a) == metadata(b)
+    tokens = np.array([1, 2, 3])
+    want, got = (m.forward(tokens, 0, m.new_cache(8)) for m in map(npllama.load, (original, copy)))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_failed_llama_bench_is_kept_as_data():
+    from llama_cpp import LlamaBench
+    run = LlamaBench("test", "/bin/false", "no.gguf", threads=1)
+    assert run.ask("decode", prompt=1, n=4) is None
+    out = run.close()
+    assert out["status"] == "error" and "/bin/false" in out["error"]
 
 
 def test_a_failed_request_is_kept_as_data():
