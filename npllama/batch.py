@@ -28,7 +28,7 @@ import numpy as np
 from .config import EMBEDDING, LIMITS, ModelArgs, check_fits
 from .errors import ArgumentError, shown
 from .generate import Sampler, check_finite
-from .layers import apply_rope, embed, feed_forward, linear, rms_norm, rope_tables, softmax
+from .layers import apply_rope, embed, feed_forward, linear, rms_norm, rope_tables, silu, softmax
 
 
 class BatchCache:
@@ -92,9 +92,14 @@ def block(x: np.ndarray, w, args: ModelArgs, rope, mask: np.ndarray, cache_k: np
     """model.transformer_block with a row axis: x [N*T, D] -> [N*T, D]."""
     (n_rows, n_new), (H, KV, hd) = pos.shape, (args.n_heads, args.n_kv_heads, args.head_dim)
     xn = rms_norm(x, w.attention_norm, args.norm_eps)  # [N*T, D]
-    q = linear(xn, w.wq).reshape(n_rows, n_new, H, hd).transpose(0, 2, 1, 3)  # [N, H, T, hd]
-    k = linear(xn, w.wk).reshape(n_rows, n_new, KV, hd).transpose(0, 2, 1, 3)  # [N, KV, T, hd]
-    v = linear(xn, w.wv).reshape(n_rows, n_new, KV, hd)  # [N, T, KV, hd]
+    if w.wqkv is not None:  # resident weights: q|k|v stacked, one product (fused.py)
+        qkv = linear(xn, w.wqkv)  # [N*T, (H+2KV)*hd]
+        q, k, v = qkv[:, :H * hd], qkv[:, H * hd:(H + KV) * hd], qkv[:, (H + KV) * hd:]
+    else:
+        q, k, v = linear(xn, w.wq), linear(xn, w.wk), linear(xn, w.wv)  # [N*T, H*hd], [N*T, KV*hd] x 2
+    q = q.reshape(n_rows, n_new, H, hd).transpose(0, 2, 1, 3)  # [N, H, T, hd]
+    k = k.reshape(n_rows, n_new, KV, hd).transpose(0, 2, 1, 3)  # [N, KV, T, hd]
+    v = v.reshape(n_rows, n_new, KV, hd)  # [N, T, KV, hd]
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # [N, H|KV, T, hd]
     rows = np.arange(n_rows)[:, None]  # [N, 1]
     cache_k[rows, :, pos] = k.transpose(0, 2, 1, 3)  # [N, T, KV, hd] at each row's positions
@@ -108,7 +113,11 @@ def block(x: np.ndarray, w, args: ModelArgs, rope, mask: np.ndarray, cache_k: np
     attn = probs @ values_t.transpose(0, 1, 3, 2)  # [N, KV, rep*T, hd]
     attn = attn.reshape(n_rows, H, n_new, hd).transpose(0, 2, 1, 3).reshape(n_rows * n_new, H * hd)  # [N*T, H*hd]
     h = x + linear(attn, w.wo)  # [N*T, D]
-    return h + feed_forward(rms_norm(h, w.ffn_norm, args.norm_eps), w.w1, w.w2, w.w3)  # [N*T, D]
+    hn = rms_norm(h, w.ffn_norm, args.norm_eps)  # [N*T, D]
+    if w.w13 is None:
+        return h + feed_forward(hn, w.w1, w.w2, w.w3)  # [N*T, D]
+    gate_up, f = linear(hn, w.w13), w.w1.shape[0]  # [N*T, 2F]
+    return h + linear(silu(gate_up[:, :f]) * gate_up[:, f:], w.w2)  # [N*T, D]
 
 
 # --- Generation -----------------------------------------------------------------------------
