@@ -42,7 +42,8 @@ class LlamaBench:
         except (ValueError, LookupError, ZeroDivisionError):
             return self.fail(cmd, f"exit code {run.returncode}, no result: {run.stderr.strip()[-500:]}")
         self.results.setdefault("build", {k: result.get(k) for k in (
-            "build_commit", "build_number", "cpu_info", "backends", "model_type", "model_size", "n_threads")})
+            "build_commit", "build_number", "cpu_info", "backends", "model_type", "model_size", "n_threads",
+            "type_k", "type_v")})
         return {"seconds": seconds, "cpu_seconds": (children_ns() - cpu0) / 1e9}
 
     def fail(self, cmd: list[str], why: str) -> None:

@@ -155,13 +155,14 @@ def llama_cpp_table(model: dict) -> list[str]:
     lines.append(row("idle", *(cell(e.get("decode_tok_s")) for e in engines.values())))
     lines.append(row("under load (a busy loop on one core)",
                      *(cell(e.get("decode_under_load_tok_s")) for e in engines.values())))
-    lines.append(row("under load / idle",
-                     *(fmt(e.get("decode_under_load_vs_idle")) for e in engines.values())))
+    lines.append(row("under load / idle", *(f"{e['decode_under_load_vs_idle']:.2f}x"
+                                            if "decode_under_load_vs_idle" in e else "-"
+                                            for e in engines.values())))
     b = lc.get("build", {})
     return lines + ["", f"- llama.cpp: llama-bench {b.get('build_commit')} ({b.get('backends')}), "
                         f"{lc['threads']} threads, `-p 0 -n {model['settings']['decode_tokens']} -r 1` "
-                        "(decodes from an empty cache) in each round, on an F32 GGUF of npllama's "
-                        f"decoded weights ({b.get('model_type')})"]
+                        f"(decodes from an empty cache, {b.get('type_k')} KV cache) in each round, on an "
+                        f"F32 GGUF of npllama's decoded weights ({b.get('model_type')})"]
 
 
 def model_notes(model: dict) -> list[str]:
