@@ -78,9 +78,22 @@ def clean(nb) -> nbformat.NotebookNode:
     nb.metadata = nbformat.NotebookNode(kernelspec=dict(KERNELSPEC), language_info={"name": "python"})
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
-        for output in cell.get("outputs", []):
-            output.get("metadata", {}).pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs = coalesced(cell.outputs)
     return nb
+
+
+def coalesced(outputs: list) -> list:
+    """Consecutive prints to the same stream as one output: the kernel sends a stream in pieces cut
+    wherever its buffer was flushed, which differs from run to run (and may cut a shape in two)."""
+    merged = []
+    for output in outputs:
+        if (output.output_type == "stream" and merged and merged[-1].output_type == "stream"
+                and merged[-1].name == output.name):
+            merged[-1].text += output.text
+        else:
+            merged.append(output)
+    return merged
 
 
 def kernel_env(model: str | Path | None) -> dict[str, str]:

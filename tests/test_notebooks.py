@@ -100,7 +100,8 @@ def run_of(executed, name):
     if isinstance(result, str):
         pytest.skip(result)
     if isinstance(result, BaseException):
-        pytest.fail(f"the {name} run of the notebook failed:\n{result}", pytrace=False)
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(result))  # the kernel's traceback, without its colours
+        pytest.fail(f"the {name} run of the notebook failed:\n{plain}", pytrace=False)
     return result
 
 
