@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .config import EMBEDDING, LIMITS, ModelArgs, check_fits
+from .config import LIMITS, ModelArgs, check_fits
 from .errors import ArgumentError, shown
 from .generate import Sampler, check_finite
 from .layers import apply_rope, embed, feed_forward, linear, rms_norm, rope_tables, silu, softmax
@@ -75,7 +75,7 @@ def forward(model, tokens: np.ndarray, lengths: np.ndarray, starts: np.ndarray, 
         rope = cos.reshape(n_rows, 1, n_new, -1), sin.reshape(n_rows, 1, n_new, -1)  # [N, 1, T, hd/2]
         n_keys = int(pos.max()) + 1
         mask = np.where(np.arange(n_keys) > pos[:, :, None], -np.inf, 0).astype(np.float32)  # [N, T, S]
-        h = embed(tokens.reshape(-1), model.weights[EMBEDDING.meta])  # [N*T, D]
+        h = embed(tokens.reshape(-1), model.embedding)  # [N*T, D]
         for i, layer in enumerate(model.layers):
             h = block(h, layer, args, rope, mask, cache.k[i][:n_rows], cache.v[i][:n_rows], pos)  # [N*T, D]
         h = h.reshape(n_rows, n_new, -1)  # [N, T, D]
@@ -207,12 +207,14 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens=256, sample
             cache.swap(slot, active)
             slot_logits[[slot, active]] = slot_logits[[active, slot]]
     while active:
-        next_tokens = np.zeros(active, np.int64)
-        for slot in range(active):
-            row = cache.order[slot]
+        rows = list(cache.order[:active])
+        for slot, row in enumerate(rows):
             check_finite(slot_logits[slot], int(pos[row]) - 1)
-            token = samplers[row](slot_logits[slot])
-            next_tokens[slot] = token
+        # Rank 0's choices (over several processes the others take them: tensor_parallel.py).
+        chosen = [samplers[row](slot_logits[slot]) for slot, row in enumerate(rows)]
+        next_tokens = model.group.bcast(np.array(chosen, np.int64))  # [active]
+        for slot, row in enumerate(rows):
+            token = int(next_tokens[slot])
             out[row].tokens.append(token)
             out[row].new_tokens += 1
             if logprobs:

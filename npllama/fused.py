@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import EMBEDDING, ModelArgs
+from .config import ModelArgs
 from .layers import causal_mask, embed, rope_tables, softmax
 from .progress import Progress
-from .resident_or_streamed import LayerWeights, StreamedWeight
+from .resident_or_streamed import LayerWeights
 
 
-def linear(x: np.ndarray, w, out: np.ndarray) -> np.ndarray:
-    """out = x @ w.T, for a float32 matrix or a streamed one."""
-    if isinstance(w, StreamedWeight):
-        return w.matmul_transposed(x, out)
-    return np.matmul(x, w.T, out=out)  # [T, in] @ [in, out] -> [T, out]
+def linear(x: np.ndarray, w, out: np.ndarray | None = None) -> np.ndarray:
+    """out = x @ w.T, for a float32 matrix or one that computes the product itself (streamed
+    by tiles, or split over processes: tensor_parallel.py)."""
+    if isinstance(w, np.ndarray):
+        return np.matmul(x, w.T, out=out)  # [T, in] @ [in, out] -> [T, out]
+    return w.matmul_transposed(x, out)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> np.ndarray:
@@ -70,7 +71,7 @@ def forward(model, tokens: np.ndarray, start_pos: int, cache, last_only: bool) -
     buf = model.decode_buffers if n_new == 1 else None
     cis = rope_cis(model.rope_freqs, start_pos, n_new)  # [T, hd/2]
     mask = None if n_new == 1 else causal_mask(n_new, start_pos)  # [T, S]: a lone token sees all
-    h = embed(tokens, model.weights[EMBEDDING.meta])  # [T, D]
+    h = embed(tokens, model.embedding)  # [T, D]
     with Progress(f"prefill of {n_new} tokens", args.n_layers, "layers", model.verbose and n_new > 1) as progress:
         for i, layer in enumerate(model.layers):
             h = block(h, layer, args, cis, mask, cache.k[i], cache.v[i], start_pos, buf)  # [T, D]

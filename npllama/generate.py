@@ -181,7 +181,8 @@ def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: S
     stats.stop_reason = "max_new_tokens"
     t0 = time.perf_counter()
     for i in range(max_new_tokens):
-        token = sampler(logits)
+        # Rank 0's choice (over several processes the others take it: tensor_parallel.py).
+        token = model.group.bcast(sampler(logits))
         stats.new_tokens += 1
         yield token
         if token in stop_ids:

@@ -18,6 +18,7 @@ from .resident_or_streamed import (BF16, LayerWeights, StreamedWeight, TilePool,
                                    layer_float32_bytes, round_to_bf16, to_float32)
 from . import fused
 from .progress import Progress
+from .tensor_parallel import Group
 from .threads import Threads
 
 DTYPES = ("float32", "bfloat16")
@@ -90,7 +91,7 @@ class Llama:
 
     def __init__(self, args: ModelArgs, weights: Mapping[str, np.ndarray], tokenizer=None,
                  dtype: str = "float32", weights_budget: int | None = None, source: str = "",
-                 threads: int | None = None, verbose: bool = False):
+                 threads: int | None = None, verbose: bool = False, group: Group | None = None):
         if dtype not in DTYPES:
             raise ArgumentError(f"dtype is {shown(dtype)}; it must be one of {', '.join(DTYPES)}")
         if weights_budget is not None and (not isinstance(weights_budget, (int, float)) or
@@ -99,6 +100,8 @@ class Llama:
         self.args, self.tokenizer, self.dtype, self.source = args, tokenizer, dtype, source
         self.weights = weights  # as stored: memory maps, never modified
         self.threads, self.verbose = Threads(threads), verbose
+        # The processes this model is split over (tensor_parallel.py); alone, a Group changes nothing.
+        self.group = group = group or Group()
         # In bf16 mode weights are rounded to bf16 too: a float32 checkpoint then behaves like the
         # notebook's bf16 one (and bf16 ones are unchanged, the round trip is exact).
         vector = round_to_bf16 if dtype == "bfloat16" else to_float32
@@ -121,12 +124,15 @@ class Llama:
                 resident = spent + cost <= budget
                 spent += cost if resident else 0
                 layer = LayerWeights.from_checkpoint(weights, i, vector if resident else streamed, vector)
-                self.layers.append(layer.fuse() if resident else layer)
+                layer = layer.fuse() if resident else layer
+                layer.wo, layer.w2 = group.row_parallel(layer.wo), group.row_parallel(layer.w2)
+                self.layers.append(layer)
                 progress.update(i + 1)
         self.resident_layers = sum(layer.wqkv is not None for layer in self.layers)
         self.resident = output_resident and self.resident_layers == args.n_layers
         self.norm = vector(weights[NORM.meta])  # [D]
-        self.output = vector(output) if output_resident else streamed(output)  # [V, D]
+        self.output = group.vocab_gathered(vector(output) if output_resident else streamed(output))  # [V, D]
+        self.embedding = group.vocab_parallel(weights[EMBEDDING.meta], args)  # [V, D]
         self.rope_freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)  # [hd/2]
         self.decode_buffers = fused.Decode(args)
 
@@ -191,7 +197,7 @@ class Llama:
         cos, sin = rope_tables(self.rope_freqs, np.arange(start_pos, start_pos + n_new))  # [T, hd/2] each
         mask = causal_mask(n_new, start_pos)  # [T, S]
 
-        h = step("embedding", embed(tokens, self.weights[EMBEDDING.meta]))  # [T, D]
+        h = step("embedding", embed(tokens, self.embedding))  # [T, D]
         for i, layer in enumerate(self.layers):
             layer_step = prefixed(step, f"layers.{i}.")
             h = transformer_block(h, layer, args, cos, sin, mask,

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import ArgumentError
 from ..formats.shared import read_regular
 from ..model import DTYPES
+from ..tensor_parallel import world
 
 THE_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
 
@@ -49,8 +50,21 @@ def subcommand_parser(name: str, description: str) -> argparse.ArgumentParser:
 
 
 def default_model_path() -> Path:
+    """The default model's file, fetched on first use (under mpiexec by one rank per machine,
+    while the others wait, then found by all)."""
     from ..formats.default_model import ensure_default_model
-    return ensure_default_model()
+    group = world()
+    if group.node_rank == 0:
+        path = ensure_default_model()
+    group.node_barrier()
+    return path if group.node_rank == 0 else ensure_default_model(verbose=False)
+
+
+def from_rank0(read):
+    """read()'s value, read by rank 0 and sent to the others: under mpiexec only rank 0 has the
+    user's terminal (and perhaps the only copy of a prompt file)."""
+    group = world()
+    return group.bcast(read() if group.rank == 0 else None)
 
 
 def load_model(path: str | None, **kwargs):
@@ -72,6 +86,10 @@ def load_for_prompt(model_path: str | None, prompt: str, dtype: str):
 
 def read_prompt_file(path: Path) -> str:
     """A prompt file's text: a regular file (not a directory or a FIFO) of UTF-8, at most 64 MB."""
+    return from_rank0(lambda: read_text(path))
+
+
+def read_text(path: Path) -> str:
     try:
         return read_regular(path, "a UTF-8 text file with the prompt (--file)", 64 << 20).decode("utf-8")
     except UnicodeDecodeError as e:

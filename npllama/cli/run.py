@@ -15,7 +15,7 @@ from ..errors import ArgumentError
 from ..generate import GenerationStats, Sampler, next_token_probs, top_tokens
 from ..threads import requested_threads
 from ..tokenizer import StreamDecoder
-from .common import (THE_PROMPT, add_dtype_option, add_model_option, load_model, new_parser,
+from .common import (THE_PROMPT, add_dtype_option, add_model_option, from_rank0, load_model, new_parser,
                      read_prompt_file)
 
 STORY_TOKENS = 32  # continuation length of the story mode
@@ -180,12 +180,8 @@ def chat(model, sampler, args, one_shot: str | None) -> int:
         print("chat: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
         if interactive:
-            try:
-                text = input("> ")
-            except (EOFError, KeyboardInterrupt):
-                print(file=sys.stderr)
-                return 0
-            if not text.strip():
+            text = from_rank0(read_message)
+            if text is None or not text.strip():
                 return 0
         else:
             text = one_shot
@@ -201,6 +197,15 @@ def chat(model, sampler, args, one_shot: str | None) -> int:
         messages.append({"role": "assistant", "content": text})
         if not interactive:
             return 0
+
+
+def read_message() -> str | None:
+    """A line from the user, or None at end of input (Ctrl-D) or on Ctrl-C."""
+    try:
+        return input("> ")
+    except (EOFError, KeyboardInterrupt):
+        print(file=sys.stderr)
+        return None
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

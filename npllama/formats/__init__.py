@@ -13,6 +13,7 @@ Every reader returns the same three things: a ModelArgs, a mapping from Meta's t
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import replace
@@ -21,18 +22,21 @@ from pathlib import Path
 from ..errors import ConfigError, ModelNotFoundError
 from ..model import Llama
 from ..resident_or_streamed import default_weights_budget
+from ..tensor_parallel import world
+from ..threads import available_cores, requested_threads
 from .dequantized import quantized, with_bf16_copy
 from .gguf import read_gguf
 from .hf import read_hf
 from .meta import read_meta
+from .shares import read_share
 from .shared import open_regular
 
 EXPECTED = ("a Meta checkpoint directory (params.json, consolidated.00.pth, tokenizer.model), a "
             "Hugging Face Llama directory (config.json, model.safetensors, tokenizer.json) or a .gguf file")
 
 
-def load(path, dtype: str = "float32", max_seq_len: int | None = None,
-         weights_budget: int | None = None, verbose: bool = False, threads: int | None = None) -> Llama:
+def load(path, dtype: str = "float32", max_seq_len: int | None = None, weights_budget: int | None = None,
+         verbose: bool = False, threads: int | None = None, comm=None) -> Llama:
     """Load a Llama from a Meta checkpoint directory, a Hugging Face directory or a GGUF file.
 
     dtype: "float32" (default) or "bfloat16" (the notebook's dtype flow, emulated).
@@ -44,23 +48,33 @@ def load(path, dtype: str = "float32", max_seq_len: int | None = None,
         machine's RAM.
     threads: threads to compute with; default: $NPLLAMA_NUM_THREADS, else the cores that
         other processes leave free, measured every quarter second (npllama/threads.py).
+    comm: the mpi4py communicator to split the model over (tensor_parallel.py); default: every
+        process mpiexec started, or this process alone when not started by mpiexec.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelNotFoundError(f"{path} does not exist: pass {EXPECTED}")
     start = time.perf_counter()
+    group = world(comm)
     kind = model_format(path)
-    args, weights, tokenizer = READERS[kind](path)
-    budget = default_weights_budget() if weights_budget is None else weights_budget
-    if quantized(weights) and sum(4 * w.size for w in weights.values()) > budget:
-        weights = with_bf16_copy(path, weights, verbose)  # see dequantized.py
+    # Processes on one machine share its RAM and cores.
+    budget = default_weights_budget() // group.node_size if weights_budget is None else weights_budget
+    if group.size > 1:
+        args, weights, tokenizer = read_share(path, kind, group, budget, verbose)
+        if requested_threads(threads) is None:
+            threads = max(1, available_cores() // group.node_size)
+    else:
+        args, weights, tokenizer = READERS[kind](path)
+        if quantized(weights) and sum(4 * w.size for w in weights.values()) > budget:
+            weights = with_bf16_copy(path, weights, verbose)  # see dequantized.py
     if max_seq_len is not None:
         args = replace(args, max_seq_len=max_seq_len)
     if tokenizer.n_words > args.vocab_size:
         raise ConfigError(f"{path}: the tokenizer has {tokenizer.n_words} tokens but the model's "
                           f"vocab_size is {args.vocab_size}: they do not belong together")
-    model = Llama(args, weights, tokenizer, dtype=dtype, weights_budget=weights_budget, source=str(path),
-                  threads=threads, verbose=verbose)
+    verbose = verbose and group.rank == 0  # rank 0 talks to the user
+    model = Llama(args, weights, tokenizer, dtype=dtype, weights_budget=budget, source=str(path),
+                  threads=threads, verbose=verbose, group=group)
     if verbose:
         print(f"loaded {FORMAT_NAMES[kind]} {path} in {time.perf_counter() - start:.2f}s: {describe(model)}",
               file=sys.stderr)
@@ -99,13 +113,15 @@ def model_format(path: Path) -> str:
 
 
 def describe(model: Llama) -> str:
-    a = model.args
-    n_params = sum(w.size for w in model.weights.values())
-    layers = model.args.n_layers
+    group, a = model.group, getattr(model.args, "whole", model.args)
+    n_params = sum(math.prod(shape) for shape in a.weight_shapes().values())
+    layers = a.n_layers
     mode = ("float32 copy in RAM" if model.resident else
             f"float32 copy in RAM for {model.resident_layers} of {layers} layers, the rest memory-mapped and "
             "streamed through the matmul in tiles" if model.resident_layers else
             "memory-mapped, streamed through the matmul in tiles")
     return (f"{n_params / 1e6:.1f}M params, dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads "
             f"({a.n_kv_heads} kv), vocab {a.vocab_size}, rope_theta {a.rope_theta:g}, "
-            f"{model.dtype} compute, weights {mode}")
+            f"{model.dtype} compute, weights {mode}" + (
+                f"; tensor-parallel over {group.size} processes, each with {model.args.n_heads} query and "
+                f"{model.args.n_kv_heads} kv heads and 1/{group.size} of the weights" if group.size > 1 else ""))

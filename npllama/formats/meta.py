@@ -601,11 +601,11 @@ def read_meta_checkpoint(directory: str | Path) -> MergedShards:
     shards = [read_pth(p) for p in paths]
     for shard, p in zip(shards, paths):
         for name, a in shard.items():
-            _check_holds_its_elements(a, name, p)
+            check_holds_its_elements(a, name, p)
     return merge_shards(shards, [str(p) for p in paths])
 
 
-def _check_holds_its_elements(a: np.ndarray, name: str, path: Path) -> None:
+def check_holds_its_elements(a: np.ndarray, name: str, path: Path) -> None:
     """A weight is never a view that repeats elements (an expanded, stride-0 tensor, which
     read_pth reads as torch.load does): 10^12 elements over one byte of storage would make the
     forward pass allocate and compute as if the file held them. So a weight's elements must fit

@@ -176,3 +176,30 @@ class LazyRows:
         if not rest:
             return out
         return out[rest] if out.ndim == 1 else out[(slice(None), *rest)]
+
+
+class LazyPart(LazyRows):
+    """Rows [lo, hi) (axis 0) or columns [lo, hi) (axis 1) of a LazyRows: one process's part of
+    a quantized or reordered matrix under tensor parallelism, still produced only when used."""
+
+    def __init__(self, whole: LazyRows, axis: int, lo: int, hi: int):
+        shape = (hi - lo, whole.shape[1]) if axis == 0 else (whole.shape[0], hi - lo)
+        super().__init__(shape, whole.dtype, whole.name)
+        self.whole, self.axis, self.lo, self.hi = whole, axis, lo, hi
+
+    def rows(self, index) -> np.ndarray:
+        if self.axis == 1:
+            out = self.whole.rows(index)
+            return out[..., self.lo:self.hi]
+        if isinstance(index, slice):
+            r = range(self.lo, self.hi)[index]
+            return self.whole.rows(slice(r.start, r.stop, r.step))
+        return self.whole.rows(np.arange(self.lo, self.hi)[index])
+
+
+def part_of(w, axis: int, lo: int, hi: int):
+    """Rows or columns [lo, hi) of a weight: a view of a (memory-mapped) array, which is
+    contiguous, so zero-copy, for rows; a LazyPart of a LazyRows."""
+    if isinstance(w, LazyRows):
+        return LazyPart(w, axis, lo, hi)
+    return w[lo:hi] if axis == 0 else w[:, lo:hi]
