@@ -1,7 +1,11 @@
 """Execute the walkthrough notebooks in a real Jupyter kernel, and store them with their outputs.
 
     python notebooks/execute.py                 # both, on the default model, outputs written back
-    python notebooks/execute.py --model DIR     # on another model, written to --out (not over the stored ones)
+    python notebooks/execute.py --sync-code     # the same, after copying the English code cells into the Chinese
+    python notebooks/execute.py --model DIR --out /tmp/nb   # on another model, the stored ones untouched
+
+The English notebook is where code is edited; the Chinese one has the same cells (same ids, same
+code) with the prose translated, and tests/test_notebooks.py holds them to that.
 
 The kernel is always this interpreter (a kernel spec written to a temporary directory, so neither
 `ipykernel install` nor whatever `python3` kernel the machine has is involved), started in the
@@ -96,6 +100,20 @@ def coalesced(outputs: list) -> list:
     return merged
 
 
+def sync_code(source, target) -> int:
+    """Copy `source`'s code cells into `target`, cell for cell; returns how many changed. The two
+    must have the same cells (ids and types): a cell added to one needs its twin in the other."""
+    if [(c.id, c.cell_type) for c in source.cells] != [(c.id, c.cell_type) for c in target.cells]:
+        ours, theirs = {c.id for c in source.cells}, {c.id for c in target.cells}
+        raise ValueError(f"the notebooks' cells differ (only in the first: {sorted(ours - theirs)}, only in "
+                         f"the second: {sorted(theirs - ours)}, or in order or type): make them match first")
+    changed = 0
+    for a, b in zip(source.cells, target.cells):
+        if a.cell_type == "code" and a.source != b.source:
+            b.source, changed = a.source, changed + 1
+    return changed
+
+
 def kernel_env(model: str | Path | None) -> dict[str, str]:
     """This process's environment, with the model the notebook must run (or none: the default) and
     the repository first on the import path."""
@@ -148,11 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="directory to write the executed notebooks to "
                         "(default: over the stored ones, allowed only on the default model)")
     parser.add_argument("--only", choices=sorted(NOTEBOOKS), help="execute one notebook only")
+    parser.add_argument("--sync-code", action="store_true", help="first copy the English notebook's code "
+                        "cells into the Chinese one")
     args = parser.parse_args(argv)
     if args.model and not args.out:
         parser.error("--model needs --out: the stored notebooks show the default model")
     names = [args.only] if args.only else list(NOTEBOOKS)
-    executed = execute_all([(read(NOTEBOOKS[n]), args.model) for n in names])
+    notebooks = {n: read(NOTEBOOKS[n]) for n in NOTEBOOKS}
+    if args.sync_code:
+        print(f"{sync_code(notebooks['en'], notebooks['zh'])} code cells copied into the Chinese notebook",
+              file=sys.stderr)
+    executed = execute_all([(notebooks[n], args.model) for n in names])
     for name, nb in zip(names, executed):
         path = (args.out / NOTEBOOKS[name].name) if args.out else NOTEBOOKS[name]
         path.parent.mkdir(parents=True, exist_ok=True)
