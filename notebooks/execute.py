@@ -37,7 +37,7 @@ KERNEL_NAME = "npllama-notebook"
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}  # what is stored
 TIMEOUT = 1800  # seconds per cell: the 8B's all-layers cell upcasts 15 GB of bf16 weights
 # A shape as NumPy prints it: (16, 576), (576,), ().
-SHAPE = re.compile(r"\((?:\d+, )*\d*,?\)")
+SHAPE = re.compile(r"\((?:\d+, )+\d+\)|\(\d+,\)|\(\)")
 
 
 def read(path: Path) -> nbformat.NotebookNode:

@@ -18,6 +18,7 @@ from oracle.checkpoints import tiny_args
 ARGS = tiny_args(dim=96, n_heads=12, n_kv_heads=4, n_layers=3, ffn_dim_multiplier=1.5, multiple_of=64)
 ORIGINAL_TOKENS = [128000, 1820, 4320, 311, 279, 17139, 3488, 315, 2324, 11, 279, 15861, 11, 323, 4395, 374, 220]
 MAX_BYTES = 1_500_000
+CELL_TIMEOUT = 300  # seconds; a cell takes under 2 s on these models
 
 # naklecha's headings, in its order. Two are reworded: its "# lets f... go" and its "### the model
 # predicted token number 2983 ...", whose number is the 8B's.
@@ -91,7 +92,7 @@ def executed(stored, random_checkpoint):
     except DownloadError as e:
         skipped = {name: f"SmolLM2-135M-Instruct is not installed, cached or downloadable here: {e}"
                    for name in NOTEBOOKS}
-    results = execute_all(list(runs.values()), return_exceptions=True)
+    results = execute_all(list(runs.values()), timeout=CELL_TIMEOUT, return_exceptions=True)
     return {**dict(zip(runs, results)), **skipped}
 
 
