@@ -8,6 +8,7 @@ make it exit 1 when crossed."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .. import perplexity as P
@@ -62,15 +63,19 @@ def main(argv: list[str]) -> int:
     chunks = P.windows(tok.encode(text), args.ctx_size, tok.bos_id if tok.add_bos else None)
     reference = reference_logits(args, model) if args.kl_divergence else None
     print(f"perplexity: {len(chunks)} windows of {args.ctx_size} tokens, {args.ctx_size // 2 - 1} scored in each")
-    totals = None
+    # llama-perplexity's running estimates, "[1]17.7379,[2]12.6068,...", as they come when the output
+    # is a log; on a terminal the progress bar shows them live instead, and the line comes at the end.
+    live, estimates, totals = not (sys.stdout.isatty() and sys.stderr.isatty()), [], None
     with Progress("perplexity", len(chunks), "windows") as progress:
         for done, totals in enumerate(P.evaluate(chunks, P.model_logits(model, args.batch), reference)):
             ppl, err = totals.perplexity()
             windows_done = min((done + 1) * args.batch, len(chunks))
-            print(f"[{windows_done}]{ppl:.4f},", end="", flush=True)
+            estimates.append(f"[{windows_done}]{ppl:.4f},")
+            print(estimates[-1] if live else "", end="", flush=True)
             progress.update(windows_done, f"PPL {ppl:.4f} +/- {err:.4f}")
+        print("" if live else "".join(estimates), flush=True)
     ppl, err = totals.perplexity()
-    print(f"\nFinal estimate: PPL = {ppl:.4f} +/- {err:.5f} ({totals.count} tokens)")
+    print(f"Final estimate: PPL = {ppl:.4f} +/- {err:.5f} ({totals.count} tokens)")
     if reference is None:
         return 0
     return report_kl(totals.kl_summary(), bounds)
