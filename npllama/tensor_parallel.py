@@ -206,7 +206,7 @@ class RankArgs(ModelArgs):
     def slices(self) -> dict[str, tuple[int, int, int]]:
         """Meta's name of every weight -> (axis, lo, hi) of this rank's part; norms are whole."""
         heads = share(self.whole.n_heads, self.rank, self.size)
-        kv_heads = share(self.whole.n_kv_heads, self.rank, self.size)
+        kv_heads = kv_heads_of(self.whole.n_kv_heads, self.rank, self.size)
         hd = self.head_dim
         ranges = {"q_width": (heads[0] * hd, heads[1] * hd), "kv_width": (kv_heads[0] * hd, kv_heads[1] * hd),
                   "hidden_dim": self.hidden_share, "vocab_size": self.vocab_share}
@@ -232,19 +232,37 @@ class RankArgs(ModelArgs):
                 yield layer_name(t.meta, i), t
 
 
+def splits(n_heads: int, n_kv_heads: int, size: int) -> bool:
+    """Whether `size` ranks can share the heads: each rank whole query heads, and whole key/value
+    heads, its own (size divides n_kv_heads) or one it shares with size / n_kv_heads ranks."""
+    return n_heads % size == 0 and (n_kv_heads % size == 0 or size % n_kv_heads == 0)
+
+
+def kv_heads_of(n_kv_heads: int, rank: int, size: int) -> tuple[int, int]:
+    """[lo, hi) of the key/value heads rank holds. With more ranks than key/value heads (Llama 3.1
+    405B's 8 over 16 processes), Meta's split has none to give: each is then held, and its part of
+    the KV cache kept, by the size / n_kv_heads ranks whose query heads use it (as vLLM does);
+    Meta's own shard files never need this."""
+    if size <= n_kv_heads:
+        return share(n_kv_heads, rank, size)
+    kv = rank * n_kv_heads // size
+    return kv, kv + 1
+
+
 def rank_args(args: ModelArgs, rank: int, size: int, source: str) -> RankArgs:
     """The share of rank `rank` of `size`, or a ConfigError if the model cannot be split that way
     (checked from the configuration alone, before any weight is read)."""
-    if args.n_kv_heads % size:
-        ways = [n for n in range(1, args.n_kv_heads + 1) if args.n_kv_heads % n == 0]
-        raise ConfigError(f"{source}: {size} processes cannot split this model's {args.n_kv_heads} key/value "
-                          f"heads ({args.n_heads} query heads) evenly; each rank must hold whole heads: run "
+    if not splits(args.n_heads, args.n_kv_heads, size):
+        ways = [n for n in range(1, args.n_heads + 1) if splits(args.n_heads, args.n_kv_heads, n)]
+        raise ConfigError(f"{source}: {size} processes cannot share this model's {args.n_heads} query and "
+                          f"{args.n_kv_heads} key/value heads; each rank must hold whole heads: run "
                           f"mpiexec -n with one of {', '.join(map(str, ways))}")
     if args.hidden_dim < size or args.vocab_size < size:
         raise ConfigError(f"{source}: a model this small cannot be split over {size} processes")
     values = {f.name: getattr(args, f.name) for f in fields(ModelArgs)}
     hidden_lo, hidden_hi = share(args.hidden_dim, rank, size)
-    values.update(n_heads=args.n_heads // size, n_kv_heads=args.n_kv_heads // size,
+    kv_lo, kv_hi = kv_heads_of(args.n_kv_heads, rank, size)
+    values.update(n_heads=args.n_heads // size, n_kv_heads=kv_hi - kv_lo,
                   ffn_hidden_dim=hidden_hi - hidden_lo)
     return RankArgs(**values, rank=rank, size=size, whole=args)
 

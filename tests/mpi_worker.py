@@ -3,8 +3,8 @@
 
 Every rank loads MODEL through npllama.load, as a user's script would, and computes the logits
 of a prompt, 32 greedy tokens and 32 sampled ones; rank 0 saves them to OUT (.npz). Each rank
-writes OUT.rank{r}.json: the group it ran in, its heads, and the bytes of the weights it holds
-in RAM (arrays that own their memory, not views of a file's memory map).
+writes OUT.rank{r}.json: the group it ran in, its heads, and the bytes of the weight matrices it
+holds in RAM (arrays that own their memory, not views of a file's memory map).
 """
 
 import json
@@ -36,14 +36,14 @@ def main(model_path: str, out: str) -> None:
 
 
 def resident_bytes(model) -> int:
-    """Bytes of the distinct arrays the model's weights own (a memory map's views own none)."""
+    """Bytes of the distinct arrays the model's weight matrices own (a memory map's views own none)."""
     owners = {}
-    weights = [getattr(layer, f.name) for layer in model.layers for f in fields(layer)] + [model.norm, model.output]
+    weights = [getattr(layer, f.name) for layer in model.layers for f in fields(layer)] + [model.output]
     for w in weights:
         a = getattr(w, "w", w)  # unwrap a row-parallel or vocabulary-gathered weight
         while isinstance(a, np.ndarray) and isinstance(a.base, np.ndarray):
             a = a.base
-        if isinstance(a, np.ndarray) and a.base is None:
+        if isinstance(a, np.ndarray) and a.base is None and a.ndim == 2:
             owners[id(a)] = a.nbytes
     return sum(owners.values())
 

@@ -16,9 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import npllama
+from npllama.config import EMBEDDING
 
 from npllama.formats.meta import params_json
-from npllama.tensor_parallel import RankArgs, rank_args, share
+from npllama.errors import ConfigError
+from npllama.tensor_parallel import RankArgs, rank_args, share, splits
 from oracle.checkpoints import (TINY_RANKS, TINY_SPECIALS, llama3_tokenizer_path, random_state_dict, tiny_args,
                                 tiny_gguf, tiny_model_files, write_model_files, write_shards)
 
@@ -83,23 +89,53 @@ def assert_same_run(split: dict, whole: dict) -> None:
         np.testing.assert_array_equal(split[key], whole[key], err_msg=key)
 
 
-@pytest.mark.parametrize("model,n", [("meta2", 2), ("meta4", 4), ("meta", 2), ("gguf", 2), ("gguf", 4), ("hf", 2)])
+@pytest.mark.parametrize("model,n", [("meta2", 2), ("meta4", 4), ("meta", 2), ("gguf", 2), ("gguf", 4), ("hf", 2),
+                                     ("hf", 4)])
 def test_n_ranks_compute_what_one_process_does(reference, model, n):
     """Logits within 1e-5 x max, and identical greedy, seeded-sampled and batched tokens: from
     Meta checkpoints saved in n shards (each rank maps its own), from one Meta file, a Q8_0 GGUF
     (quantized rows produced lazily, a vocabulary of 265 that 4 ranks split unevenly) and a
-    Hugging Face directory (q/k rows reordered lazily), each rank taking its part."""
+    Hugging Face directory (q/k rows reordered lazily; on 4 ranks, 2 kv heads each shared by two
+    ranks), each rank taking its part."""
     models, results, root = reference
     whole, single_reports = results[model]
     split, reports = run_worker(models[model], n, root / f"{model}-{n}")
     assert [r["size"] for r in reports] == [n] * n
     assert_same_run(split, whole)
-    one = single_reports[0]
-    for r in reports:  # each rank its heads, its KV cache and about 1/n of the weights
-        assert (r["n_heads"], r["n_kv_heads"]) == (one["n_heads"] // n, one["n_kv_heads"] // n)
-        assert r["cache_bytes"] == one["cache_bytes"] // n
-        assert abs(r["resident_bytes"] - one["resident_bytes"] / n) < 0.05 * one["resident_bytes"] / n
-    assert sum(r["resident_bytes"] for r in reports) < 1.05 * one["resident_bytes"]
+    one, args = single_reports[0], npllama.load(models[model]).args
+    assert one["resident_bytes"] == resident_bytes(args, 0, 1)
+    kv_heads = max(args.n_kv_heads // n, 1)  # more ranks than kv heads: each holds one, shared
+    for r in reports:  # each rank its heads, its KV cache and its part of the weights
+        assert (r["n_heads"], r["n_kv_heads"]) == (args.n_heads // n, kv_heads)
+        assert r["cache_bytes"] == one["cache_bytes"] * kv_heads // args.n_kv_heads
+        assert r["resident_bytes"] == resident_bytes(args, r["rank"], n)
+    if n <= args.n_kv_heads:  # nothing replicated: the parts add up to the whole
+        assert sum(r["resident_bytes"] for r in reports) == one["resident_bytes"]
+
+
+def resident_bytes(args, rank: int, n: int) -> int:
+    """What rank's float32 copy of the weight matrices should take, by Meta's split: its rows of
+    wq, wk, wv, w1, w3 and of the output (by vocabulary), its columns of wo and w2; one head's
+    rows of wk and wv when n exceeds the kv heads. The embedding stays memory-mapped."""
+    def part(n_items: int) -> int:
+        lo, hi = share(n_items, rank, n)
+        return hi - lo
+
+    total = 0
+    for name, shape in args.weight_shapes().items():
+        key = name.split(".")[-2]
+        if name == EMBEDDING.meta and not args.tie_embeddings:
+            continue
+        if len(shape) == 1:  # the norms: every rank holds them whole (a float32 file's, mapped)
+            continue
+        if key in ("wk", "wv") and n > args.n_kv_heads:
+            size = args.head_dim * shape[1]
+        elif key in ("wq", "wk", "wv", "w1", "w3", "output", "tok_embeddings"):
+            size = part(shape[0]) * shape[1]
+        else:  # wo, w2
+            size = shape[0] * part(shape[1])
+        total += 4 * size
+    return total
 
 
 def test_a_shard_file_is_the_only_weights_file_a_rank_opens(reference, tmp_path):
@@ -167,8 +203,8 @@ def test_a_model_that_cannot_be_split_n_ways_is_refused_before_any_weight_is_rea
     (directory / "consolidated.00.pth").write_bytes(b"garbage")
     done = mpiexec(3, "-m", "npllama", "-m", str(directory), "-n", "1", timeout=60)
     assert done.returncode != 0
-    assert "params.json: 3 processes cannot split this model's 4 key/value heads" in done.stderr
-    assert "one of 1, 2, 4" in done.stderr
+    assert "params.json: 3 processes cannot share this model's 8 query and 4 key/value heads" in done.stderr
+    assert "one of 1, 2, 4, 8" in done.stderr
 
     done = mpiexec(4, "-m", "npllama", "-m", str(models["meta2"]), "-n", "1", timeout=60)
     assert done.returncode != 0
@@ -191,22 +227,43 @@ def test_one_process_never_imports_mpi4py(reference):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("n_heads,n_kv_heads,size", [(8, 4, 2), (8, 4, 4), (32, 8, 8), (9, 3, 3)])
-def test_the_ranks_parts_tile_every_weight(n_heads, n_kv_heads, size):
-    """The parts RankArgs gives the ranks cover every weight exactly once, on Meta's split axes,
-    with whole heads; their shapes are what a Meta n-shard file holds."""
-    args = replace(tiny_args(dim=16 * n_heads, n_heads=n_heads, n_kv_heads=n_kv_heads), vocab_size=1001)
+@settings(max_examples=60, deadline=None)
+@given(n_kv_heads=st.integers(1, 8), n_rep=st.integers(1, 4), data=st.data())
+def test_the_ranks_parts_tile_every_weight(n_kv_heads, n_rep, data):
+    """For any split that `splits` allows: the parts cover every weight, each element once (wk and
+    wv: each head size / n_kv_heads times when there are more ranks than kv heads), on Meta's
+    split axes, in whole heads; every query head of a rank finds its kv head (h // n_rep) among
+    the rank's own; the part shapes are what RankArgs.weight_shapes says a shard holds."""
+    n_heads = n_kv_heads * n_rep
+    size = data.draw(st.sampled_from([n for n in range(1, 2 * n_heads + 1) if splits(n_heads, n_kv_heads, n)]))
+    args = replace(tiny_args(dim=8 * n_heads, n_heads=n_heads, n_kv_heads=n_kv_heads), vocab_size=1001)
     ranks = [rank_args(args, r, size, "test") for r in range(size)]
-    whole = args.weight_shapes()
-    for name, shape in whole.items():
+    hd = args.head_dim
+    for name, shape in args.weight_shapes().items():
         parts = [r.slices().get(name) for r in ranks]
         if parts[0] is None:  # a norm: every rank holds it whole
             assert all(p is None for p in parts) and len(shape) == 1
             continue
         axis = parts[0][0]
         assert [p[0] for p in parts] == [axis] * size
-        assert [(lo, hi) for _, lo, hi in parts] == [share(shape[axis], r, size) for r in range(size)]
         assert [r.weight_shapes()[name][axis] for r in ranks] == [hi - lo for _, lo, hi in parts]
-        if "attention.w" in name and name.endswith(("wq.weight", "wk.weight", "wv.weight", "wo.weight")):
-            assert all((hi - lo) % args.head_dim == 0 for _, lo, hi in parts)  # whole heads
-    assert all(isinstance(r, RankArgs) and r.head_dim == args.head_dim for r in ranks)
+        covered = np.zeros(shape[axis], int)
+        for _, lo, hi in parts:
+            covered[lo:hi] += 1
+        replicated = name.endswith(("wk.weight", "wv.weight")) and size > n_kv_heads
+        assert (covered == (size // n_kv_heads if replicated else 1)).all(), name
+        if name.endswith(("wq.weight", "wk.weight", "wv.weight", "wo.weight")):
+            assert all(lo % hd == 0 and hi % hd == 0 for _, lo, hi in parts)  # whole heads
+    for r in ranks:  # grouped-query attention stays within the rank
+        q_lo, q_hi = r.slices()["layers.0.attention.wq.weight"][1:]
+        kv_lo, kv_hi = r.slices()["layers.0.attention.wk.weight"][1:]
+        assert all(kv_lo // hd <= h // n_rep < kv_hi // hd for h in range(q_lo // hd, q_hi // hd))
+        assert r.n_heads // r.n_kv_heads == (n_rep if size <= n_kv_heads else n_heads // size)
+        assert isinstance(r, RankArgs) and r.head_dim == hd
+
+
+def test_a_split_into_parts_that_are_not_whole_heads_is_refused():
+    args = tiny_args(n_heads=8, n_kv_heads=2)
+    for size in (3, 5, 6, 16):
+        with pytest.raises(ConfigError, match="run mpiexec -n with one of 1, 2, 4, 8"):
+            rank_args(args, 0, size, "params.json")
