@@ -209,8 +209,8 @@ def benchmark_model(a: argparse.Namespace, name: str, threads: int, quiet: Quiet
             copy.unlink()
     llama = LlamaBench(f"{name}/llama.cpp", a.llama_bench, spec["f32_gguf"], threads) \
         if spec.get("f32_gguf") else None
-    progress("bench", f"=== {name}: {' and '.join([*a.engines, *(['llama.cpp'] if llama else [])])}, "
-             "interleaved ===")
+    runs = [e for e in a.engines if e not in spec.get("unavailable", {})] + (["llama.cpp"] if llama else [])
+    progress("bench", f"=== {name}: {' and '.join(runs)}, interleaved ===")
     measured = measure_engines(a, name, spec, threads, quiet, llama)
     return {"status": "ok", "spec": spec, "settings": engine_cfg(a, threads),
             "prepare_peak_memory_mb": prep["peak_memory_sampled_mb"], **measured}

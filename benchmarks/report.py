@@ -120,7 +120,7 @@ def model_table(model: dict) -> list[str]:
         plain("decode under load / idle", lambda x: f"{x['decode_under_load_vs_idle']:.2f}x")
     for n in ref.get("decode_ms_at_context", {}):
         timing(f"decode at context {n} (ms/token)", False, "decode_ms_at_context", n)
-    if ref.get("context_slowdown"):
+    if ref.get("context_slowdown") and ref["context_slowdown"]["from"] != ref["context_slowdown"]["to"]:
         cs = ref["context_slowdown"]
         plain(f"decode slowdown, context {cs['to']} vs {cs['from']}",
               lambda x: f"{x['context_slowdown']['ratio']:.2f}x")
