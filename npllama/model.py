@@ -15,7 +15,7 @@ from .errors import ArgumentError, shown
 from .layers import (apply_rope, attention, causal_mask, embed, feed_forward, keep, linear,
                      rms_norm, rope_frequencies, rope_tables)
 from .resident_or_streamed import (BF16, LayerWeights, StreamedWeight, TilePool, default_weights_budget,
-                                   layer_float32_bytes, round_to_bf16, to_float32)
+                                   layer_float32_bytes, round_to_bf16, stored_bytes, to_float32)
 from . import fused
 from .progress import Progress
 from .tensor_parallel import Group
@@ -113,7 +113,7 @@ class Llama:
 
         # Tiered residency: layers get a float32 copy, in order, while it fits the budget; the
         # rest (and the output matrix, if it does not fit) stay mapped and are streamed.
-        budget = default_weights_budget() if weights_budget is None else weights_budget
+        budget = default_weights_budget(stored_bytes(weights)) if weights_budget is None else weights_budget
         output = weights[(EMBEDDING if args.tie_embeddings else OUTPUT).meta]
         self.layers, spent = [], 4 * output.size  # the output first: every token reads all of it
         output_resident = spent <= budget

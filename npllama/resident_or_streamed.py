@@ -47,12 +47,25 @@ def layer_float32_bytes(weights: Mapping[str, np.ndarray], i: int) -> int:
     return sum(4 * weights[layer_name(t.meta, i)].size for t in LAYER_TENSORS)
 
 
-def default_weights_budget() -> int:
-    """Keep a float32 copy of the weights only when it takes under half the machine's RAM."""
+def default_weights_budget(stored_bytes: int = 0, processes: int = 1) -> int:
+    """Bytes one process's float32 copies of weights may take by default: half the machine's
+    RAM, and no more than keeps them, with the weights as stored, within three quarters of it.
+
+    The stored weights count because every one of them is in RAM too: those that stay mapped
+    are read from the page cache on every token (read from disk instead, a token would take
+    minutes), and those copied were paged in to be upcast. So an 8B model (16 GB of bf16) on a
+    24 GB machine keeps about one layer in float32 (a peak RSS of about 17 GB), and on a 64 GB
+    one all of them. `processes` ranks of one machine share it (tensor_parallel.py)."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return 4 << 30
+        ram = 8 << 30
+    return max(0, min(ram // 2, 3 * ram // 4 - processes * stored_bytes)) // processes
+
+
+def stored_bytes(weights: Mapping[str, np.ndarray]) -> int:
+    """What the weights take as stored: memory maps, quantized blocks."""
+    return sum(w.nbytes for w in weights.values())
 
 
 class TilePool:

@@ -82,3 +82,40 @@ def test_not_enough_disk_for_the_copy(q8_gguf, monkeypatch):
     monkeypatch.setattr(dequantized.shutil, "disk_usage", lambda path: Usage)
     with pytest.raises(npllama.CheckpointError, match="NPLLAMA_CACHE"):
         npllama.load(q8_gguf, weights_budget=0)
+
+
+def test_the_default_budget_leaves_room_for_the_stored_weights(random_checkpoint, q8_gguf, monkeypatch):
+    """By default the float32 copies take at most half the RAM, and with every stored weight (in
+    the page cache, or paged in to be upcast) at most three quarters: on a machine this model's
+    weights just overfill, it keeps some layers float32 and streams the rest, never all of them."""
+    from npllama import resident_or_streamed
+    from npllama.formats import shared
+    from npllama.resident_or_streamed import default_weights_budget, stored_bytes
+    real_sysconf = resident_or_streamed.os.sysconf
+
+    def machine(page: int, pages: int) -> None:
+        values = {"SC_PAGE_SIZE": page, "SC_PHYS_PAGES": pages}
+        monkeypatch.setattr(resident_or_streamed.os, "sysconf", lambda name: values.get(name) or real_sysconf(name))
+
+    page, pages = 4096, 1 << 20  # a 4 GiB machine
+    machine(page, pages)
+    ram = page * pages
+    assert default_weights_budget(0) == ram // 2
+    assert default_weights_budget(ram // 2) == ram // 4
+    assert default_weights_budget(ram) == 0
+    assert default_weights_budget(ram // 8, processes=2) == (3 * ram // 4 - ram // 4) // 2
+
+    path = random_checkpoint(tiny_args(n_layers=4))
+    whole = npllama.load(path)
+    stored = stored_bytes(whole.weights)
+    per_layer = sum(4 * w.size for name, w in whole.weights.items() if name.startswith("layers.0."))
+    output = 4 * whole.weights["output.weight"].size
+    # RAM whose three quarters hold the stored weights, the output's and 2.5 layers' float32 copies.
+    small_ram = 4 * (stored + output + 2 * per_layer + per_layer // 2) // 3
+    machine(1, small_ram)
+    assert npllama.load(path).resident_layers == 2
+
+    # A quantized tensor counts its blocks as stored, not the float32 it becomes.
+    gguf = npllama.load(q8_gguf)
+    blocks = [w for w in gguf.weights.values() if isinstance(w, shared.LazyRows)]
+    assert blocks and all(w.nbytes == w.blocks.nbytes < 4 * w.size for w in blocks)

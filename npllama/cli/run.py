@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "all are continued together, and each completion is printed under its number")
     add_dtype_option(p)
     p.add_argument("--weights-budget-gb", type=float, help="RAM a float32 copy of the weights may take; "
-                   "above it weights stay memory-mapped (default: half the RAM)")
+                   "layers above it stay memory-mapped (default: half the RAM, less what keeps the copies "
+                   "and the stored weights within 3/4 of it)")
     p.add_argument("-t", "--threads", type=int, help="threads to compute with (default: $NPLLAMA_NUM_THREADS, "
                    "else the cores other processes leave free, measured as it runs)")
     return p

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, ModelNotFoundError
 from ..model import Llama
-from ..resident_or_streamed import default_weights_budget
+from ..resident_or_streamed import default_weights_budget, stored_bytes
 from ..tensor_parallel import world
 from ..threads import available_cores, requested_threads
 from .dequantized import quantized, with_bf16_copy
@@ -43,9 +43,10 @@ def load(path, dtype: str = "float32", max_seq_len: int | None = None, weights_b
     max_seq_len: longest sequence a forward pass or generation may use (RoPE tables and
         the KV cache are sized by it); default: the checkpoint's own if it states one, else
         8192, Llama 3's training context.
-    weights_budget: bytes a float32 copy of the weights may take; above it, weights stay
+    weights_budget: bytes a float32 copy of the weights may take; layers beyond it stay
         memory-mapped and are upcast tile by tile as the matmul reads them. Default: half the
-        machine's RAM.
+        machine's RAM, less what keeps the copies and the stored weights within three quarters
+        of it (resident_or_streamed.default_weights_budget).
     threads: threads to compute with; default: $NPLLAMA_NUM_THREADS, else the cores that
         other processes leave free, measured every quarter second (npllama/threads.py).
     comm: the mpi4py communicator to split the model over (tensor_parallel.py); default: every
@@ -57,16 +58,21 @@ def load(path, dtype: str = "float32", max_seq_len: int | None = None, weights_b
     start = time.perf_counter()
     group = world(comm)
     kind = model_format(path)
-    # Processes on one machine share its RAM and cores.
-    budget = default_weights_budget() // group.node_size if weights_budget is None else weights_budget
+    # Processes on one machine share its RAM and cores. The default budget depends on what the
+    # weights take as stored, known once they are mapped (and again after a bf16 copy).
+    budget = weights_budget
     if group.size > 1:
-        args, weights, tokenizer = read_share(path, kind, group, budget, verbose)
+        share_budget = default_weights_budget(0, group.node_size) if budget is None else budget
+        args, weights, tokenizer = read_share(path, kind, group, share_budget, verbose)
         if requested_threads(threads) is None:
             threads = max(1, available_cores() // group.node_size)
     else:
         args, weights, tokenizer = READERS[kind](path)
-        if quantized(weights) and sum(4 * w.size for w in weights.values()) > budget:
+        copy_budget = default_weights_budget(stored_bytes(weights)) if budget is None else budget
+        if quantized(weights) and sum(4 * w.size for w in weights.values()) > copy_budget:
             weights = with_bf16_copy(path, weights, verbose)  # see dequantized.py
+    if budget is None:
+        budget = default_weights_budget(stored_bytes(weights), group.node_size)
     if max_seq_len is not None:
         args = replace(args, max_seq_len=max_seq_len)
     if tokenizer.n_words > args.vocab_size:

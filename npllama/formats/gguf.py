@@ -446,6 +446,10 @@ class QuantizedTensor(LazyRows):
         self.blocks = blocks  # uint8 [rows, bytes_per_row], a read-only view of the file
         self.qtype = qtype
 
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.nbytes
+
     def rows(self, index) -> np.ndarray:
         return dequantize_rows(self.blocks[index], self.qtype)  # [..., cols] float32
 

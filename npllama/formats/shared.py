@@ -158,6 +158,12 @@ class LazyRows:
     def size(self) -> int:
         return self.shape[0] * self.shape[1]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes as stored (in the file's memory map), as an array's nbytes: subclasses that
+        hold their stored form say what it takes."""
+        return self.size * self.dtype.itemsize
+
     def __len__(self) -> int:
         return self.shape[0]
 
@@ -186,6 +192,10 @@ class LazyPart(LazyRows):
         shape = (hi - lo, whole.shape[1]) if axis == 0 else (whole.shape[0], hi - lo)
         super().__init__(shape, whole.dtype, whole.name)
         self.whole, self.axis, self.lo, self.hi = whole, axis, lo, hi
+
+    @property
+    def nbytes(self) -> int:
+        return self.whole.nbytes * self.size // self.whole.size
 
     def rows(self, index) -> np.ndarray:
         if self.axis == 1:
