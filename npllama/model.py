@@ -129,6 +129,7 @@ class Llama:
                 self.layers.append(layer)
                 progress.update(i + 1)
         self.resident_layers = sum(layer.wqkv is not None for layer in self.layers)
+        self.output_resident = output_resident
         self.resident = output_resident and self.resident_layers == args.n_layers
         self.norm = vector(weights[NORM.meta])  # [D]
         self.output = group.vocab_gathered(vector(output) if output_resident else streamed(output))  # [V, D]

@@ -122,10 +122,11 @@ def describe(model: Llama) -> str:
     group, a = model.group, getattr(model.args, "whole", model.args)
     n_params = sum(math.prod(shape) for shape in a.weight_shapes().values())
     layers = a.n_layers
+    copied = [f"{model.resident_layers} of {layers} layers"] if model.resident_layers else []
+    copied = (["the output matrix"] if model.output_resident else []) + copied
     mode = ("float32 copy in RAM" if model.resident else
-            f"float32 copy in RAM for {model.resident_layers} of {layers} layers, the rest memory-mapped and "
-            "streamed through the matmul in tiles" if model.resident_layers else
-            "memory-mapped, streamed through the matmul in tiles")
+            f"float32 copy in RAM for {' and '.join(copied)}, the rest memory-mapped and streamed through "
+            "the matmul in tiles" if copied else "memory-mapped, streamed through the matmul in tiles")
     return (f"{n_params / 1e6:.1f}M params, dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads "
             f"({a.n_kv_heads} kv), vocab {a.vocab_size}, rope_theta {a.rope_theta:g}, "
             f"{model.dtype} compute, weights {mode}" + (
