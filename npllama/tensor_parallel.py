@@ -142,6 +142,9 @@ class MPIGroup(Group):
         their next collective."""
         sys.stdout.flush()
         sys.stderr.flush()
+        # mpiexec forwards each rank's output through a pipe, and an abort kills its forwarders
+        # too: on a busy machine the message just written could be lost. Give them a moment.
+        time.sleep(0.5)
         self.comm.Abort(code)
 
 
