@@ -366,7 +366,7 @@ def prepare(name: str, cache_dir: Path, llama_cpp: bool = False) -> dict:
                     unavailable={"torch": "torch bf16 has no weights budget; its figures on this file "
                                           "are the 8b model's"},
                     label="random Meta-Llama-3-8B, bf16 file; npllama float32 compute with an 8 GB "
-                          "weights budget (the first layers float32-resident, the rest streamed)")
+                          "weights budget (the output and the first layers float32-resident, the rest streamed)")
     if name == "8b-q4km":
         path = random_q4_k_m_gguf(cache_dir, "llama3-8b-q4km-random", llama3_8b_args())
         return dict(name=name, kind="gguf", path=str(path), weights_budget=0,
