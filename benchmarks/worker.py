@@ -32,18 +32,17 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import numpy as np  # noqa: E402
 
-import npllama.fused  # noqa: E402
+import npllama.engine  # noqa: E402
 import npllama.layers  # noqa: E402
 import npllama.model  # noqa: E402
 import prepare  # noqa: E402
 from machine import Probes  # noqa: E402
 from npllama.formats.meta import load_params  # noqa: E402
-from npllama.resident_or_streamed import StreamedWeight  # noqa: E402
 from stats import timed  # noqa: E402
 
-# Each module calls its own name `linear` (the fast path's takes an `out`): the matmul breakdown
+# Each module calls its own name `linear` (the engine's takes an `out`): the matmul breakdown
 # wraps each with a timer.
-LINEAR_CALLERS = (npllama.model, npllama.layers, npllama.fused)
+LINEAR_CALLERS = (npllama.model, npllama.layers, npllama.engine)
 
 
 # --- Engines: the same four calls on both sides --------------------------------------------
@@ -78,20 +77,14 @@ class NpllamaEngine:
 
 def matrix_bytes(w) -> int:
     """Bytes a matmul streams for one weight: the float32 array, or a streamed one's stored
-    (memory-mapped) matrix."""
-    return w.stored.nbytes if isinstance(w, StreamedWeight) else w.nbytes
+    (memory-mapped) matrices."""
+    return w.nbytes
 
 
 def _read_weights(layer) -> list:
-    """The arrays a decode step multiplies by: with the fused fast path (wqkv, w13) the separate
-    wq/wk/wv/w1/w3 are views into the fused arrays and must not be counted twice."""
-    fields = vars(layer)
-    skip = set()
-    if fields.get("wqkv") is not None:
-        skip |= {"wq", "wk", "wv"}
-    if fields.get("w13") is not None:
-        skip |= {"w1", "w3"}
-    return [w for name, w in fields.items() if w is not None and name not in skip]
+    """The arrays a decode step multiplies by: the engine's stacked wqkv and w13 (wq..w3, which
+    the plain pass reads, are the same weights and must not be counted twice), wo, w2, norms."""
+    return [w for name, w in vars(layer).items() if name not in ("wq", "wk", "wv", "w1", "w3")]
 
 
 def npllama_weight_bytes(model) -> int:

@@ -1,8 +1,10 @@
-"""Turning logits into text: samplers and the token-by-token generation loop.
+"""Turning logits into text: samplers and the one generation loop.
 
-The sampler knows nothing of the model and the model nothing of sampling (as in llama2.c):
-`generate` prefills the prompt in one forward pass, then feeds back one token per step
-through the KV cache, and yields each token as soon as it is chosen.
+The sampler knows nothing of the model and the model nothing of sampling (as in llama2.c).
+`decode` is the loop, for one sequence or many at once (Meta's `generate(prompt_tokens:
+List[List[int]])`): it prefills the prompts in one forward pass, then feeds back one token per
+step through the KV cache. `generate` streams one sequence's tokens as they are chosen;
+`generate_batch` returns every prompt's completion.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import math
 import operator
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .config import check_fits, fits
+from .config import check_fits
+from .engine import KVCache
 from .errors import ArgumentError, NumericalError, shown
 
 
@@ -147,53 +150,201 @@ class GenerationStats:
                 f"(stopped: {self.stop_reason})")
 
 
+@dataclass
+class Completion:
+    """One prompt's continuation, as Meta's CompletionPrediction: the new tokens (after the
+    prompt's, with echo), and with logprobs each token's log-probability under the model."""
+
+    tokens: list[int]
+    logprobs: list[float] | None = None  # None for a prompt's first token, which nothing predicts
+    stop_reason: str = ""  # "stop_token", "max_new_tokens" or "max_seq_len"
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+
+
+@dataclass
+class Row:
+    """One sequence of a generation: what it asks for, and what it has got so far."""
+
+    prompt: list[int]  # the tokens to feed, at positions start..
+    limit: int  # max_new_tokens
+    sampler: Sampler
+    stops: set[int]
+    start: int = 0  # positions 0..start-1 are already in the cache (a conversation's earlier turns)
+    done: Completion = field(default_factory=lambda: Completion([]))
+
+    @property
+    def pos(self) -> int:
+        """Where the newest token goes (before the first, where the prompt's last one is)."""
+        return self.start + len(self.prompt) + self.done.new_tokens - 1
+
+    def stop_reason(self, token: int, context: int) -> str:
+        """Why the row stops after choosing `token`, or "" if it goes on."""
+        if token in self.stops:
+            return "stop_token"
+        if self.done.new_tokens >= self.limit:
+            return "max_new_tokens"
+        if self.pos + 1 >= context:  # no position left for another token
+            return "max_seq_len"
+        return ""
+
+
+def decode(model, rows: list[Row], cache, logprobs: bool = False, prompt_logprobs: bool = False) -> Iterator[list[Row]]:
+    """The one generation loop, for one sequence or many. Every row's prompt is prefilled in one
+    forward pass (each row at its own start position), then each step feeds every row still
+    going its newest token and chooses its next. Yields, after each choice, the rows that got a
+    token (a row's newest is row.done.tokens[-1]); a row that stops leaves the batch, its cache
+    slot swapped behind the others', so later steps neither compute nor read it."""
+    context, n = model.context_length(cache), len(rows)
+    lengths = np.array([len(r.prompt) for r in rows])  # [n]
+    tokens = np.zeros((n, lengths.max()), np.int64)  # [n, T] right-padded
+    for i, row in enumerate(rows):
+        tokens[i, :len(row.prompt)] = row.prompt
+    starts = np.array([r.start for r in rows])  # [n]
+    logits = model.forward_rows(tokens, lengths, starts, cache, "all" if prompt_logprobs else "last")
+    if prompt_logprobs:  # [n, T, V]: each prompt token's log-probability given the ones before it
+        for i, row in enumerate(rows):
+            lp = log_softmax(logits[i, :len(row.prompt) - 1])  # [L-1, V]
+            row.done.logprobs += [None] + [float(lp[j, t]) for j, t in enumerate(row.prompt[1:])]
+        logits = logits[np.arange(n), lengths - 1]  # [n, V]
+    order = cache.order  # the row each slot holds; slots 0..active-1 are still going
+    active = n
+
+    def leave(slot: int, reason: str) -> None:
+        nonlocal active
+        rows[order[slot]].done.stop_reason = reason
+        active -= 1
+        cache.swap(slot, active)
+        logits[[slot, active]] = logits[[active, slot]]
+
+    for slot in reversed(range(n)):  # rows asked for no tokens are done before the first
+        if rows[order[slot]].limit == 0:
+            leave(slot, "max_new_tokens")
+    while active:
+        going = [rows[order[slot]] for slot in range(active)]
+        for slot, row in enumerate(going):
+            check_finite(logits[slot], row.pos)
+        # Rank 0's choices (over several processes the others take them: tensor_parallel.py).
+        chosen = model.group.bcast(np.array([row.sampler(logits[slot]) for slot, row in enumerate(going)]))
+        for slot, row in enumerate(going):
+            token = int(chosen[slot])
+            row.done.tokens.append(token)
+            row.done.new_tokens += 1
+            if logprobs:
+                row.done.logprobs.append(float(log_softmax(logits[slot])[token]))
+        yield going
+        for slot in reversed(range(active)):
+            reason = going[slot].stop_reason(int(chosen[slot]), context)
+            if reason:
+                chosen[[slot, active - 1]] = chosen[[active - 1, slot]]
+                leave(slot, reason)
+        if active:
+            positions = np.array([rows[order[slot]].pos for slot in range(active)])  # [active]
+            logits = model.forward_rows(chosen[:active, None], np.ones(active, np.int64), positions, cache)
+
+
 def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: Sampler | None = None,
              stop_ids: Iterable[int] | None = None, stats: GenerationStats | None = None,
              cache=None, start_pos: int = 0) -> Iterator[int]:
     """Yield up to max_new_tokens tokens continuing `prompt`, stopping after a stop token
-    (which is yielded, so a caller can tell why it stopped) or when the context is full.
+    (which is yielded, so a caller can tell why it stopped) or when the context is full: the
+    one generation loop (`decode`) with one row, each token yielded as soon as it is chosen.
 
     To continue a conversation, pass the previous call's `cache` and, as `start_pos`, its
     `stats.cached_positions`; `prompt` is then only the tokens not yet in the cache.
     """
-    try:
-        prompt = [operator.index(t) for t in prompt]
-    except TypeError:
-        raise ArgumentError("the prompt must be a sequence of integer token ids") from None
-    if not prompt:
-        raise ArgumentError("the prompt is empty: give at least one token (e.g. the BOS token)")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ArgumentError(f"max_new_tokens is {shown(max_new_tokens)}; it must be an integer >= 0")
-    sampler = sampler or Sampler()
-    stats = stats if stats is not None else GenerationStats()
-    stop_ids = set(model.tokenizer.stop_ids if stop_ids is None else stop_ids)
+    prompt = checked_prompts([prompt])[0]
+    check_limit(max_new_tokens)
+    if not isinstance(start_pos, int) or isinstance(start_pos, bool) or start_pos < 0:
+        raise ArgumentError(f"start_pos is {shown(start_pos)}; it must be an integer >= 0")
+    if cache is None and start_pos:
+        raise ArgumentError("start_pos > 0 needs the cache that holds positions 0..start_pos-1")
     if cache is None:  # sized by what this call can use, not by the model's whole context
         cache = model.new_cache(min(model.args.max_seq_len, len(prompt) + max(max_new_tokens, 1)))
-    context = model.context_length(cache)
-    check_fits(start_pos, len(prompt), context, generating=True)
+    if not isinstance(cache, KVCache):
+        raise ArgumentError(f"cache is {shown(cache)}; pass the KVCache that model.new_cache() made")
+    check_fits(start_pos, len(prompt), model.context_length(cache), generating=True)
+    stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt)
+    row = Row(prompt, max_new_tokens, sampler or Sampler(), stop_set(model, stop_ids), start_pos)
 
     t0 = time.perf_counter()
-    logits = model.forward(prompt, start_pos, cache, last_only=True)[-1]  # [V]
-    stats.prefill_seconds = time.perf_counter() - t0
-    pos = stats.cached_positions = start_pos + len(prompt)  # where the next token goes
-    check_finite(logits, pos - 1)
-    stats.stop_reason = "max_new_tokens"
-    t0 = time.perf_counter()
-    for i in range(max_new_tokens):
-        # Rank 0's choice (over several processes the others take it: tensor_parallel.py).
-        token = model.group.bcast(sampler(logits))
-        stats.new_tokens += 1
-        yield token
-        if token in stop_ids:
-            stats.stop_reason = "stop_token"
-            break
-        if i + 1 == max_new_tokens:
-            break
-        if not fits(pos, 1, context, generating=True):  # no position left for another token
-            stats.stop_reason = "max_seq_len"
-            break
-        logits = model.forward([token], pos, cache, last_only=True)[-1]  # [V]
-        check_finite(logits, pos)
-        pos = stats.cached_positions = pos + 1
-        stats.decode_seconds = time.perf_counter() - t0
+    for _ in decode(model, [row], cache):
+        if row.done.new_tokens == 1:  # the first token comes from the prefill's logits
+            stats.prefill_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
+        else:
+            stats.decode_seconds = time.perf_counter() - t0
+        stats.new_tokens, stats.cached_positions = row.done.new_tokens, row.pos
+        yield row.done.tokens[-1]
+    stats.stop_reason = row.done.stop_reason
+    stats.cached_positions = row.pos + (row.done.new_tokens == 0)  # the last token chosen is not fed
+
+
+def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens=256, samplers=None,
+                   stop_ids=None, echo: bool = False, logprobs: bool = False) -> list[Completion]:
+    """Continue every prompt at once, each row with its own sampler, stop tokens and limit (one
+    value for all, or a list of one per prompt), as generate continues one; a row that stops
+    leaves the batch. Returns the completions in the prompts' order, as Meta's generate:
+    with echo, the prompt's tokens first; with logprobs, each token's log-probability."""
+    prompts = checked_prompts(prompts)
+    n = len(prompts)
+    limits = per_row(max_new_tokens, n, "max_new_tokens")
+    for limit in limits:
+        check_limit(limit)
+    per_row_stops = isinstance(stop_ids, list) and all(s is None or isinstance(s, Iterable) for s in stop_ids)
+    stops = per_row(stop_ids, n, "stop_ids") if per_row_stops and stop_ids else [stop_ids] * n
+    for p in prompts:
+        check_fits(0, len(p), model.args.max_seq_len, generating=True)
+    rows = [Row(p, m, s, stop_set(model, stop)) for p, m, s, stop in zip(prompts, limits, row_samplers(samplers, n), stops)]
+    for row in rows:
+        row.done = Completion(list(row.prompt) if echo else [], [] if logprobs else None, prompt_tokens=len(row.prompt))
+    size = max(len(p) + max(m, 1) for p, m in zip(prompts, limits))
+    cache = model.new_cache(min(model.args.max_seq_len, size), rows=n)
+    for _ in decode(model, rows, cache, logprobs, prompt_logprobs=echo and logprobs):
+        pass
+    return [row.done for row in rows]
+
+
+def checked_prompts(prompts) -> list[list[int]]:
+    try:
+        prompts = [[operator.index(t) for t in p] for p in prompts]
+    except TypeError:
+        raise ArgumentError("a prompt must be a sequence of integer token ids") from None
+    if not prompts or any(not p for p in prompts):
+        raise ArgumentError("every prompt needs at least one token (e.g. the BOS token)")
+    return prompts
+
+
+def check_limit(max_new_tokens) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ArgumentError(f"max_new_tokens is {shown(max_new_tokens)}; it must be an integer >= 0")
+
+
+def stop_set(model, stop_ids) -> set[int]:
+    """The stop tokens given, or by default the tokenizer's."""
+    return set(model.tokenizer.stop_ids if stop_ids is None else stop_ids)
+
+
+def per_row(value, n: int, name: str) -> list:
+    """A value given once for every row, or a list of one per row."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ArgumentError(f"{name} has {len(value)} entries for {n} prompts; give one, or one per prompt")
+        return list(value)
+    return [value] * n
+
+
+def row_samplers(samplers, n: int) -> list[Sampler]:
+    """One sampler per row, each with its own state: a single Sampler is cloned with seeds
+    seed, seed+1, ... (rows with the same seed would draw the same numbers)."""
+    if isinstance(samplers, (list, tuple)):
+        return per_row(samplers, n, "samplers")
+    base = samplers or Sampler()
+    return [replace(base, seed=None if base.seed is None else base.seed + i) for i in range(n)]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log p of every token, in float64 as next_token_probs computes p."""
+    z = logits.astype(np.float64)  # [..., V]
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))  # [..., V]

@@ -10,13 +10,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from . import engine
 from .config import EMBEDDING, LIMITS, NORM, OUTPUT, ModelArgs, check_fits
+from .engine import KVCache
 from .errors import ArgumentError, shown
 from .layers import (apply_rope, attention, causal_mask, embed, feed_forward, keep, linear,
                      rms_norm, rope_frequencies, rope_tables)
 from .resident_or_streamed import (BF16, LayerWeights, StreamedWeight, TilePool, default_weights_budget,
-                                   layer_float32_bytes, round_to_bf16, stored_bytes, to_float32)
-from . import fused
+                                   layer_float32_bytes, round_to_bf16, stack_float32, stored_bytes, to_float32)
 from .progress import Progress
 from .tensor_parallel import Group
 from .threads import Threads
@@ -54,39 +55,16 @@ def rounded_to_bf16(name: str, dtype: str) -> bool:
     return dtype == "bfloat16" and name.rsplit(".", 1)[-1] not in FLOAT32_IN_BF16_MODE
 
 
-class KVCache:
-    """Keys and values of every position seen so far, preallocated for max_seq_len.
-
-    Heads-first, so that each head's part is one contiguous block the attention matmul reads
-    without a copy: keys [KV, P, hd], values transposed [KV, hd, P]. At long contexts decoding
-    is bound by reading this cache, and these are the layouts BLAS streams fastest for q k^T
-    and probs v (see attention_scores, attention_output). transformer_block reads the first S
-    positions as views: keys k[:, :S], values v[:, :, :S] transposed back to [KV, S, hd].
-    """
-
-    def __init__(self, args: ModelArgs, max_seq_len: int):
-        kv, hd = args.n_kv_heads, args.head_dim
-        self.max_seq_len = max_seq_len
-        try:  # zeros are pages the OS maps on first write, but the address space is reserved now
-            self.k = [np.zeros((kv, max_seq_len, hd), np.float32) for _ in range(args.n_layers)]  # [KV, P, hd]
-            self.v = [np.zeros((kv, hd, max_seq_len), np.float32) for _ in range(args.n_layers)]  # [KV, hd, P]
-        except MemoryError:
-            gb = 2 * args.n_layers * kv * hd * 4 * max_seq_len / 2**30
-            raise ArgumentError(f"a KV cache of {max_seq_len} positions takes {gb:.1f} GB, more than this "
-                                "machine can give: pass a smaller max_seq_len (--max-seq-len)") from None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k + self.v)
-
-
 class Llama:
     """A loaded model: configuration, weights, tokenizer and the forward pass.
 
-    Weights arrive as they are stored (bf16 memory maps for Meta checkpoints). If their float32
-    copy fits `weights_budget` bytes they are upcast once here (`resident`); otherwise matrices
-    stay mapped and are streamed through the matmul in float32 tiles (resident_or_streamed.py), so an
+    Weights arrive as they are stored (bf16 memory maps for Meta checkpoints). Layers whose
+    float32 copy fits `weights_budget` bytes are upcast once here (resident); the rest stay
+    mapped and are streamed through the matmul in float32 tiles (resident_or_streamed.py), so an
     8B model runs from its 16 GB of mapped bf16 with little more RAM than its KV cache.
+
+    `forward` with a trace runs the plain pass below, the one a student reads; without one, and
+    for every batch, generation and score, the runtime engine (engine.py) computes the same math.
     """
 
     def __init__(self, args: ModelArgs, weights: Mapping[str, np.ndarray], tokenizer=None,
@@ -104,46 +82,51 @@ class Llama:
         self.group = group = group or Group()
         # In bf16 mode weights are rounded to bf16 too: a float32 checkpoint then behaves like the
         # notebook's bf16 one (and bf16 ones are unchanged, the round trip is exact).
-        vector = round_to_bf16 if dtype == "bfloat16" else to_float32
+        bf16 = dtype == "bfloat16"
+        vector = round_to_bf16 if bf16 else to_float32
         pool = TilePool(self.threads)
 
-        def streamed(w):
-            # Streaming upcasts exactly; a non-bf16 matrix in bf16 mode must be rounded first.
-            return round_to_bf16(w) if dtype == "bfloat16" and w.dtype != BF16 else StreamedWeight(w, pool)
+        def resident(parts):
+            return stack_float32(parts, rounded=bf16)
+
+        def streamed(parts):  # streaming upcasts exactly; other dtypes are rounded tile by tile
+            return StreamedWeight(parts, pool, round_to_bf16=bf16 and any(p.dtype != BF16 for p in parts))
 
         # Tiered residency: layers get a float32 copy, in order, while it fits the budget; the
         # rest (and the output matrix, if it does not fit) stay mapped and are streamed.
         budget = default_weights_budget(stored_bytes(weights)) if weights_budget is None else weights_budget
         output = weights[(EMBEDDING if args.tie_embeddings else OUTPUT).meta]
-        self.layers, spent = [], 4 * output.size  # the output first: every token reads all of it
-        output_resident = spent <= budget
-        spent = spent if output_resident else 0
+        spent = 4 * output.size  # the output first: every token reads all of it
+        self.output_resident = spent <= budget
+        spent = spent if self.output_resident else 0
+        self.layers, self.resident_layers = [], 0
         with Progress("making the float32 copy of the weights", args.n_layers, "layers", verbose) as progress:
             for i in range(args.n_layers):
                 cost = layer_float32_bytes(weights, i)
-                resident = spent + cost <= budget
-                spent += cost if resident else 0
-                layer = LayerWeights.from_checkpoint(weights, i, vector if resident else streamed, vector)
-                layer = layer.fuse() if resident else layer
+                form = resident if spent + cost <= budget else streamed
+                if form is resident:
+                    spent, self.resident_layers = spent + cost, self.resident_layers + 1
+                layer = LayerWeights.from_checkpoint(weights, i, vector, lambda w: form([w]), form)
                 layer.wo, layer.w2 = group.row_parallel(layer.wo), group.row_parallel(layer.w2)
                 self.layers.append(layer)
                 progress.update(i + 1)
-        self.resident_layers = sum(layer.wqkv is not None for layer in self.layers)
-        self.output_resident = output_resident
-        self.resident = output_resident and self.resident_layers == args.n_layers
+        self.resident = self.output_resident and self.resident_layers == args.n_layers
         self.norm = vector(weights[NORM.meta])  # [D]
-        self.output = group.vocab_gathered(vector(output) if output_resident else streamed(output))  # [V, D]
+        self.output = group.vocab_gathered((resident if self.output_resident else streamed)([output]))  # [V, D]
         self.embedding = group.vocab_parallel(weights[EMBEDDING.meta], args)  # [V, D]
         self.rope_freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)  # [hd/2]
-        self.decode_buffers = fused.Decode(args)
+        self.buffers = engine.Buffers(args)
+        self.bf16_step = bf16_rounding if bf16 else keep
 
-    def new_cache(self, max_seq_len: int | None = None) -> KVCache:
-        """A KV cache for max_seq_len positions (default: the model's context)."""
+    def new_cache(self, max_seq_len: int | None = None, rows: int = 1) -> KVCache:
+        """A KV cache for `rows` sequences of max_seq_len positions (default: the model's context)."""
         n = self.args.max_seq_len if max_seq_len is None else max_seq_len
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= LIMITS["max_seq_len"]:
             raise ArgumentError(f"max_seq_len is {shown(n)}; it must be an integer from 1 to "
                                 f"{LIMITS['max_seq_len']}")
-        return KVCache(self.args, n)
+        if not isinstance(rows, int) or isinstance(rows, bool) or not 1 <= rows <= 1 << 16:
+            raise ArgumentError(f"rows is {shown(rows)}; it must be an integer from 1 to {1 << 16}")
+        return KVCache(self.args, n, rows)
 
     def context_length(self, cache: KVCache | None = None) -> int:
         """Positions a sequence may use: the model's max_seq_len, or the cache's if smaller."""
@@ -155,44 +138,57 @@ class Llama:
         return generate(self, prompt, max_new_tokens, sampler, **kwargs)
 
     def generate_batch(self, prompts, max_new_tokens=256, samplers=None, **kwargs):
-        """Completions of a list of prompts, computed together: see npllama.batch.generate."""
-        from .batch import generate
-        return generate(self, prompts, max_new_tokens, samplers, **kwargs)
-
-    def _step(self, trace: dict | None):
-        """The hook each named intermediate passes through: rounds to bf16 in the notebook's
-        dtype flow, records into `trace` when asked, and otherwise costs one function call."""
-        if self.dtype == "bfloat16":
-            def step(name, x):
-                if rounded_to_bf16(name, self.dtype):
-                    x = round_to_bf16(x)
-                if trace is not None:
-                    trace[name] = x
-                return x
-        elif trace is not None:
-            def step(name, x):
-                trace[name] = x
-                return x
-        else:
-            step = keep
-        return step
+        """Completions of a list of prompts, computed together: see npllama.generate.generate_batch."""
+        from .generate import generate_batch
+        return generate_batch(self, prompts, max_new_tokens, samplers, **kwargs)
 
     def forward(self, tokens, start_pos: int = 0, cache: KVCache | None = None,
                 trace: dict | None = None, last_only: bool = False) -> np.ndarray:
         """Logits [T, vocab_size] (float32) for T new tokens at positions start_pos.. start_pos+T-1.
 
-        With a cache, keys and values of earlier positions come from it and this call's are
-        written into it; without one the tokens are the whole sequence. `trace`, a dict, receives
-        every intermediate of TRACE_NAMES. `last_only` computes logits of the last position only.
+        With a cache, keys and values of earlier positions come from it (its first row) and this
+        call's are written into it; without one the tokens are the whole sequence. `trace`, a
+        dict, receives every intermediate of TRACE_NAMES. `last_only` computes logits of the
+        last position only.
         """
         tokens = self._check_tokens(tokens, start_pos, cache)
+        cache = cache or self.new_cache(len(tokens))
+        if trace is None:
+            logits = self.forward_rows(tokens[None], np.array([len(tokens)]), np.array([start_pos]), cache,
+                                       "last" if last_only else "all")
+            return logits if last_only else logits[0]  # [1, V] or [T, V]
         with self.threads.applied():
-            return self._forward(tokens, start_pos, cache or self.new_cache(len(tokens)), trace, last_only)
+            return self._forward(tokens, start_pos, cache, trace, last_only)
 
-    def _forward(self, tokens: np.ndarray, start_pos: int, cache: KVCache, trace: dict | None,
+    def forward_rows(self, tokens: np.ndarray, lengths: np.ndarray, starts: np.ndarray, cache: KVCache,
+                     positions: str | slice = "last") -> np.ndarray:
+        """Logits of N rows of right-padded tokens [N, T], each row its own length and first
+        position, through the cache's first N slots: see engine.forward."""
+        tokens, lengths, starts = np.asarray(tokens), np.asarray(lengths), np.asarray(starts)
+        n_rows, n_new = tokens.shape
+        if not (n_rows <= cache.rows and lengths.shape == starts.shape == (n_rows,) and
+                np.all((1 <= lengths) & (lengths <= n_new)) and np.all(starts >= 0)):
+            raise ArgumentError(f"{n_rows} rows of {n_new} tokens with lengths {lengths.tolist()} and starts "
+                                f"{starts.tolist()} do not fit a cache of {cache.rows} rows")
+        check_vocabulary(tokens, self.args.vocab_size)
+        check_fits(int(starts.max()), n_new, self.context_length(cache))
+        with self.threads.applied():
+            return engine.forward(self, tokens, lengths, starts, cache, positions)
+
+    def _step(self, trace: dict):
+        """The hook each named intermediate of the plain pass goes through: rounded to bf16 in the
+        notebook's dtype flow, where rounded_to_bf16 says (the engine rounds at the same names),
+        and recorded into `trace`."""
+        def step(name, x):
+            if rounded_to_bf16(name, self.dtype):
+                x = round_to_bf16(x)
+            trace[name] = x
+            return x
+        return step
+
+    def _forward(self, tokens: np.ndarray, start_pos: int, cache: KVCache, trace: dict,
                  last_only: bool) -> np.ndarray:
-        if trace is None and self.dtype == "float32":  # the same numbers in fewer NumPy calls
-            return fused.forward(self, tokens, start_pos, cache, last_only)
+        """The plain pass, traced: model.py's and layers.py's functions, one named step at a time."""
         args, n_new = self.args, len(tokens)
         step = self._step(trace)
         cos, sin = rope_tables(self.rope_freqs, np.arange(start_pos, start_pos + n_new))  # [T, hd/2] each
@@ -202,7 +198,7 @@ class Llama:
         for i, layer in enumerate(self.layers):
             layer_step = prefixed(step, f"layers.{i}.")
             h = transformer_block(h, layer, args, cos, sin, mask,
-                                  cache.k[i], cache.v[i], start_pos, layer_step)  # [T, D]
+                                  cache.k[i][0], cache.v[i][0], start_pos, layer_step)  # [T, D]
         if last_only:
             h = h[-1:]  # [1, D]
         h = step("norm", rms_norm(h, self.norm, args.norm_eps))  # [T, D]
@@ -214,9 +210,7 @@ class Llama:
         if tokens.ndim != 1 or len(tokens) == 0 or not np.issubdtype(tokens.dtype, np.integer):
             raise ArgumentError(f"tokens must be a non-empty 1-D sequence of ints, got shape {tokens.shape} "
                                 f"of {tokens.dtype}")
-        if tokens.min() < 0 or tokens.max() >= self.args.vocab_size:
-            bad = tokens[(tokens < 0) | (tokens >= self.args.vocab_size)][0]
-            raise ArgumentError(f"token id {bad} is outside the vocabulary [0, {self.args.vocab_size})")
+        check_vocabulary(tokens, self.args.vocab_size)
         if not isinstance(start_pos, (int, np.integer)) or isinstance(start_pos, bool) or start_pos < 0:
             raise ArgumentError(f"start_pos is {shown(start_pos)}; it must be an integer >= 0")
         if cache is None and start_pos != 0:
@@ -227,9 +221,20 @@ class Llama:
         return tokens
 
 
+def check_vocabulary(tokens: np.ndarray, vocab_size: int) -> None:
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        bad = tokens[(tokens < 0) | (tokens >= vocab_size)][0]
+        raise ArgumentError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def bf16_rounding(name: str, x: np.ndarray) -> np.ndarray:
+    """The engine's step in the bf16 flow: x rounded to bf16 in place where the plain pass rounds."""
+    if rounded_to_bf16(name, "bfloat16"):
+        np.copyto(x, x.astype(BF16))
+    return x
+
+
 def prefixed(step, prefix: str):
-    if step is keep:
-        return keep
     return lambda name, x: step(prefix + name, x)
 
 

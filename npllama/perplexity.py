@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .batch import BatchCache, forward, log_softmax
 from .errors import ArgumentError
+from .generate import log_softmax
 
 
 def windows(tokens: list[int], n_ctx: int, bos_id: int | None) -> np.ndarray:
@@ -51,8 +51,8 @@ def model_logits(model, batch: int) -> Callable[[np.ndarray], np.ndarray]:
     a pass (the rows of one batched forward share every weight read)."""
     def run(chunk: np.ndarray) -> np.ndarray:
         n_rows, n_ctx = chunk.shape
-        cache = BatchCache(model.args, n_rows, n_ctx)
-        return forward(model, chunk, np.full(n_rows, n_ctx), np.zeros(n_rows, np.int64), cache, scored(n_ctx))
+        cache = model.new_cache(n_ctx, rows=n_rows)
+        return model.forward_rows(chunk, np.full(n_rows, n_ctx), np.zeros(n_rows, np.int64), cache, scored(n_ctx))
     run.batch = batch
     return run
 

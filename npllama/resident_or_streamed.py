@@ -4,12 +4,13 @@ A decode step reads every weight once, so its speed is set by memory bandwidth. 
 copy of a model fits the RAM budget it is made once at load (`resident`). When it does not (an 8B
 model is 32 GB in float32, 16 GB as stored bf16), each matrix stays a bf16 memory map and is
 upcast in cache-sized tiles into a reused float32 buffer, each tile consumed by BLAS while it is
-still in cache. Each core takes one contiguous share of the rows and walks it tile by tile with
-single-threaded BLAS: one task per core per matmul, so threads never hand work back and forth
-(NumPy releases the GIL in both the upcast and the matmul).
+still in cache. Tiles start at fixed rows; each free core takes one contiguous run of them and
+multiplies tile by tile with single-threaded BLAS, so the result is the same however many cores
+were free (NumPy releases the GIL in both the upcast and the matmul).
 
-Either way the forward pass is the same code: `linear(x, w)` computes `x @ w.T`, and a
-`StreamedWeight` answers that expression by tiles.
+Either way the forward passes are the same code: `linear(x, w)` computes `x @ w.T`, and a
+`StreamedWeight` answers that expression by tiles. q|k|v and w1|w3 are stacked by rows in both
+forms (`LayerWeights`), so the engine multiplies each group in one product.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def stored_bytes(weights: Mapping[str, np.ndarray]) -> int:
 
 class TilePool:
     """Worker threads, as many as `threads` allows at most, each with its own float32 tile
-    buffer, shared by all weights; each product uses as many as are free right now."""
+    buffer, shared by all streamed weights; each product uses as many as are free right now."""
 
     def __init__(self, threads: Threads):
         self.threads = threads
@@ -83,47 +84,70 @@ class TilePool:
             buf = self.local.buf = np.empty(n_floats, np.float32)
         return buf[:n_floats]
 
-    def run(self, fn, shares) -> None:
-        """fn(share) for each share, in parallel. The pool's threads already fill the cores, so
-        BLAS runs single-threaded meanwhile: with its own threads too, two tiles' matmuls fight
-        for the cores and the stream slows several-fold."""
+    def run(self, fn, tiles: list) -> None:
+        """fn(tile) for every tile, the tiles split into as many contiguous runs as there are free
+        cores. The pool's threads already fill the cores, so BLAS runs single-threaded meanwhile:
+        with its own threads too, two tiles' matmuls fight for the cores and the stream slows
+        several-fold."""
+        n = min(self.threads.current, len(tiles))
+        runs = [tiles[len(tiles) * i // n:len(tiles) * (i + 1) // n] for i in range(n)]
         with self.threads.blas_threads(1):
-            for _ in self.executor.map(fn, shares):
+            for _ in self.executor.map(lambda run: [fn(tile) for tile in run], runs):
                 pass
 
 
 class StreamedWeight:
-    """A stored [out, in] matrix used as `x @ w.T` without ever materialising it in float32."""
+    """Stored [out, in] matrices, stacked by rows, used as `x @ w.T` without ever materialising
+    them in float32. `parts` is one matrix, or several whose rows are read as one (q|k|v).
+
+    Tiles are cut at fixed rows of each part, whatever the number of threads: each tile's
+    product is one single-threaded BLAS call on the same rows, so the result does not depend on
+    how many cores were free (threads only decide who computes which tiles)."""
 
     # Makes NumPy hand `x @ w.T` to __rmatmul__ instead of converting this object to an array.
     __array_ufunc__ = None
 
-    def __init__(self, stored: np.ndarray, pool: TilePool):
-        self.stored, self.pool = stored, pool
-        self.shape, self.ndim = stored.shape, 2
-        self.tile_rows = max(1, TILE_BYTES // (4 * stored.shape[1]))
+    def __init__(self, parts, pool: TilePool, round_to_bf16: bool = False):
+        self.parts = [parts] if hasattr(parts, "shape") else list(parts)
+        self.pool, self.round_to_bf16 = pool, round_to_bf16
+        n_in = self.parts[0].shape[1]
+        self.shape, self.ndim = (sum(p.shape[0] for p in self.parts), n_in), 2
+        self.tile_rows = max(1, TILE_BYTES // (4 * n_in))
+
+    @property
+    def nbytes(self) -> int:
+        """What the matrix takes as stored."""
+        return sum(p.nbytes for p in self.parts)
 
     @property
     def T(self) -> _Transposed:
         return _Transposed(self)
 
+    def tiles(self) -> list[tuple[np.ndarray, int, int, int]]:
+        """(part, first row, end row, first output column) of every tile."""
+        out, offset = [], 0
+        for part in self.parts:
+            out += [(part, r, min(r + self.tile_rows, len(part)), offset + r)
+                    for r in range(0, len(part), self.tile_rows)]
+            offset += len(part)
+        return out
+
     def matmul_transposed(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """x @ w.T, into `out` if given."""
-        n_out, n_in = self.shape
-        y = np.empty((x.shape[0], n_out), np.float32) if out is None else out  # [T, out]
+        n_in = self.shape[1]
+        y = np.empty((x.shape[0], self.shape[0]), np.float32) if out is None else out  # [T, out]
 
-        def rows(share: range) -> None:
-            for r0 in range(share.start, share.stop, self.tile_rows):
-                r1 = min(r0 + self.tile_rows, share.stop)
-                w = self.pool.buffer((r1 - r0) * n_in).reshape(r1 - r0, n_in)  # [r, in] float32
-                # ml_dtypes' bf16 -> float32 cast: exact, and faster than copying the uint16s
-                # into the high halves of a zeroed float32 buffer (the upcast_into probe).
-                np.copyto(w, self.stored[r0:r1])
-                np.matmul(x, w.T, out=y[:, r0:r1])  # [T, in] @ [in, r] -> [T, r]
+        def product(tile) -> None:
+            part, r0, r1, y0 = tile
+            w = self.pool.buffer((r1 - r0) * n_in).reshape(r1 - r0, n_in)  # [r, in] float32
+            # ml_dtypes' bf16 -> float32 cast: exact, and faster than copying the uint16s
+            # into the high halves of a zeroed float32 buffer (the upcast_into probe).
+            np.copyto(w, part[r0:r1])
+            if self.round_to_bf16:  # a float16 or float32 matrix in the bf16 flow
+                np.copyto(w, w.astype(BF16))
+            np.matmul(x, w.T, out=y[:, y0:y0 + r1 - r0])  # [T, in] @ [in, r] -> [T, r]
 
-        n = self.pool.threads.current
-        cuts = [n_out * i // n for i in range(n + 1)]
-        self.pool.run(rows, [range(a, b) for a, b in zip(cuts, cuts[1:]) if b > a])
+        self.pool.run(product, self.tiles())
         return y
 
 
@@ -139,6 +163,11 @@ class _Transposed:
 
 @dataclass
 class LayerWeights:
+    """One layer's weights, ready for both forward passes. q|k|v and w1|w3 are stacked by rows,
+    so that the runtime engine computes each group in one product; the plain pass reads wq, wk,
+    wv, w1 and w3, which are the same weights (views of the stacked float32 copy, or streamed
+    from the same stored parts), never a second copy."""
+
     attention_norm: np.ndarray  # [D]
     wq: np.ndarray  # [H*hd, D]
     wk: np.ndarray  # [KV*hd, D]
@@ -148,20 +177,37 @@ class LayerWeights:
     w1: np.ndarray  # [F, D]
     w2: np.ndarray  # [D, F]
     w3: np.ndarray  # [F, D]
-    # Fast path (resident weights): q|k|v and w1|w3 stacked by rows, so one matmul computes all
-    # of them; wq, wk, wv, w1, w3 are then views into these, costing no memory.
-    wqkv: np.ndarray | None = None  # [(H + 2 KV)*hd, D]
-    w13: np.ndarray | None = None  # [2F, D]
-
-    def fuse(self) -> LayerWeights:
-        wqkv = np.concatenate([self.wq, self.wk, self.wv])  # [(H + 2 KV)*hd, D]
-        w13 = np.concatenate([self.w1, self.w3])  # [2F, D]
-        q_end, k_end, f = len(self.wq), len(self.wq) + len(self.wk), len(self.w1)
-        return LayerWeights(self.attention_norm, wqkv[:q_end], wqkv[q_end:k_end], wqkv[k_end:],
-                            self.wo, self.ffn_norm, w13[:f], self.w2, w13[f:], wqkv, w13)
+    wqkv: np.ndarray  # [(H + 2 KV)*hd, D]
+    w13: np.ndarray  # [2F, D]
 
     @classmethod
-    def from_checkpoint(cls, weights: Mapping[str, np.ndarray], i: int, matrix, vector) -> LayerWeights:
-        """Layer i's weights, each made ready by `matrix` or `vector` (an upcast, a rounding, a stream)."""
-        return cls(**{t.key: (matrix if len(t.shape) == 2 else vector)(weights[layer_name(t.meta, i)])
-                      for t in LAYER_TENSORS})
+    def from_checkpoint(cls, weights: Mapping[str, np.ndarray], i: int, vector, matrix, stacked) -> LayerWeights:
+        """Layer i's weights: `vector` makes each norm ready, `matrix` wo and w2, and `stacked`
+        each group of matrices stacked by rows (q|k|v, w1|w3): a float32 copy, or streamed."""
+        w = {t.key: weights[layer_name(t.meta, i)] for t in LAYER_TENSORS}
+        qkv, ffn = [w["wq"], w["wk"], w["wv"]], [w["w1"], w["w3"]]
+        wqkv, w13 = stacked(qkv), stacked(ffn)
+        (wq, wk, wv), (w1, w3) = parts_of(wqkv, qkv), parts_of(w13, ffn)
+        return cls(vector(w["attention_norm"]), wq, wk, wv, matrix(w["wo"]), vector(w["ffn_norm"]),
+                   w1, matrix(w["w2"]), w3, wqkv, w13)
+
+
+def stack_float32(parts: list, rounded: bool) -> np.ndarray:
+    """The parts' rows, one below the other, in one float32 array (rounded to bf16 if asked)."""
+    out = np.empty((sum(len(p) for p in parts), parts[0].shape[1]), np.float32)  # [rows, in]
+    row = 0
+    for part in parts:
+        np.copyto(out[row:row + len(part)], part)  # an exact upcast of bf16 or float16
+        row += len(part)
+    if rounded:
+        np.copyto(out, out.astype(BF16))
+    return out
+
+
+def parts_of(stacked, parts: list) -> list:
+    """Each part of a stacked weight, as the same weights: views of the float32 copy, or streamed
+    weights of the same stored matrices."""
+    if isinstance(stacked, StreamedWeight):
+        return [StreamedWeight(p, stacked.pool, stacked.round_to_bf16) for p in stacked.parts]
+    cuts = np.cumsum([0] + [len(p) for p in parts])
+    return [stacked[a:b] for a, b in zip(cuts, cuts[1:])]

@@ -31,7 +31,7 @@ import numpy as np
 
 from .config import GLOBAL_TENSORS, LAYER_TENSORS, ModelArgs, layer_name
 from .errors import ArgumentError, ConfigError
-from .fused import linear
+from .engine import linear
 
 # The environment variables the MPI launchers set: MPICH's and Intel's hydra (PMI_SIZE), Open MPI,
 # and Slurm's srun. One of them above 1 means mpiexec started this process as one of several.

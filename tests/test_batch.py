@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 
 import npllama
-from npllama import batch
-from npllama.batch import BatchCache
 from npllama.generate import Sampler
 from oracle.checkpoints import random_state_dict, tiny_args
 from oracle.reference import Oracle
@@ -29,13 +27,13 @@ def test_every_row_of_a_forward_pass_equals_its_sequence_alone(model):
     tokens = np.zeros((len(PROMPTS), lengths.max()), np.int64)
     for i, p in enumerate(PROMPTS):
         tokens[i, :len(p)] = p
-    cache = BatchCache(model.args, len(PROMPTS), 32)
-    logits = batch.forward(model, tokens, lengths, np.zeros(len(PROMPTS), np.int64), cache, "all")
+    cache = model.new_cache(32, rows=len(PROMPTS))
+    logits = model.forward_rows(tokens, lengths, np.zeros(len(PROMPTS), np.int64), cache, "all")
     for i, p in enumerate(PROMPTS):
         alone = model.forward(p)
         np.testing.assert_allclose(logits[i, :len(p)], alone, rtol=0, atol=1e-5 * np.abs(alone).max())
     # A second step, each row at its own position, through the same caches.
-    step = batch.forward(model, np.array([[7], [8], [9], [10]]), np.ones(4, np.int64), lengths, cache)
+    step = model.forward_rows(np.array([[7], [8], [9], [10]]), np.ones(4, np.int64), lengths, cache)
     for i, p in enumerate(PROMPTS):
         alone = model.forward(p + [7 + i])[-1]
         np.testing.assert_allclose(step[i], alone, rtol=0, atol=1e-5 * np.abs(alone).max())
@@ -65,13 +63,13 @@ def test_sampled_rows_each_keep_their_own_seed(model):
 
 def test_finished_rows_stop_costing_compute(model, monkeypatch):
     rows_per_step = []
-    forward = batch.forward
+    forward = model.forward_rows
 
-    def counting(model, tokens, *args, **kwargs):
+    def counting(tokens, *args, **kwargs):
         rows_per_step.append(len(tokens))
-        return forward(model, tokens, *args, **kwargs)
+        return forward(tokens, *args, **kwargs)
 
-    monkeypatch.setattr(batch, "forward", counting)
+    monkeypatch.setattr(model, "forward_rows", counting)
     model.generate_batch(PROMPTS, [6, 2, 4, 1], Sampler(0), stop_ids=())
     assert rows_per_step == [4, 3, 2, 2, 1, 1]  # the prefill, then only the rows still going
 

@@ -84,7 +84,7 @@ def test_profile_names_the_weight_matmuls(quick_run):
     prof = results["profiles"]["tiny"]
     assert prof["status"] == "ok", prof.get("error")
     assert prof["top_tottime"] and prof["matmuls"]["matmul_ms_per_token"] > 0
-    # Resident weights take the fused fast path: q|k|v and w1|w3 are one matmul each.
+    # The engine multiplies q|k|v and w1|w3 as one matmul each.
     assert {"wqkv", "wo", "w13", "w2", "output"} <= set(prof["matmuls"]["by_weight"])
 
 
@@ -147,7 +147,9 @@ def test_f32_gguf_for_llama_cpp_holds_npllamas_weights(tmp_path):
                 if not k.startswith(("GGUF.", "general.file_type"))}
     assert metadata(a) == metadata(b)
     tokens = np.array([1, 2, 3])
-    want, got = (m.forward(tokens, 0, m.new_cache(8)) for m in map(npllama.load, (original, copy)))
+    # Bit-equal only at one thread count: by default each load follows the machine's load.
+    models = [npllama.load(path, threads=2) for path in (original, copy)]
+    want, got = (m.forward(tokens, 0, m.new_cache(8)) for m in models)
     np.testing.assert_array_equal(got, want)
 
 

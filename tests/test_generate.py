@@ -350,12 +350,12 @@ class Clock:
     """A perf_counter that moves only when the model computes: one second per forward pass."""
 
     def __init__(self, model):
-        self.now, forward = 0.0, model.forward
+        self.now, forward = 0.0, model.forward_rows
 
         def ticking_forward(*args, **kwargs):
             self.now += 1.0
             return forward(*args, **kwargs)
-        model.forward = ticking_forward
+        model.forward_rows = ticking_forward
 
     def __call__(self) -> float:
         return self.now
@@ -724,3 +724,89 @@ def test_cli_prompt_file_that_is_not_utf8(tmp_path, capsys):
     (tmp_path / "p.bin").write_bytes(b"caf\xe9 \xff\xfe")
     code, _, err = run_cli(capsys, "-m", tmp_path / "no-model-needed", "-f", tmp_path / "p.bin")
     assert code == 2 and err.startswith("error:") and "p.bin" in err and "UTF-8" in err
+
+
+# ---- batches: generate_batch's rows stop, and score their tokens, as model.generate ------
+
+def test_batch_rows_stop_at_the_context_limit_as_alone():
+    """max_seq_len 16 and more new tokens asked than fit: each row's new tokens fill positions
+    len(prompt)..15, so 16 - len(prompt) of them (one for a 15-token prompt), and it stops with
+    "max_seq_len", the tokens and the reason model.generate gives the prompt alone."""
+    model, _ = small_model(max_seq_len=16)
+    prompts = [[1, 2, 3, 4, 5], [7], list(range(10, 25))]
+    out = model.generate_batch(prompts, 100, Sampler(0), stop_ids=())
+    for p, row in zip(prompts, out):
+        stats = GenerationStats()
+        alone = list(model.generate(p, 100, Sampler(0), stop_ids=(), stats=stats))
+        assert len(row.tokens) == row.new_tokens == 16 - len(p)
+        assert (row.tokens, row.stop_reason) == (alone, stats.stop_reason) == (alone, "max_seq_len")
+
+
+def test_batch_stop_token_that_is_also_the_last_allowed_is_a_stop():
+    """The k-th greedy token is a stop id and max_new_tokens is k: both limits are reached at
+    once, and the row reports the stop token, as model.generate does."""
+    model, _ = small_model()
+    free = list(model.generate([1, 2, 3], 12, Sampler(0), stop_ids=()))
+    k = next(i for i in range(3, 12) if free.index(free[i]) == i) + 1  # free[k-1] appears first there
+    [row] = model.generate_batch([[1, 2, 3]], k, Sampler(0), stop_ids={free[k - 1]})
+    stats = GenerationStats()
+    list(model.generate([1, 2, 3], k, Sampler(0), stop_ids={free[k - 1]}, stats=stats))
+    assert row.tokens == free[:k] and row.stop_reason == stats.stop_reason == "stop_token"
+
+
+def with_stop_ids(model, stop_ids):
+    """The same model, its tokenizer's stop tokens replaced by `stop_ids`."""
+    tok = model.tokenizer
+    other = copy.copy(model)
+    other.tokenizer = npllama.tokenizer.Tokenizer(tok.name, npllama.tokenizer.LLAMA3_PAT_STR,
+                                                  read_bpe_ranks(llama3_tokenizer_path()), tok.special_tokens,
+                                                  bos_id=tok.bos_id, eos_id=tok.eos_id, stop_ids=stop_ids,
+                                                  add_bos=tok.add_bos)
+    return other
+
+
+def test_batch_default_stop_ids_are_the_tokenizers(model, prompt):
+    """Without stop_ids, a row stops at its tokenizer's stop tokens (here one the greedy
+    continuation reaches at its 5th token), as model.generate does."""
+    free = list(model.generate(prompt, 12, Sampler(0), stop_ids=()))
+    stopping = with_stop_ids(model, {free[4]})
+    [row] = stopping.generate_batch([prompt], 12, Sampler(0))
+    assert row.tokens == free[:free.index(free[4]) + 1] and row.stop_reason == "stop_token"
+
+
+def test_batch_logprobs_are_of_the_sampled_tokens():
+    """Sampled at temperature 1, each token's logprob is the log-softmax of the logits it was
+    drawn from, at that token: among them tokens that were not the most likely."""
+    model, _ = small_model()
+    prompts = [[1, 2, 3], [9, 8]]
+    out = model.generate_batch(prompts, 8, Sampler(1.0, seed=5), stop_ids=(), logprobs=True)
+    not_top = 0
+    for p, row in zip(prompts, out):
+        logits = model.forward(p + row.tokens[:-1])[len(p) - 1:].astype(np.float64)  # [8, V]
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))  # [8, V]
+        np.testing.assert_allclose(row.logprobs, logp[np.arange(8), row.tokens], rtol=0, atol=1e-4)
+        not_top += int((np.array(row.tokens) != logits.argmax(-1)).sum())
+    assert not_top >= 3  # sampled, not greedy: a most-likely token's logprob would not do
+
+
+def test_cli_batch_prints_what_each_prompt_alone_generates(checkpoint, capsys, tmp_path, monkeypatch):
+    """--batch, greedy, the tokenizer's own stop tokens: each completion printed is the text
+    model.generate gives its prompt alone. A stop token is added where the first prompt's
+    greedy continuation reaches its 3rd token, so that row must end early there too."""
+    prompts = ["the answer is", "Once upon a time", "hello"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    real_load = npllama.formats.load
+    base = real_load(checkpoint)
+    free = list(base.generate(base.tokenizer.encode(prompts[0]), 5, Sampler(0), stop_ids=()))
+    stops = base.tokenizer.stop_ids | {free[2]}
+    monkeypatch.setattr(npllama.formats, "load", lambda *a, **kw: with_stop_ids(real_load(*a, **kw), stops))
+    code, out, _ = run_cli(capsys, "-m", checkpoint, "-f", tmp_path / "prompts.txt", "--batch", "-n", 5)
+    model = with_stop_ids(base, stops)
+    tok = model.tokenizer
+    alone = [list(model.generate(tok.encode(p), 5, Sampler(0))) for p in prompts]
+    # Precondition: the added stop token ends the first prompt's text early.
+    assert len(alone[0]) < 5 and tok.decode(free) != tok.decode(alone[0])
+    assert code == 0
+    for i, (p, ids) in enumerate(zip(prompts, alone), 1):
+        assert f"[{i}] {p}{tok.decode([t for t in ids if t not in stops])}\n" in out

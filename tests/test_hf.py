@@ -176,7 +176,8 @@ def effective(args) -> dict:
 def test_same_logits_as_meta_checkpoint(meta_checkpoint, tokenizer_files, tmp_path, n_shards, seed_prompt):
     args, meta_dir = meta_checkpoint
     hf_dir = write_hf(tmp_path / "hf", meta_dir, args, tokenizer_files, n_shards, **rope_config(args))
-    meta, hf = npllama.load(meta_dir), npllama.load(hf_dir)
+    # Bit-equal only at one thread count: by default each load follows the machine's load.
+    meta, hf = npllama.load(meta_dir, threads=2), npllama.load(hf_dir, threads=2)
     assert effective(hf.args) == effective(meta.args)
     tokens = meta.tokenizer.encode(seed_prompt)
     assert hf.tokenizer.encode(seed_prompt) == tokens

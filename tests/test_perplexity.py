@@ -12,7 +12,7 @@ import pytest
 import npllama
 from npllama import cli
 from npllama.cli import perplexity as command
-from npllama.perplexity import windows
+from npllama.perplexity import Running, evaluate, windows
 from oracle.checkpoints import tiny_args
 
 PASSAGE = Path(__file__).parent / "data" / "passage.txt"
@@ -66,7 +66,8 @@ def test_windows_follow_llama_perplexity():
 
 
 def test_a_model_against_itself_has_zero_divergence(checkpoint, capsys):
-    code, out, _ = run(capsys, "-m", checkpoint, "-f", PASSAGE, "-c", 32, "--kl-divergence",
+    # -t: bit-equal only at one thread count; by default each load follows the machine's load.
+    code, out, _ = run(capsys, "-m", checkpoint, "-f", PASSAGE, "-t", 2, "-c", 32, "--kl-divergence",
                        "--reference", checkpoint, "--max-mean-kl", 0, "--max-kl", 0, "--min-top1", 100,
                        "--max-logit-error", 0)
     assert code == 0 and "mean 0, max 0" in out and "same top token 100.00%" in out and "OK" in out
@@ -83,8 +84,8 @@ def test_a_wrong_eps_shows_and_a_bound_fails(checkpoint, capsys, monkeypatch):
     load = command.load_model
     models = []
 
-    def load_model(path, **kwargs):
-        model = load(path, **kwargs)
+    def load_model(*args, **kwargs):
+        model = load(*args, **kwargs)
         if not models:
             model.args = dataclasses.replace(model.args, norm_eps=1e-2)
         models.append(model)
@@ -110,3 +111,64 @@ def test_bad_input_is_a_clear_error(checkpoint, capsys, tmp_path, random_checkpo
                           (["-f", PASSAGE, "--max-kl", 1], "add --kl-divergence")):
         code, _, err = run(capsys, "-m", checkpoint, *argv)
         assert code == 2 and message in err.splitlines()[-1], err
+
+
+def test_one_window_is_not_enough():
+    """llama-perplexity asks for two windows: one token short of them is an error naming the
+    text's length, and exactly two windows' worth is accepted."""
+    with pytest.raises(npllama.errors.ArgumentError, match="the text is 31 tokens long"):
+        windows(list(range(31)), 16, bos_id=None)
+    assert windows(list(range(32)), 16, bos_id=None).shape == (2, 16)
+
+
+def test_the_error_of_the_perplexity_is_llama_perplexitys():
+    """ppl * sqrt(var / (N - 1)), var = mean(nll^2) - mean(nll)^2. With N = 4 dividing by N
+    instead of N - 1 makes the error 13% smaller, far beyond the 1e-12 compared here."""
+    nll = np.array([1.0, 2.0, 3.0, 4.0])
+    totals = Running(nll=[nll[:3], nll[3:]])  # over two passes: the count is of every token
+    ppl, err = totals.perplexity()
+    mean, var = 2.5, 7.5 - 2.5 ** 2  # mean(nll), mean(nll^2) - mean(nll)^2
+    assert ppl == pytest.approx(math.exp(mean), rel=1e-12)
+    assert err == pytest.approx(math.exp(mean) * math.sqrt(var / 3), rel=1e-12)
+    assert abs(err - math.exp(mean) * math.sqrt(var / 4)) > 0.1 * err
+
+
+def fixed_logits(probs: np.ndarray, batch: int = 1):
+    """A logits_of for evaluate(): every window's scored positions get log(probs) [n, V]."""
+    def run(chunk: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(np.log(probs), (len(chunk), *probs.shape)).astype(np.float32)
+    run.batch = batch
+    return run
+
+
+def kl_by_hand(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL(p || q) of each row: sum_i p_i log(p_i / q_i)."""
+    return (p * np.log(p / q)).sum(-1)
+
+
+# Two windows of 8 tokens: positions 4, 5, 6 are scored in each, over a vocabulary of 3.
+CHUNKS = np.array([[0, 1, 2, 0, 1, 2, 0, 1], [2, 2, 1, 1, 0, 0, 2, 2]])
+MODEL = np.array([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])  # one distribution a position
+REFERENCE = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.6, 0.3, 0.1]])
+
+
+def test_kl_divergence_is_of_the_model_from_the_reference():
+    """Mean and max of KL(P_reference || P_model) = sum p_ref log(p_ref / p_model), worked out
+    from the probabilities themselves; KL(P_model || P_reference) would give other numbers."""
+    *_, totals = evaluate(CHUNKS, fixed_logits(MODEL, batch=2), fixed_logits(REFERENCE))
+    kl = totals.kl_summary()
+    expected = kl_by_hand(REFERENCE, MODEL)  # [3]: 0 where the two agree
+    assert kl["tokens"] == 6
+    assert kl["mean_kl"] == pytest.approx(expected.mean(), rel=1e-5)
+    assert kl["max_kl"] == pytest.approx(expected.max(), rel=1e-5)
+    swapped = kl_by_hand(MODEL, REFERENCE)
+    assert abs(swapped.mean() - expected.mean()) > 0.1 * expected.mean()
+    assert abs(swapped.max() - expected.max()) > 0.1 * expected.max()
+
+
+def test_top1_agreement_counts_the_positions_where_the_top_tokens_agree():
+    """The model's and the reference's most likely tokens agree at 1 of 3 scored positions
+    (the first), so at 2 of 6 over two windows: 33.33%."""
+    *_, totals = evaluate(CHUNKS, fixed_logits(MODEL), fixed_logits(REFERENCE, batch=2))
+    assert list(MODEL.argmax(-1) == REFERENCE.argmax(-1)) == [True, False, False]
+    assert totals.kl_summary()["top1_agreement"] == pytest.approx(100 * 2 / 6)

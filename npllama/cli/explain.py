@@ -257,7 +257,7 @@ def main(argv: list[str]) -> int:
     if args.plots is not None:
         from .plots import require_matplotlib
         require_matplotlib()  # before the forward pass, not after it
-    model, tokens = load_for_prompt(args.model, args.prompt, args.dtype)
+    model, tokens = load_for_prompt(args)
     try:
         check_layer_head(model.args, args.layer, args.head)
     except ValueError as e:

@@ -15,7 +15,8 @@ from .. import perplexity as P
 from ..errors import ArgumentError
 from ..model import DTYPES
 from ..progress import Progress
-from .common import add_dtype_option, add_model_option, load_model, new_parser, read_prompt_file
+from ..tensor_parallel import world
+from .common import add_model_options, check_model_options, load_model, new_parser, read_prompt_file
 from .compare import INSTALL_ORACLE
 
 BOUNDS = {"max_mean_kl": ("mean_kl", "<="), "max_kl": ("max_kl", "<="), "min_top1": ("top1_agreement", ">="),
@@ -24,13 +25,9 @@ BOUNDS = {"max_mean_kl": ("mean_kl", "<="), "max_kl": ("max_kl", "<="), "min_top
 
 def build_parser() -> argparse.ArgumentParser:
     p = new_parser("python -m npllama perplexity", __doc__.split("\n\n")[0].replace("`", ""))
-    add_model_option(p)
+    add_model_options(p, 512, "the window length n_ctx; the second half of each window is scored")
     p.add_argument("-f", "--file", type=Path, required=True, help="the text to score (UTF-8)")
-    p.add_argument("-c", "--ctx-size", type=int, default=512, help="window length n_ctx; the second half "
-                   "of each window is scored")
     p.add_argument("-b", "--batch", type=int, default=1, help="windows computed in one pass")
-    add_dtype_option(p)
-    p.add_argument("-t", "--threads", type=int, help="threads to compute with (see python -m npllama --help)")
     p.add_argument("--kl-divergence", action="store_true", help="also compare every scored token's "
                    "distribution with the reference's")
     p.add_argument("--reference", default="oracle", help="the reference: 'oracle' (the torch oracle on this "
@@ -52,17 +49,22 @@ def main(argv: list[str]) -> int:
         raise ArgumentError(f"--{next(iter(bounds)).replace('_', '-')} bounds a KL divergence: add --kl-divergence")
     if args.batch < 1:
         raise ArgumentError(f"--batch must be at least 1, got {args.batch}")
+    if args.kl_divergence and args.reference == "oracle" and world().size > 1:
+        raise ArgumentError("--reference oracle runs the torch oracle on the whole model, in one process: "
+                            "run it without mpiexec, or give --reference another npllama model")
+    check_model_options(args)
     text = read_prompt_file(args.file)
     if not text.strip():
         raise ArgumentError(f"--file {args.file} is empty: there is nothing to score")
-    model = load_model(args.model, dtype=args.dtype, threads=args.threads)
-    if args.ctx_size > model.args.max_seq_len:
-        raise ArgumentError(f"--ctx-size {args.ctx_size} is beyond the model's context of "
+    model = load_model(args, max_seq_len=None)  # the model's own context, which a window must fit
+    if args.max_seq_len > model.args.max_seq_len:
+        raise ArgumentError(f"--ctx-size {args.max_seq_len} is beyond the model's context of "
                             f"{model.args.max_seq_len} positions")
     tok = model.tokenizer
-    chunks = P.windows(tok.encode(text), args.ctx_size, tok.bos_id if tok.add_bos else None)
+    chunks = P.windows(tok.encode(text), args.max_seq_len, tok.bos_id if tok.add_bos else None)
     reference = reference_logits(args, model) if args.kl_divergence else None
-    print(f"perplexity: {len(chunks)} windows of {args.ctx_size} tokens, {args.ctx_size // 2 - 1} scored in each")
+    n_ctx = args.max_seq_len
+    print(f"perplexity: {len(chunks)} windows of {n_ctx} tokens, {n_ctx // 2 - 1} scored in each")
     # llama-perplexity's running estimates, "[1]17.7379,[2]12.6068,...", as they come when the output
     # is a log; on a terminal the progress bar shows them live instead, and the line comes at the end.
     live, estimates, totals = not (sys.stdout.isatty() and sys.stderr.isatty()), [], None
@@ -83,7 +85,7 @@ def main(argv: list[str]) -> int:
 
 def reference_logits(args, model):
     if args.reference != "oracle":
-        other = load_model(args.reference, dtype=args.reference_dtype, threads=args.threads)
+        other = load_model(args, args.reference, dtype=args.reference_dtype, max_seq_len=None)
         return P.model_logits(other, args.batch)
     try:
         import torch
@@ -91,7 +93,7 @@ def reference_logits(args, model):
         from oracle.reference import Oracle
     except ImportError as e:
         raise ArgumentError(f"{INSTALL_ORACLE}\n({e}); or give --reference another model") from None
-    return P.oracle_logits(Oracle.of(model, dtype=torch.float32, max_seq_len=args.ctx_size))
+    return P.oracle_logits(Oracle.of(model, dtype=torch.float32, max_seq_len=args.max_seq_len))
 
 
 def report_kl(kl: dict, bounds: dict) -> int:

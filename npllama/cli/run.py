@@ -4,32 +4,29 @@ prompt's tokens, the top-5 next tokens, a short continuation), plain streaming w
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 
 from ..chat import chat_format_for
-from ..config import LIMITS, check_fits, fits
+from ..config import check_fits, fits
 from ..errors import ArgumentError
 from ..generate import GenerationStats, Sampler, next_token_probs, top_tokens
-from ..threads import requested_threads
 from ..tokenizer import StreamDecoder
-from .common import (THE_PROMPT, add_dtype_option, add_model_option, from_rank0, load_model, new_parser,
-                     read_prompt_file)
+from .common import THE_PROMPT, add_model_options, check_model_options, from_rank0, load_model, new_parser, read_prompt_file
 
 STORY_TOKENS = 32  # continuation length of the story mode
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import SUBCOMMANDS
     p = new_parser(
         "python -m npllama",
         "Llama 3 inference in NumPy. Without -n, shows the notebook's story: the prompt's tokens, the "
         "model's top-5 next tokens, then a short continuation. With -n, streams a continuation. "
-        "Subcommands: `explain` (the forward pass step by step, with --plots), `compare` (every "
-        "intermediate against the torch oracle), `download` (fetch the default model). "
-        "`python -m npllama SUBCOMMAND --help` for theirs.")
-    add_model_option(p)
+        "Subcommands (`python -m npllama SUBCOMMAND --help` for theirs): " +
+        "; ".join(f"`{name}`: {what}" for name, what in SUBCOMMANDS.items()) + ".")
+    add_model_options(p, 2048, "positions a prompt and its continuation may use")
     p.add_argument("-p", "--prompt", help=f"prompt text (default: {THE_PROMPT!r}); with --chat, the one "
                    "message to answer (default: chat interactively)")
     p.add_argument("-f", "--file", type=Path, help="read the prompt from this file")
@@ -41,21 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokens whose probability reaches p (1 disables)")
     p.add_argument("--top-k", type=int, default=0, help="keep only the k most probable tokens (0 disables)")
     p.add_argument("-s", "--seed", type=int, help="random seed: the same seed gives the same text")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="context length: the KV cache and RoPE "
-                   "tables are sized by it (RAM: 2 * n_layers * n_kv_heads * head_dim * 4 bytes a position)")
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt that does not fit "
-                   "in max-seq-len instead of stopping with an error")
+                   "in the context (-c) instead of stopping with an error")
     p.add_argument("--chat", action="store_true", help="chat in the model's own format (Llama 3 headers "
                    "or ChatML); with -p, answer that one message and exit")
     p.add_argument("--system", help="system message for --chat")
     p.add_argument("--batch", action="store_true", help="each line of -f (or of -p) is a prompt of its own: "
                    "all are continued together, and each completion is printed under its number")
-    add_dtype_option(p)
-    p.add_argument("--weights-budget-gb", type=float, help="RAM a float32 copy of the weights may take; "
-                   "layers above it stay memory-mapped (default: half the RAM, less what keeps the copies "
-                   "and the stored weights within 3/4 of it)")
-    p.add_argument("-t", "--threads", type=int, help="threads to compute with (default: $NPLLAMA_NUM_THREADS, "
-                   "else the cores other processes leave free, measured as it runs)")
     return p
 
 
@@ -68,9 +57,7 @@ def run(args) -> int:
     check_args(args)
     sampler = Sampler(args.temperature, args.top_p, args.top_k, args.seed)
     prompt = read_prompt_file(args.file) if args.file else args.prompt
-    budget = None if args.weights_budget_gb is None else int(args.weights_budget_gb * 2**30)
-    model = load_model(args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, weights_budget=budget,
-                       threads=args.threads)
+    model = load_model(args)
     if args.chat:
         return chat(model, sampler, args, prompt)
     prompt = THE_PROMPT if prompt is None else prompt
@@ -119,15 +106,12 @@ def run_batch(model, sampler: Sampler, args, text: str) -> int:
 def check_args(args) -> None:
     if args.prompt is not None and args.file is not None:
         raise ArgumentError("give the prompt with -p or -f, not both")
+    if args.chat and args.batch:
+        raise ArgumentError("--chat and --batch do not go together: a chat is one conversation; give "
+                            "--batch prompts to continue each, or --chat to talk")
     if args.max_new_tokens is not None and args.max_new_tokens < 0:
         raise ArgumentError(f"-n must be >= 0, got {args.max_new_tokens}")
-    if not fits(0, 1, args.max_seq_len, generating=True) or args.max_seq_len > LIMITS["max_seq_len"]:
-        raise ArgumentError(f"--max-seq-len must leave room for a prompt token and a new one, and be at "
-                            f"most {LIMITS['max_seq_len']}; got {args.max_seq_len}")
-    requested_threads(args.threads)  # before the model loads: -t 0 or a bad NPLLAMA_NUM_THREADS
-    budget = args.weights_budget_gb
-    if budget is not None and not (math.isfinite(budget) and 0 <= budget <= 1 << 20):
-        raise ArgumentError(f"--weights-budget-gb must be a number of GB from 0 to {1 << 20}, got {budget}")
+    check_model_options(args)
 
 
 def fit_prompt(tokens: list[int], context: int, bos_id: int | None) -> list[int]:
@@ -137,7 +121,7 @@ def fit_prompt(tokens: list[int], context: int, bos_id: int | None) -> list[int]
     if fits(0, len(tokens), context, generating=True):
         return tokens
     keep = (context - 1) // 2 or 1
-    print(f"(prompt truncated from {len(tokens)} to {keep} tokens to fit --max-seq-len {context})",
+    print(f"(prompt truncated from {len(tokens)} to {keep} tokens to fit --ctx-size {context})",
           file=sys.stderr)
     head = tokens[:1] if bos_id is not None and tokens[0] == bos_id and keep > 1 else []
     return head + tokens[len(tokens) - (keep - len(head)):]
