@@ -31,7 +31,6 @@ PROMPT_TOKENS = 16
 def worker(model_path: str, batch: int, n_tokens: int) -> None:
     """One configuration: print the decode's aggregate tok/s as JSON. batch 0: model.generate."""
     import npllama
-    from npllama import batch as B
     model = npllama.load(model_path, max_seq_len=PROMPT_TOKENS + n_tokens + 1)
     rng = np.random.default_rng(0)
     rows = max(batch, 1)
@@ -41,13 +40,13 @@ def worker(model_path: str, batch: int, n_tokens: int) -> None:
         list(model.generate(prompts[0].tolist(), n_tokens + 1, stop_ids=(), stats=stats))
         print(json.dumps({"tok_s": stats.decode_tok_s}))
         return
-    cache = B.BatchCache(model.args, rows, PROMPT_TOKENS + n_tokens + 1)
-    logits = B.forward(model, prompts, np.full(rows, PROMPT_TOKENS), np.zeros(rows, np.int64), cache)
+    cache = model.new_cache(PROMPT_TOKENS + n_tokens + 1, rows=rows)
+    logits = model.forward_rows(prompts, np.full(rows, PROMPT_TOKENS), np.zeros(rows, np.int64), cache)
     pos = np.full(rows, PROMPT_TOKENS)
     t0 = time.perf_counter()
     for step in range(n_tokens):
         tokens = logits.argmax(axis=-1)[:, None]  # [N, 1] greedy
-        logits = B.forward(model, tokens, np.ones(rows, np.int64), pos + step, cache)
+        logits = model.forward_rows(tokens, np.ones(rows, np.int64), pos + step, cache)
     print(json.dumps({"tok_s": rows * n_tokens / (time.perf_counter() - t0)}))
 
 

@@ -52,12 +52,8 @@ class KVCache:
             self.v = [np.zeros((rows, kv, hd, max_seq_len), np.float32) for _ in range(args.n_layers)]  # [B, KV, hd, P]
         except MemoryError:
             gb = 2 * args.n_layers * rows * kv * hd * 4 * max_seq_len / 2**30
-            raise ArgumentError(f"a KV cache of {rows} row(s) of {max_seq_len} positions takes {gb:.1f} GB, more "
-                                "than this machine can give: use a shorter context (--max-seq-len) or fewer rows") from None
-
-    @property
-    def rows(self) -> int:
-        return len(self.order)
+            raise ArgumentError(f"a KV cache of {rows} row(s) of {max_seq_len} positions takes {gb:.1f} GB, more than "
+                                "this machine can give: use a shorter context (-c) or fewer rows") from None
 
     @property
     def nbytes(self) -> int:
@@ -75,20 +71,17 @@ class Buffers:
     and reused by every later pass and layer (a pass of more rows, a prefill, makes its own)."""
 
     def __init__(self, args: ModelArgs):
-        self.args, self.capacity, self.arrays = args, 0, {}
+        self.widths = {"xn": args.dim, "proj": args.dim, "qkv": (args.n_heads + 2 * args.n_kv_heads) * args.head_dim,
+                       "attn": args.n_heads * args.head_dim, "gate_up": 2 * args.hidden_dim, "hidden": args.hidden_dim}
+        self.reused = {}  # made at the first use: np.empty takes no RAM until written
 
     def __call__(self, n: int) -> dict[str, np.ndarray]:
-        """Buffers for n token rows."""
-        a = self.args
-        widths = {"xn": a.dim, "proj": a.dim, "qkv": (a.n_heads + 2 * a.n_kv_heads) * a.head_dim,
-                  "attn": a.n_heads * a.head_dim, "gate_up": 2 * a.hidden_dim, "hidden": a.hidden_dim}
+        """Buffers for n token rows: [n, width] each."""
         if n > REUSED_ROWS:
-            return {name: np.empty((n, width), np.float32) for name, width in widths.items()}
-        if n > self.capacity:
-            self.capacity = max(n, 2 * self.capacity)
-            self.arrays = {name: np.empty((min(self.capacity, REUSED_ROWS), width), np.float32)
-                           for name, width in widths.items()}
-        return {name: array[:n] for name, array in self.arrays.items()}  # [n, width] each
+            return {name: np.empty((n, width), np.float32) for name, width in self.widths.items()}
+        if not self.reused:
+            self.reused = {name: np.empty((REUSED_ROWS, width), np.float32) for name, width in self.widths.items()}
+        return {name: array[:n] for name, array in self.reused.items()}
 
 
 def forward(model, tokens: np.ndarray, lengths: np.ndarray, starts: np.ndarray, cache: KVCache,
@@ -103,10 +96,10 @@ def forward(model, tokens: np.ndarray, lengths: np.ndarray, starts: np.ndarray, 
     pos = starts[:, None] + np.arange(n_new)  # [N, T] each token's position in its row
     cis = rope_cis(model.rope_freqs, pos.reshape(-1))  # [N*T, hd/2]
     mask = causal_mask(pos)  # [N, T, S] or None
-    buf = model.buffers(n_rows * n_new)
+    n = n_rows * n_new  # token rows
+    buf = model.buffers(n)
     h = step("embedding", embed(tokens.reshape(-1), model.embedding))  # [N*T, D]
-    verbose = model.verbose and n_rows * n_new > 1
-    with Progress(f"prefill of {n_rows * n_new} tokens", args.n_layers, "layers", verbose) as progress:
+    with Progress(f"prefill of {n} tokens", args.n_layers, "layers", model.verbose and n > 1) as progress:
         for i, layer in enumerate(model.layers):
             h = block(h, layer, args, cis, mask, cache.k[i][:n_rows], cache.v[i][:n_rows], pos, buf, step)  # [N*T, D]
             progress.update(i + 1)
@@ -115,12 +108,11 @@ def forward(model, tokens: np.ndarray, lengths: np.ndarray, starts: np.ndarray, 
         h = h[np.arange(n_rows), lengths - 1]  # [N, D]
     elif isinstance(positions, slice):
         h = h[:, positions]  # [N, T', D]
-    out_shape = h.shape[:-1]
-    h = h.reshape(-1, args.dim)  # [N*T', D]: the output matrix multiplies rows, whatever their origin
-    hn = step("norm", rms_norm(h, model.norm, args.norm_eps, np.empty_like(h)))  # [N*T', D]
+    hn = h.reshape(-1, args.dim)  # [N*T', D]: the output matrix multiplies rows, whatever their origin
+    hn = step("norm", rms_norm(hn, model.norm, args.norm_eps, np.empty_like(hn)))  # [N*T', D]
     # Logits stay float32 in both dtypes, as in Meta's reference (`self.output(h).float()`).
     logits = step("logits", linear(hn, model.output, np.empty((len(hn), model.output.shape[0]), np.float32)))
-    return logits.reshape(*out_shape, -1)  # [N, V] or [N, T', V]
+    return logits.reshape(*h.shape[:-1], -1)  # [N, V] or [N, T', V]
 
 
 def block(x: np.ndarray, w, args: ModelArgs, cis: np.ndarray, mask: np.ndarray | None, cache_k: np.ndarray,

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .config import check_fits
-from .engine import KVCache
 from .errors import ArgumentError, NumericalError, shown
 
 
@@ -255,15 +254,9 @@ def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: S
     """
     prompt = checked_prompts([prompt])[0]
     check_limit(max_new_tokens)
-    if not isinstance(start_pos, int) or isinstance(start_pos, bool) or start_pos < 0:
-        raise ArgumentError(f"start_pos is {shown(start_pos)}; it must be an integer >= 0")
-    if cache is None and start_pos:
-        raise ArgumentError("start_pos > 0 needs the cache that holds positions 0..start_pos-1")
+    model.check_tokens(prompt, start_pos, cache, generating=True)
     if cache is None:  # sized by what this call can use, not by the model's whole context
         cache = model.new_cache(min(model.args.max_seq_len, len(prompt) + max(max_new_tokens, 1)))
-    if not isinstance(cache, KVCache):
-        raise ArgumentError(f"cache is {shown(cache)}; pass the KVCache that model.new_cache() made")
-    check_fits(start_pos, len(prompt), model.context_length(cache), generating=True)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt)
     row = Row(prompt, max_new_tokens, sampler or Sampler(), stop_set(model, stop_ids), start_pos)
@@ -295,9 +288,9 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens=256, 
     stops = per_row(stop_ids, n, "stop_ids") if per_row_stops and stop_ids else [stop_ids] * n
     for p in prompts:
         check_fits(0, len(p), model.args.max_seq_len, generating=True)
-    rows = [Row(p, m, s, stop_set(model, stop)) for p, m, s, stop in zip(prompts, limits, row_samplers(samplers, n), stops)]
-    for row in rows:
-        row.done = Completion(list(row.prompt) if echo else [], [] if logprobs else None, prompt_tokens=len(row.prompt))
+    rows = [Row(p, m, s, stop_set(model, stop), done=Completion(list(p) if echo else [], [] if logprobs else None,
+                                                                prompt_tokens=len(p)))
+            for p, m, s, stop in zip(prompts, limits, row_samplers(samplers, n), stops)]
     size = max(len(p) + max(m, 1) for p, m in zip(prompts, limits))
     cache = model.new_cache(min(model.args.max_seq_len, size), rows=n)
     for _ in decode(model, rows, cache, logprobs, prompt_logprobs=echo and logprobs):

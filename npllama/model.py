@@ -14,6 +14,7 @@ from . import engine
 from .config import EMBEDDING, LIMITS, NORM, OUTPUT, ModelArgs, check_fits
 from .engine import KVCache
 from .errors import ArgumentError, shown
+from .generate import generate, generate_batch
 from .layers import (apply_rope, attention, causal_mask, embed, feed_forward, keep, linear,
                      rms_norm, rope_frequencies, rope_tables)
 from .resident_or_streamed import (BF16, LayerWeights, StreamedWeight, TilePool, default_weights_budget,
@@ -106,7 +107,7 @@ class Llama:
                 form = resident if spent + cost <= budget else streamed
                 if form is resident:
                     spent, self.resident_layers = spent + cost, self.resident_layers + 1
-                layer = LayerWeights.from_checkpoint(weights, i, vector, lambda w: form([w]), form)
+                layer = LayerWeights.from_checkpoint(weights, i, vector, form)
                 layer.wo, layer.w2 = group.row_parallel(layer.wo), group.row_parallel(layer.w2)
                 self.layers.append(layer)
                 progress.update(i + 1)
@@ -121,11 +122,9 @@ class Llama:
     def new_cache(self, max_seq_len: int | None = None, rows: int = 1) -> KVCache:
         """A KV cache for `rows` sequences of max_seq_len positions (default: the model's context)."""
         n = self.args.max_seq_len if max_seq_len is None else max_seq_len
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= LIMITS["max_seq_len"]:
-            raise ArgumentError(f"max_seq_len is {shown(n)}; it must be an integer from 1 to "
-                                f"{LIMITS['max_seq_len']}")
-        if not isinstance(rows, int) or isinstance(rows, bool) or not 1 <= rows <= 1 << 16:
-            raise ArgumentError(f"rows is {shown(rows)}; it must be an integer from 1 to {1 << 16}")
+        for name, value, high in (("max_seq_len", n, LIMITS["max_seq_len"]), ("rows", rows, 1 << 16)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
+                raise ArgumentError(f"{name} is {shown(value)}; it must be an integer from 1 to {high}")
         return KVCache(self.args, n, rows)
 
     def context_length(self, cache: KVCache | None = None) -> int:
@@ -134,12 +133,10 @@ class Llama:
 
     def generate(self, prompt, max_new_tokens: int = 256, sampler=None, **kwargs):
         """An iterator of new token ids: see npllama.generate.generate."""
-        from .generate import generate
         return generate(self, prompt, max_new_tokens, sampler, **kwargs)
 
     def generate_batch(self, prompts, max_new_tokens=256, samplers=None, **kwargs):
         """Completions of a list of prompts, computed together: see npllama.generate.generate_batch."""
-        from .generate import generate_batch
         return generate_batch(self, prompts, max_new_tokens, samplers, **kwargs)
 
     def forward(self, tokens, start_pos: int = 0, cache: KVCache | None = None,
@@ -151,7 +148,7 @@ class Llama:
         dict, receives every intermediate of TRACE_NAMES. `last_only` computes logits of the
         last position only.
         """
-        tokens = self._check_tokens(tokens, start_pos, cache)
+        tokens = self.check_tokens(tokens, start_pos, cache)
         cache = cache or self.new_cache(len(tokens))
         if trace is None:
             logits = self.forward_rows(tokens[None], np.array([len(tokens)]), np.array([start_pos]), cache,
@@ -166,10 +163,10 @@ class Llama:
         position, through the cache's first N slots: see engine.forward."""
         tokens, lengths, starts = np.asarray(tokens), np.asarray(lengths), np.asarray(starts)
         n_rows, n_new = tokens.shape
-        if not (n_rows <= cache.rows and lengths.shape == starts.shape == (n_rows,) and
+        if not (n_rows <= len(cache.order) and lengths.shape == starts.shape == (n_rows,) and
                 np.all((1 <= lengths) & (lengths <= n_new)) and np.all(starts >= 0)):
             raise ArgumentError(f"{n_rows} rows of {n_new} tokens with lengths {lengths.tolist()} and starts "
-                                f"{starts.tolist()} do not fit a cache of {cache.rows} rows")
+                                f"{starts.tolist()} do not fit a cache of {len(cache.order)} rows")
         check_vocabulary(tokens, self.args.vocab_size)
         check_fits(int(starts.max()), n_new, self.context_length(cache))
         with self.threads.applied():
@@ -205,7 +202,9 @@ class Llama:
         # Logits stay float32 in both modes, as in Meta's reference (`self.output(h).float()`).
         return step("logits", linear(h, self.output)).astype(np.float32)  # [T, V]
 
-    def _check_tokens(self, tokens, start_pos: int, cache: KVCache | None) -> np.ndarray:
+    def check_tokens(self, tokens, start_pos: int, cache: KVCache | None, generating: bool = False) -> np.ndarray:
+        """tokens as an array, if they can be fed at start_pos through `cache` (and leave a position
+        to generate into); else ArgumentError or PromptTooLongError."""
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or len(tokens) == 0 or not np.issubdtype(tokens.dtype, np.integer):
             raise ArgumentError(f"tokens must be a non-empty 1-D sequence of ints, got shape {tokens.shape} "
@@ -217,7 +216,7 @@ class Llama:
             raise ArgumentError("start_pos > 0 needs the cache that holds positions 0..start_pos-1")
         if cache is not None and not isinstance(cache, KVCache):
             raise ArgumentError(f"cache is {shown(cache)}; pass the KVCache that model.new_cache() made")
-        check_fits(start_pos, len(tokens), self.context_length(cache))
+        check_fits(start_pos, len(tokens), self.context_length(cache), generating)
         return tokens
 
 

@@ -96,16 +96,27 @@ class TilePool:
                 pass
 
 
-class StreamedWeight:
+class Product:
+    """A weight that computes `x @ w.T` itself (matmul_transposed), for the plain pass's
+    layers.linear as for the engine: streamed by tiles, or split over processes."""
+
+    __array_ufunc__ = None  # NumPy hands `x @ w.T` to __rmatmul__ instead of converting this object
+
+    @property
+    def T(self) -> Product:
+        return self
+
+    def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
+        return self.matmul_transposed(np.ascontiguousarray(x, dtype=np.float32))
+
+
+class StreamedWeight(Product):
     """Stored [out, in] matrices, stacked by rows, used as `x @ w.T` without ever materialising
     them in float32. `parts` is one matrix, or several whose rows are read as one (q|k|v).
 
     Tiles are cut at fixed rows of each part, whatever the number of threads: each tile's
     product is one single-threaded BLAS call on the same rows, so the result does not depend on
     how many cores were free (threads only decide who computes which tiles)."""
-
-    # Makes NumPy hand `x @ w.T` to __rmatmul__ instead of converting this object to an array.
-    __array_ufunc__ = None
 
     def __init__(self, parts, pool: TilePool, round_to_bf16: bool = False):
         self.parts = [parts] if hasattr(parts, "shape") else list(parts)
@@ -118,10 +129,6 @@ class StreamedWeight:
     def nbytes(self) -> int:
         """What the matrix takes as stored."""
         return sum(p.nbytes for p in self.parts)
-
-    @property
-    def T(self) -> _Transposed:
-        return _Transposed(self)
 
     def tiles(self) -> list[tuple[np.ndarray, int, int, int]]:
         """(part, first row, end row, first output column) of every tile."""
@@ -151,16 +158,6 @@ class StreamedWeight:
         return y
 
 
-class _Transposed:
-    __array_ufunc__ = None
-
-    def __init__(self, weight: StreamedWeight):
-        self.weight = weight
-
-    def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
-        return self.weight.matmul_transposed(np.ascontiguousarray(x, dtype=np.float32))
-
-
 @dataclass
 class LayerWeights:
     """One layer's weights, ready for both forward passes. q|k|v and w1|w3 are stacked by rows,
@@ -181,15 +178,15 @@ class LayerWeights:
     w13: np.ndarray  # [2F, D]
 
     @classmethod
-    def from_checkpoint(cls, weights: Mapping[str, np.ndarray], i: int, vector, matrix, stacked) -> LayerWeights:
-        """Layer i's weights: `vector` makes each norm ready, `matrix` wo and w2, and `stacked`
-        each group of matrices stacked by rows (q|k|v, w1|w3): a float32 copy, or streamed."""
+    def from_checkpoint(cls, weights: Mapping[str, np.ndarray], i: int, vector, stacked) -> LayerWeights:
+        """Layer i's weights: `vector` makes each norm ready, `stacked` each matrix or group of
+        matrices stacked by rows (q|k|v, w1|w3), as a float32 copy or streamed."""
         w = {t.key: weights[layer_name(t.meta, i)] for t in LAYER_TENSORS}
         qkv, ffn = [w["wq"], w["wk"], w["wv"]], [w["w1"], w["w3"]]
         wqkv, w13 = stacked(qkv), stacked(ffn)
         (wq, wk, wv), (w1, w3) = parts_of(wqkv, qkv), parts_of(w13, ffn)
-        return cls(vector(w["attention_norm"]), wq, wk, wv, matrix(w["wo"]), vector(w["ffn_norm"]),
-                   w1, matrix(w["w2"]), w3, wqkv, w13)
+        return cls(vector(w["attention_norm"]), wq, wk, wv, stacked([w["wo"]]), vector(w["ffn_norm"]),
+                   w1, stacked([w["w2"]]), w3, wqkv, w13)
 
 
 def stack_float32(parts: list, rounded: bool) -> np.ndarray:

@@ -32,6 +32,7 @@ import numpy as np
 from .config import GLOBAL_TENSORS, LAYER_TENSORS, ModelArgs, layer_name
 from .errors import ArgumentError, ConfigError
 from .engine import linear
+from .resident_or_streamed import Product
 
 # The environment variables the MPI launchers set: MPICH's and Intel's hydra (PMI_SIZE), Open MPI,
 # and Slurm's srun. One of them above 1 means mpiexec started this process as one of several.
@@ -66,9 +67,6 @@ class Group:
     def bcast(self, value):
         """Rank 0's `value`, on every rank (rank 0 reads input and samples; the others follow)."""
         return value
-
-    def barrier(self) -> None:
-        pass
 
     def node_barrier(self) -> None:
         pass
@@ -121,9 +119,6 @@ class MPIGroup(Group):
 
     def bcast(self, value):
         return self.timed(self.comm.bcast, value, 0)
-
-    def barrier(self) -> None:
-        self.comm.Barrier()
 
     def node_barrier(self) -> None:
         self.node.Barrier()
@@ -272,20 +267,7 @@ def rank_args(args: ModelArgs, rank: int, size: int, source: str) -> RankArgs:
 
 # --- Weights that include their collective -------------------------------------------------
 
-class _Wrapped:
-    """Answers `x @ w.T` through matmul_transposed, as a StreamedWeight does."""
-
-    __array_ufunc__ = None  # NumPy hands `x @ w.T` to __rmatmul__ instead of converting this object
-
-    @property
-    def T(self):
-        return self
-
-    def __rmatmul__(self, x: np.ndarray) -> np.ndarray:
-        return self.matmul_transposed(np.ascontiguousarray(x, dtype=np.float32))
-
-
-class AllReduced(_Wrapped):
+class AllReduced(Product):
     """A row-parallel matrix (Meta's RowParallelLinear): this rank's columns of wo or w2, [D, in/N].
     Its product with this rank's part of the input is a partial sum; the all-reduce adds them."""
 
@@ -312,7 +294,7 @@ class VocabParallelEmbedding:
         return self.group.all_reduce(x)  # [T, D]
 
 
-class VocabGathered(_Wrapped):
+class VocabGathered(Product):
     """The output matrix as Meta's ColumnParallelLinear(gather_output=True): each rank computes
     the logits of its share of the vocabulary, and the all-gather joins them into [T, V]."""
 

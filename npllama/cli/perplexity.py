@@ -63,8 +63,7 @@ def main(argv: list[str]) -> int:
     tok = model.tokenizer
     chunks = P.windows(tok.encode(text), args.max_seq_len, tok.bos_id if tok.add_bos else None)
     reference = reference_logits(args, model) if args.kl_divergence else None
-    n_ctx = args.max_seq_len
-    print(f"perplexity: {len(chunks)} windows of {n_ctx} tokens, {n_ctx // 2 - 1} scored in each")
+    print(f"perplexity: {len(chunks)} windows of {args.max_seq_len} tokens, {args.max_seq_len // 2 - 1} scored in each")
     # llama-perplexity's running estimates, "[1]17.7379,[2]12.6068,...", as they come when the output
     # is a log; on a terminal the progress bar shows them live instead, and the line comes at the end.
     live, estimates, totals = not (sys.stdout.isatty() and sys.stderr.isatty()), [], None

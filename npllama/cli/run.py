@@ -13,7 +13,8 @@ from ..config import check_fits, fits
 from ..errors import ArgumentError
 from ..generate import GenerationStats, Sampler, next_token_probs, top_tokens
 from ..tokenizer import StreamDecoder
-from .common import THE_PROMPT, add_model_options, check_model_options, from_rank0, load_model, new_parser, read_prompt_file
+from .common import (THE_PROMPT, add_model_options, check_model_options, from_rank0, load_model, new_parser,
+                     read_prompt_file)
 
 STORY_TOKENS = 32  # continuation length of the story mode
 
