@@ -259,7 +259,8 @@ def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: S
         cache = model.new_cache(min(model.args.max_seq_len, len(prompt) + max(max_new_tokens, 1)))
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt)
-    row = Row(prompt, max_new_tokens, sampler or Sampler(), stop_set(model, stop_ids), start_pos)
+    stops = set(model.tokenizer.stop_ids if stop_ids is None else stop_ids)  # by default the tokenizer's
+    row = Row(prompt, max_new_tokens, sampler or Sampler(), stops, start_pos)
 
     t0 = time.perf_counter()
     for _ in decode(model, [row], cache):
@@ -286,10 +287,10 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens=256, 
         check_limit(limit)
     per_row_stops = isinstance(stop_ids, list) and all(s is None or isinstance(s, Iterable) for s in stop_ids)
     stops = per_row(stop_ids, n, "stop_ids") if per_row_stops and stop_ids else [stop_ids] * n
+    stops = [set(model.tokenizer.stop_ids if s is None else s) for s in stops]  # by default the tokenizer's
     for p in prompts:
         check_fits(0, len(p), model.args.max_seq_len, generating=True)
-    rows = [Row(p, m, s, stop_set(model, stop), done=Completion(list(p) if echo else [], [] if logprobs else None,
-                                                                prompt_tokens=len(p)))
+    rows = [Row(p, m, s, stop, done=Completion(list(p) if echo else [], [] if logprobs else None, prompt_tokens=len(p)))
             for p, m, s, stop in zip(prompts, limits, row_samplers(samplers, n), stops)]
     size = max(len(p) + max(m, 1) for p, m in zip(prompts, limits))
     cache = model.new_cache(min(model.args.max_seq_len, size), rows=n)
@@ -311,11 +312,6 @@ def checked_prompts(prompts) -> list[list[int]]:
 def check_limit(max_new_tokens) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ArgumentError(f"max_new_tokens is {shown(max_new_tokens)}; it must be an integer >= 0")
-
-
-def stop_set(model, stop_ids) -> set[int]:
-    """The stop tokens given, or by default the tokenizer's."""
-    return set(model.tokenizer.stop_ids if stop_ids is None else stop_ids)
 
 
 def per_row(value, n: int, name: str) -> list:

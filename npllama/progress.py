@@ -16,8 +16,11 @@ REDRAW_SECONDS = 0.1
 
 
 class Progress:
+    open_steps = 0  # only the outermost open step reports: perplexity's line covers its windows
+
     def __init__(self, what: str, total: float, unit: str = "", enabled: bool = True, stream=None):
-        self.what, self.total, self.unit, self.enabled = what, max(total, 1e-9), unit, enabled
+        self.what, self.total, self.unit = what, max(total, 1e-9), unit
+        self.enabled = enabled and Progress.open_steps == 0
         self.stream = stream or sys.stderr
         self.start = self.drawn = time.monotonic()
         self.shown = False
@@ -36,8 +39,13 @@ class Progress:
                           f" {_seconds(left)} left {note} ")
         self.stream.flush()
 
-    def close(self) -> None:
+    def __enter__(self) -> Progress:
+        Progress.open_steps += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
         """The closing line, if the step took long enough to have shown progress."""
+        Progress.open_steps -= 1
         if self.enabled and self.shown:
             end = "\r" if self._is_terminal() else ""
             self.stream.write(f"{end}{self.what}: done, {self._amount(self.total)} in "
@@ -52,12 +60,6 @@ class Progress:
             return self.stream.isatty()
         except (AttributeError, ValueError):
             return False
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _seconds(s: float) -> str:

@@ -81,7 +81,7 @@ def test_the_import_graph_is_read_from_the_source():
     assert "npllama.formats.gguf" in graph["npllama.formats"]  # from .gguf import read_gguf
     assert "npllama.config" in graph["npllama.formats.meta"]  # from ..config import ...
     assert "npllama.formats" in graph["npllama.cli.common"]  # `from .. import formats`, in a function
-    assert "npllama.generate" in graph["npllama.model"]  # Llama.generate's deferred import
+    assert "npllama.generate" in graph["npllama.model"]  # Llama.generate's
 
 
 def test_no_module_imports_one_that_imports_it_back():
@@ -95,6 +95,34 @@ def test_the_forward_pass_needs_no_command_line_and_no_reader():
     core = ("npllama.layers", "npllama.model", "npllama.generate", "npllama.resident_or_streamed")
     for name in core:
         assert not {m for m in graph[name] if m.startswith(("npllama.cli", "npllama.formats"))}, name
+
+
+# A layer's math, by the names both passes give it: a function so named (or ending with one, as
+# rows_linear did) anywhere else is a third copy of a forward pass.
+MATH = ("linear", "rms_norm", "attention", "apply_rope", "rope_cis", "silu", "swiglu", "feed_forward", "softmax",
+        "causal_mask", "block", "transformer_block")
+FORWARD_PASSES = ("npllama.layers", "npllama.model", "npllama.engine")
+
+
+def is_math(name: str) -> bool:
+    """A function of a layer's math; plots of it and log-probabilities for scoring are not."""
+    name = name.lstrip("_")
+    return name in MATH or name.endswith(tuple("_" + m for m in MATH)) and not name.startswith(("plot_", "log_"))
+
+
+def test_the_forward_pass_is_written_twice_never_three_times():
+    """The plain traced pass a student reads (layers.py + model.py) and the one runtime engine
+    (engine.py): a layer's math defined anywhere else is a third copy, which drifts (issue 19:
+    each feature's own copy missed some other feature); and the engine defines each once."""
+    defined = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        functions = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        defined[module_name(path)] = [f for f in functions if is_math(f)]
+    elsewhere = {m: fs for m, fs in defined.items() if fs and m not in FORWARD_PASSES}
+    assert not elsewhere, f"a layer's math outside the two forward passes: {elsewhere}"
+    engine = defined["npllama.engine"]
+    assert len(engine) == len(set(engine)) and {"linear", "attention", "swiglu", "rope_cis", "block"} <= set(engine)
 
 
 NAMES = {name for t in LAYER_TENSORS + GLOBAL_TENSORS for name in (t.meta, t.gguf, t.hf)}

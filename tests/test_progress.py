@@ -58,3 +58,19 @@ def test_disabled_prints_nothing(monkeypatch):
         clock.now += 10
         p.update(1)
     assert out.getvalue() == ""
+
+
+def test_only_the_outermost_step_reports(monkeypatch):
+    """perplexity's line covers its windows: each window's prefill, inside it, stays silent."""
+    clock, out = Clock(monkeypatch), Terminal()
+    with Progress("perplexity", 2, "windows", stream=out) as outer:
+        for window in range(2):
+            with Progress("prefill of 512 tokens", 30, "layers", stream=out) as inner:
+                clock.now += 5
+                inner.update(30)
+            outer.update(window + 1)
+    assert "prefill" not in out.getvalue() and "perplexity: done" in out.getvalue()
+    with Progress("prefill of 512 tokens", 30, "layers", stream=out) as alone:  # none open: it reports
+        clock.now += 5
+        alone.update(30)
+    assert "prefill of 512 tokens: done" in out.getvalue()

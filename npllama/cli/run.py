@@ -92,7 +92,7 @@ def run_batch(model, sampler: Sampler, args, text: str) -> int:
     if not all(rows):
         raise ArgumentError("a prompt is empty and this model's tokenizer adds no begin-of-text token")
     start = time.perf_counter()
-    done = model.generate_batch(rows, args.max_new_tokens or STORY_TOKENS, sampler)
+    done = model.generate_batch(rows, STORY_TOKENS if args.max_new_tokens is None else args.max_new_tokens, sampler)
     seconds = time.perf_counter() - start
     stops = model.tokenizer.stop_ids
     for i, (prompt, completion) in enumerate(zip(prompts, done), 1):
