@@ -343,7 +343,9 @@ def test_stops_at_max_new_tokens_with_stats(model, prompt):
     assert stats.prefill_tok_s == len(prompt) / stats.prefill_seconds
     assert stats.decode_tok_s == 6 / stats.decode_seconds  # 7 tokens, 6 of them from decode steps
     assert "tok/s" in stats.summary() and "max_new_tokens" in stats.summary()
-    assert list(model.generate(prompt, 0, Sampler(0), stop_ids=())) == []
+    stats = GenerationStats()
+    assert list(model.generate(prompt, 0, Sampler(0), stop_ids=(), stats=stats)) == []
+    assert stats.cached_positions == len(prompt)  # prefilled, nothing chosen: a follow-up starts after it
 
 
 class Clock:
