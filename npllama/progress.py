@@ -26,8 +26,10 @@ class Progress:
         self.shown = False
 
     def update(self, done: float, note: str = "") -> None:
+        if not self.enabled:  # a decode step's layers come here too: nothing else to pay
+            return
         now = time.monotonic()
-        if not self.enabled or now - self.start < QUIET_SECONDS or now - self.drawn < REDRAW_SECONDS:
+        if now - self.start < QUIET_SECONDS or now - self.drawn < REDRAW_SECONDS:
             return
         self.drawn, self.shown = now, True
         if not self._is_terminal():
