@@ -51,10 +51,11 @@ binary runs an F32 GGUF of npllama's decoded weights, in the decode rounds (benc
 
 Models (--models, comma-separated): tiny, smollm2 (the default SmolLM2-135M GGUF), 1b (random
 Llama-3.2-1B shape, float32), and, only with --with-8b as they write multi-GB files: 8b (random
-Meta-Llama-3-8B, bf16 memory-mapped), 8b-tiered (the same file, npllama alone with an 8 GB weights
+Meta-Llama-3-8B, bf16 file; npllama streams its int16 copy), 8b-exact (the same file, npllama alone
+streaming the bf16 as stored), 8b-tiered (the same file, npllama alone with an 8 GB weights
 budget: part of the layers float32-resident) and 8b-q4km (a random Meta-Llama-3-8B Q4_K_M GGUF,
-npllama alone; its first load makes npllama's bf16 copy, --fresh-bf16-copy deletes it first so
-that load is timed). An engine a model's spec says cannot run it is reported as not run, with
+npllama alone). The first load of a streamed model makes npllama's int16 copy; --fresh-int16-copy
+deletes it first so that load is timed. An engine a model's spec says cannot run it is reported as not run, with
 the reason. Random checkpoints are written once into --cache-dir (default ~/.cache/npllama/bench).
 """
 
@@ -74,7 +75,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 from interleave import engine_cfg, measure_engines, run_in_worker  # noqa: E402
 from llama_cpp import LlamaBench  # noqa: E402
 from machine import QuietMachine, code_info, machine_info  # noqa: E402
-from prepare import BIG_MODELS, MODEL_NAMES, bf16_copies, default_cache_dir  # noqa: E402
+from prepare import BIG_MODELS, MODEL_NAMES, default_cache_dir, int16_copies  # noqa: E402
 from report import ENGINES, bandwidth_summary, check_targets, derive, render  # noqa: E402
 from stats import progress  # noqa: E402
 
@@ -153,8 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wait-budget", type=float, default=900,
                    help="stop waiting for a quiet machine once this many seconds have been spent "
                         "waiting in the whole run [default: 900]")
-    p.add_argument("--fresh-bf16-copy", action="store_true",
-                   help="delete npllama's bf16 copy of a quantized GGUF (8b-q4km) before its loads, "
+    p.add_argument("--fresh-int16-copy", action="store_true",
+                   help="delete npllama's int16 copy of a streamed model (8b, 8b-q4km) before its loads, "
                         "so that the first load, which makes it again, is timed")
     p.add_argument("--llama-bench", metavar="PATH", default=None,
                    help="a llama.cpp llama-bench binary: adds llama.cpp's decode, idle and under "
@@ -203,9 +204,9 @@ def benchmark_model(a: argparse.Namespace, name: str, threads: int, quiet: Quiet
         progress("bench", f"{name} skipped: {reason}")
         return {"status": prep["status"], "reason": reason}
     spec = prep["spec"]
-    if a.fresh_bf16_copy:
-        for copy in bf16_copies(spec):
-            progress("bench", f"deleting {copy} (--fresh-bf16-copy): the first load makes it again")
+    if a.fresh_int16_copy:
+        for copy in int16_copies(spec):
+            progress("bench", f"deleting {copy} (--fresh-int16-copy): the first load makes it again")
             copy.unlink()
     llama = LlamaBench(f"{name}/llama.cpp", a.llama_bench, spec["f32_gguf"], threads) \
         if spec.get("f32_gguf") else None

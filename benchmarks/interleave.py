@@ -229,11 +229,11 @@ def measure_engines(a: argparse.Namespace, name: str, spec: dict, threads: int, 
     m = Interleaved(a, name, spec, threads, quiet, llama_bench)
     m.memory("start")
     loads = m.rounds("load", "load", {}, lambda x: x["seconds"], "s", "load_s")
-    for e, w in m.engines.items():  # a quantized GGUF's first load may make npllama's bf16 copy
+    for e, w in m.engines.items():  # a streamed model's first load may make npllama's int16 copy
         for how in ("made", "mapped"):
-            seconds = [x["seconds"] for x in loads[e] if x.get("bf16_copy") == how]
+            seconds = [x["seconds"] for x in loads[e] if x.get("int16_copy") == how]
             if seconds:
-                w.results[f"load_{how}_bf16_copy_s"] = summary(seconds, "s")
+                w.results[f"load_{how}_int16_copy_s"] = summary(seconds, "s")
     m.memory("after_load")
     m.setup()
     for n in a.prefill:

@@ -202,10 +202,14 @@ class QuietMachine:
 
 # --- What the machine can do (measured in a worker process) ---------------------------------
 
+TILE_ROWS = 128  # rows of a cast probe's tile: 2 MB of float32 at 4096 columns, npllama's tile
+
+
 class Probes:
     """GB/s of a float32 matrix-vector product over an `mb`-megabyte matrix, far larger than the
-    caches (the weight bytes a decode step must stream), three ways; and of bf16 -> float32
-    upcasts, whole-matrix and through npllama's streamed tiles."""
+    caches (the weight bytes a decode step must stream), three ways; of bf16 -> float32 upcasts,
+    whole-matrix and through npllama's streamed tiles, and of the int16 streamed path; and the
+    one-core rate of casting a tile of each storage (bf16, float16, int16, int8) to float32."""
 
     def __init__(self, threads: int, mb: int):
         import ml_dtypes
@@ -213,6 +217,7 @@ class Probes:
         import torch
         import torch.nn.functional as F
 
+        from npllama.formats.int16 import Int16Matrix, to_int16
         from npllama.resident_or_streamed import StreamedWeight, TilePool
         from npllama.threads import Threads
         torch.set_num_threads(threads)
@@ -225,6 +230,8 @@ class Probes:
         wt, xt = torch.from_numpy(w), torch.from_numpy(x)[None]  # [out, in], [1, in]
         b = w.astype(ml_dtypes.bfloat16)  # [out, in] bf16
         streamed = StreamedWeight(b, TilePool(Threads(threads)))
+        q = Int16Matrix(*to_int16(w))  # [out, in] int16 and row scales
+        streamed_int16 = StreamedWeight(q, TilePool(Threads(threads)))
         out = np.empty_like(w)  # [out, in]
         out.fill(0)  # touch the pages once so the preallocated case measures the copy alone
         self.probes = {
@@ -240,7 +247,17 @@ class Probes:
             # The streamed path's ceiling: what an 8B decode step does with every matrix.
             "streamed_matvec": ("bf16 x[None] @ W.T streamed by npllama's tiles (GB/s of bf16)",
                                 b.nbytes, lambda: x[None] @ streamed.T),
+            "streamed_matvec_int16": ("int16 x[None] @ W.T streamed by npllama's tiles (GB/s of int16)",
+                                      q.nbytes, lambda: x[None] @ streamed_int16.T),
         }
+        # What each storage costs to turn into a float32 tile, on one core (the cast a streamed
+        # matmul does before BLAS sees the tile): the rate decides which storage streams faster.
+        tile = np.empty((TILE_ROWS, cols), np.float32)
+        for name, stored in (("bf16", b), ("float16", w.astype(np.float16)), ("int16", q.q),
+                             ("int8", (q.q >> 8).astype(np.int8))):
+            part = stored[:TILE_ROWS]
+            self.probes[f"cast_{name}"] = (f"{name} -> float32 tile cast, one core (G elements/s)", part.size,
+                                           lambda part=part: np.copyto(tile, part))
 
     def run(self, keys, repeats: int) -> dict:
         res = {}

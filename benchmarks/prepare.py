@@ -10,14 +10,17 @@
 - 8b:      a random Meta-Llama-3-8B (16 GB bf16), only with --with-8b. It is written tensor by
            tensor into memory-mapped temporary files and then torch.save'd, so the writer never
            holds 16 GB (plus float32 temporaries) in RAM; it needs twice 16 GB of free disk while
-           writing. npllama runs it memory-mapped, torch in bf16 from a torch.load(mmap=True).
+           writing. npllama streams it as int16 (a 15 GB copy made at the first load, formats/int16.py),
+           torch in bf16 from a torch.load(mmap=True).
+- 8b-exact: the same file, npllama alone streaming the bf16 weights as stored (--weights exact):
+           the path before the int16 store.
 - 8b-tiered: the 8b's checkpoint, npllama alone with an 8 GB weights budget: its first layers
            get a float32 copy, the rest are streamed (tiered residency). torch bf16 has no such
            budget: its figures on the same file are the 8b model's.
 - 8b-q4km: a random Meta-Llama-3-8B as a Q4_K_M GGUF (4.9 GB): each tensor of the ggml type
            llama.cpp's Q4_K_M gives it (Q4_K, Q6_K, F32), filled with random blocks, and Meta's
            vocabulary. npllama runs it as any Q4_K_M download too big for RAM as float32
-           (formats/dequantized.py: a bf16 copy made at the first load). No torch baseline:
+           (formats/int16.py: an int16 copy made at the first load). No torch baseline:
            torch cannot read GGUF, and smollm2's route (npllama's decoded weights saved as a
            float32 state dict) would take 32 GB of RAM.
 
@@ -49,10 +52,11 @@ from oracle.checkpoints import (llama3_8b_args, llama3_tokenizer_path, llama32_1
                                 tiny_args, write_random_checkpoint)
 from stats import progress
 
-MODEL_NAMES = ("tiny", "smollm2", "1b", "8b", "8b-tiered", "8b-q4km")
+MODEL_NAMES = ("tiny", "smollm2", "1b", "8b", "8b-exact", "8b-tiered", "8b-q4km")
 # The models that write multi-GB files, and what they write.
-BIG_MODELS = {"8b": "a 16 GB bf16 checkpoint", "8b-tiered": "the 8b's 16 GB checkpoint",
-              "8b-q4km": "a 4.9 GB GGUF, and npllama's 16 GB bf16 copy of it"}
+BIG_MODELS = {"8b": "a 16 GB bf16 checkpoint, and npllama's 15 GB int16 copy of it",
+              "8b-exact": "the 8b's 16 GB checkpoint", "8b-tiered": "the 8b's 16 GB checkpoint",
+              "8b-q4km": "a 4.9 GB GGUF, and npllama's 15 GB int16 copy of it"}
 GB = 1 << 30
 
 
@@ -332,13 +336,11 @@ def f32_gguf(model_path: Path, cache_dir: Path) -> Path:
     return out
 
 
-def bf16_copies(spec: dict) -> list[Path]:
-    """npllama's bf16 copies of a quantized GGUF too big for RAM as float32, which its first
-    load makes (npllama/formats/dequantized.py), named after the GGUF."""
-    if spec.get("kind") != "gguf":
-        return []
+def int16_copies(spec: dict) -> list[Path]:
+    """npllama's int16 copies of the model's matrices, which a load that streams them makes the
+    first time (npllama/formats/int16.py), named after the model's file or directory."""
     from npllama.formats.default_model import cache_dir
-    return sorted((cache_dir() / "dequantized").glob(f"{Path(spec['path']).stem}-*.bf16.safetensors"))
+    return sorted((cache_dir() / "int16").glob(f"{Path(spec['path']).name}-*.int16.safetensors"))
 
 
 # --- What each model is -------------------------------------------------------------------
@@ -360,6 +362,11 @@ def prepare(name: str, cache_dir: Path, llama_cpp: bool = False) -> dict:
         return dict(name=name, kind="meta", path=str(path), torch_dtype="bfloat16", weights_budget=0,
                     label="random Meta-Llama-3-8B, bf16 file memory-mapped; "
                           "npllama float32 compute, torch bf16")
+    if name == "8b-exact":
+        path = random_checkpoint(cache_dir, "llama3-8b-random", llama3_8b_args(), streaming=True)
+        return dict(name=name, kind="meta", path=str(path), torch_dtype="bfloat16", weights_budget=0,
+                    weights="exact", unavailable={"torch": "torch's figures on this file are the 8b model's"},
+                    label="random Meta-Llama-3-8B, bf16 file memory-mapped and streamed as stored (--weights exact)")
     if name == "8b-tiered":
         path = random_checkpoint(cache_dir, "llama3-8b-random", llama3_8b_args(), streaming=True)
         return dict(name=name, kind="meta", path=str(path), torch_dtype="bfloat16", weights_budget=8 * GB,

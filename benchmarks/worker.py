@@ -56,10 +56,11 @@ class NpllamaEngine:
         import npllama
         budget = self.spec["weights_budget"]
         kwargs = {} if budget is None else {"weights_budget": budget}
-        self.model = npllama.load(self.spec["path"], max_seq_len=self.max_seq_len, **kwargs)
+        self.model = npllama.load(self.spec["path"], max_seq_len=self.max_seq_len,
+                                  weights=self.spec.get("weights", "auto"), **kwargs)
 
-    def bf16_copies(self) -> list[Path]:
-        return prepare.bf16_copies(self.spec)
+    def int16_copies(self) -> list[Path]:
+        return prepare.int16_copies(self.spec)
 
     def new_cache(self):
         self.cache = self.model.new_cache(self.max_seq_len)
@@ -117,7 +118,7 @@ class TorchEngine:
             args, state = prepare.args_from_json(saved["args"]), saved["state_dict"]
         self.model = TorchLlama(args, state, self.dtype, self.max_seq_len, gqa=self.gqa)
 
-    def bf16_copies(self) -> list[Path]:
+    def int16_copies(self) -> list[Path]:
         return []
 
     def new_cache(self):
@@ -173,15 +174,15 @@ class Session:
         self.prompt = self.context_prompt = None
 
     def load(self) -> dict:
-        """The load's time, and whether it made or mapped npllama's bf16 copy of a quantized GGUF
-        too big for RAM (formats/dequantized.py): the first load makes it, later ones map it."""
+        """The load's time, and whether it made or mapped npllama's int16 copy of the matrices
+        it streams (formats/int16.py): the first load makes it, later ones map it."""
         self.engine.model = None  # the previous repeat's model, freed before the next is timed
         gc.collect()
-        before = self.engine.bf16_copies()
+        before = self.engine.int16_copies()
         reply = {"seconds": timed(self.engine.load)[0]}
-        after = self.engine.bf16_copies()
-        if after:
-            reply["bf16_copy"] = "made" if len(after) > len(before) else "mapped"
+        after = self.engine.int16_copies()
+        if after and "int16" in getattr(self.engine.model, "streamed_as", ""):
+            reply["int16_copy"] = "made" if len(after) > len(before) else "mapped"
         return reply
 
     def setup(self) -> dict:

@@ -70,7 +70,8 @@ class Llama:
 
     def __init__(self, args: ModelArgs, weights: Mapping[str, np.ndarray], tokenizer=None,
                  dtype: str = "float32", weights_budget: int | None = None, source: str = "",
-                 threads: int | None = None, verbose: bool = False, group: Group | None = None):
+                 threads: int | None = None, verbose: bool = False, group: Group | None = None,
+                 streamed: Mapping[str, np.ndarray] | None = None):
         if dtype not in DTYPES:
             raise ArgumentError(f"dtype is {shown(dtype)}; it must be one of {', '.join(DTYPES)}")
         if weights_budget is not None and (not isinstance(weights_budget, (int, float)) or
@@ -90,30 +91,37 @@ class Llama:
         def resident(parts):
             return stack_float32(parts, rounded=bf16)
 
-        def streamed(parts):  # streaming upcasts exactly; other dtypes are rounded tile by tile
+        def streaming(parts):  # streaming upcasts exactly; other dtypes are rounded tile by tile
             return StreamedWeight(parts, pool, round_to_bf16=bf16 and any(p.dtype != BF16 for p in parts))
+
+        # Streamed matrices are read from `streamed` where it has them (an int16 copy,
+        # formats/int16.py), float32 copies are always made from the weights as stored.
+        stream_from = {**weights, **streamed} if streamed else weights
+        self.streamed_as = ("streamed through the matmul as int16 (a copy made once)" if streamed else
+                            "memory-mapped, streamed through the matmul in tiles")
 
         # Tiered residency: layers get a float32 copy, in order, while it fits the budget; the
         # rest (and the output matrix, if it does not fit) stay mapped and are streamed.
         budget = default_weights_budget(stored_bytes(weights)) if weights_budget is None else weights_budget
-        output = weights[(EMBEDDING if args.tie_embeddings else OUTPUT).meta]
-        spent = 4 * output.size  # the output first: every token reads all of it
+        output_name = (EMBEDDING if args.tie_embeddings else OUTPUT).meta
+        spent = 4 * weights[output_name].size  # the output first: every token reads all of it
         self.output_resident = spent <= budget
         spent = spent if self.output_resident else 0
         self.layers, self.resident_layers = [], 0
         with Progress("making the float32 copy of the weights", args.n_layers, "layers", verbose) as progress:
             for i in range(args.n_layers):
                 cost = layer_float32_bytes(weights, i)
-                form = resident if spent + cost <= budget else streamed
+                form = resident if spent + cost <= budget else streaming
                 if form is resident:
                     spent, self.resident_layers = spent + cost, self.resident_layers + 1
-                layer = LayerWeights.from_checkpoint(weights, i, vector, form)
+                layer = LayerWeights.from_checkpoint(weights if form is resident else stream_from, i, vector, form)
                 layer.wo, layer.w2 = group.row_parallel(layer.wo), group.row_parallel(layer.w2)
                 self.layers.append(layer)
                 progress.update(i + 1)
         self.resident = self.output_resident and self.resident_layers == args.n_layers
         self.norm = vector(weights[NORM.meta])  # [D]
-        self.output = group.vocab_gathered((resident if self.output_resident else streamed)([output]))  # [V, D]
+        self.output = group.vocab_gathered(resident([weights[output_name]]) if self.output_resident else
+                                           streaming([stream_from[output_name]]))  # [V, D]
         self.embedding = group.vocab_parallel(weights[EMBEDDING.meta], args)  # [V, D]
         self.rope_freqs = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)  # [hd/2]
         self.buffers = engine.Buffers(args)

@@ -57,11 +57,15 @@ def default_weights_budget(stored_bytes: int = 0, processes: int = 1) -> int:
     minutes), and those copied were paged in to be upcast. So an 8B model (16 GB of bf16) on a
     24 GB machine keeps about one layer in float32 (a peak RSS of about 17 GB), and on a 64 GB
     one all of them. `processes` ranks of one machine share it (tensor_parallel.py)."""
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        ram = 8 << 30
+    ram = machine_ram()
     return max(0, min(ram // 2, 3 * ram // 4 - processes * stored_bytes)) // processes
+
+
+def machine_ram() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
 
 
 def stored_bytes(weights: Mapping[str, np.ndarray]) -> int:
@@ -147,12 +151,16 @@ class StreamedWeight(Product):
         def product(tile) -> None:
             part, r0, r1, y0 = tile
             w = self.pool.buffer((r1 - r0) * n_in).reshape(r1 - r0, n_in)  # [r, in] float32
-            # ml_dtypes' bf16 -> float32 cast: exact, and faster than copying the uint16s
-            # into the high halves of a zeroed float32 buffer (the upcast_into probe).
-            np.copyto(w, part[r0:r1])
+            scale = getattr(part, "scale", None)  # int16 rows, power-of-two row scales (formats/int16.py)
+            # NumPy's own SIMD cast for int16; ml_dtypes' for bf16, exact, and faster than copying the
+            # uint16s into the high halves of a zeroed float32 buffer (the upcast_into probe).
+            np.copyto(w, part[r0:r1] if scale is None else part.q[r0:r1])
             if self.round_to_bf16:  # a float16 or float32 matrix in the bf16 flow
                 np.copyto(w, w.astype(BF16))
-            np.matmul(x, w.T, out=y[:, y0:y0 + r1 - r0])  # [T, in] @ [in, r] -> [T, r]
+            out = y[:, y0:y0 + r1 - r0]  # [T, r]
+            np.matmul(x, w.T, out=out)  # [T, in] @ [in, r] -> [T, r]
+            if scale is not None:
+                out *= scale[r0:r1]  # times 2^k: exact
 
         self.pool.run(product, self.tiles())
         return y

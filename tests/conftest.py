@@ -4,7 +4,11 @@ another; what two need is here."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +23,22 @@ from oracle.checkpoints import llama3_tokenizer_path, write_random_checkpoint
 # in their last bits from one count to another (README, "Same input, same bits"). Set here, the
 # count reaches every subprocess too; tests/test_threads.py unsets it to test the adaptive count.
 os.environ.setdefault(ENV, str(available_cores()))
+
+
+def _test_cache() -> None:
+    """The int16 copies the tests' streamed models make (formats/int16.py) go to a cache of the
+    session's own, not the user's; the default model, if the user's cache has it, is linked in
+    (else the first test that needs it fetches it there). Set here, subprocesses inherit it."""
+    from npllama.formats.default_model import FILENAME, cache_dir
+    user = cache_dir() / FILENAME
+    session = Path(tempfile.mkdtemp(prefix="npllama-test-cache-"))
+    if user.is_file():
+        (session / FILENAME).symlink_to(user.resolve())
+    os.environ["NPLLAMA_CACHE"] = str(session)
+    atexit.register(shutil.rmtree, session, ignore_errors=True)
+
+
+_test_cache()
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,10 @@
 """Run under `mpiexec -n N python tests/engine_worker.py MODEL OUT` by tests/test_engine.py: every
 runtime path of the engine in every combination of dtype and weight mode, on this rank's share
-of MODEL. Rank 0 saves what each returned to OUT (.npz), keyed "{dtype}-{weights}-{what}".
+of MODEL. Rank 0 saves what each returned to OUT (.npz), keyed "{dtype}/{weights}/{what}".
 
-The inputs are test_engine.py's (PROMPTS, the passage, N_CTX), passed in as JSON, so that the
-two compute the same things; the weight modes are per rank: "tiered" keeps half of this rank's
-share float32."""
+The inputs are test_engine.py's (PROMPTS, the passage, N_CTX, the weight modes), passed in as
+JSON, so that the two compute the same things; the budgets are per rank: "half" keeps half of
+this rank's share float32."""
 
 import json
 import sys
@@ -23,11 +23,14 @@ def main(model_path: str, out: str, inputs: str) -> None:
     results = {}
     reference = npllama.load(model_path, max_seq_len=64)  # float32 resident: the KL's reference
     whole = sum(4 * w.size for w in reference.weights.values())  # this rank's share, float32
+    budgets = {"all": None, "half": whole // 2, "none": 0}
     for dtype in ("float32", "bfloat16"):
-        for weights, budget in (("resident", None), ("tiered", whole // 2), ("streamed", 0)):
-            model = npllama.load(model_path, dtype=dtype, weights_budget=budget, max_seq_len=64)
+        for weights, (budget, form) in spec["weights"].items():
+            if (dtype, form) == ("bfloat16", "int16"):
+                continue  # refused: the bf16 flow computes with the weights as stored
+            model = npllama.load(model_path, dtype=dtype, weights_budget=budgets[budget], max_seq_len=64, weights=form)
             for what, value in run_all(model, reference, prompts, spec["text"], n_ctx).items():
-                results[f"{dtype}-{weights}-{what}"] = value
+                results[f"{dtype}/{weights}/{what}"] = value
     if model.group.rank == 0:
         np.savez(out, **results)
 

@@ -1,11 +1,13 @@
 """One engine under every feature: every runtime path, in every combination of dtype and weight
 mode, held to the plain traced forward pass of the same model and dtype (model.py + layers.py).
 
-The combinations: dtype {float32, bfloat16} x weights {resident, tiered, streamed} x {forward,
-cached decode, ragged batch, generate, generate_batch, chat, perplexity, KL}; the same under
-`mpiexec -n 2` in tests/test_engine_mpi.py. Bounds:
+The combinations: dtype {float32, bfloat16} x weights {resident, tiered, streamed as stored,
+streamed as int16, tiered with int16} x {forward, cached decode, ragged batch, generate,
+generate_batch, chat, perplexity, KL}; the same under `mpiexec -n 2`. Bounds:
 
-- float32: within 1e-5 x max|logit| of the plain pass (summation order is all that differs);
+- float32: within 1e-5 x max|logit| of the plain pass on the weights as stored (summation order
+  is all that differs); 1e-4 with int16 weights, which do not hold a bf16 weight 128 times smaller
+  than its row's largest exactly (formats/int16.py);
 - bf16 (a model of 3 layers, where the flow moves the logits by about 1e-2 of their max): closer
   to the plain bf16 pass than to the plain float32 one (root mean square over the logits), so a
   path that drops the flow fails. Not closer than that: the bf16 flow is chaotic under a change
@@ -40,7 +42,10 @@ from oracle.checkpoints import tiny_args
 
 ARGS = tiny_args(dim=256, n_layers=3, n_heads=8, n_kv_heads=2)  # grouped-query: 4 query heads a kv head
 DTYPES = ("float32", "bfloat16")
-WEIGHTS = ("resident", "tiered", "streamed")
+# Each weight mode: its budget (all float32, half of it, none) and how the rest is streamed.
+WEIGHTS = {"resident": ("all", "auto"), "tiered": ("half", "exact"), "streamed": ("none", "exact"),
+           "int16": ("none", "int16"), "tiered-int16": ("half", "auto")}
+BOUND = {"int16": 1e-4, "tiered-int16": 1e-4}  # of max|logit| in float32; else 1e-5
 PASSAGE = Path(__file__).parent / "data" / "passage.txt"
 PROMPTS = [[128000, 791, 4320, 311, 279, 17139], [128000],
            [128000, 9906, 11, 1917, 0, 3639, 374, 264, 3280, 30, 1226, 2574], [5, 6]]
@@ -53,11 +58,12 @@ def path(random_checkpoint):
 
 
 def budget_of(path, weights: str) -> int | None:
-    """weights_budget for a weight mode: all float32, half of it (some layers, the rest streamed), none."""
-    if weights == "resident":
+    """weights_budget for a weight mode: None (all float32), half the float32 size, or 0."""
+    kind = WEIGHTS[weights][0]
+    if kind == "all":
         return None
     whole = npllama.load(path)
-    return 0 if weights == "streamed" else sum(4 * w.size for w in whole.weights.values()) // 2
+    return 0 if kind == "none" else sum(4 * w.size for w in whole.weights.values()) // 2
 
 
 @pytest.fixture(scope="module")
@@ -65,33 +71,40 @@ def load(path):
     """load(dtype, weights): the model in that combination, made once per module."""
     @lru_cache(maxsize=None)
     def make(dtype: str, weights: str):
-        model = npllama.load(path, dtype=dtype, weights_budget=budget_of(path, weights), max_seq_len=64)
-        n_layers = model.args.n_layers
-        assert {"resident": (True, n_layers), "streamed": (False, 0)}.get(weights, (False, model.resident_layers)) \
-            == (model.resident, model.resident_layers)
-        if weights == "tiered":
-            assert 0 < model.resident_layers < n_layers  # really some of each
+        model = npllama.load(path, dtype=dtype, weights_budget=budget_of(path, weights), max_seq_len=64,
+                             weights=WEIGHTS[weights][1])
+        layers = {"all": model.args.n_layers, "none": 0}.get(WEIGHTS[weights][0], model.resident_layers)
+        assert model.resident_layers == layers and (model.resident == (layers == model.args.n_layers))
+        assert 0 < model.resident_layers < model.args.n_layers or WEIGHTS[weights][0] != "half"  # some of each
+        form = WEIGHTS[weights][1]  # "auto" streams int16 in float32 compute only (bf16: as stored)
+        assert ("int16" in model.streamed_as) == (form == "int16" or form == "auto" and dtype == "float32"
+                                                  and WEIGHTS[weights][0] != "all")
         return model
     return make
 
 
 @pytest.fixture(scope="module")
 def plain(load):
-    """plain(dtype, tokens): logits [T, V] of the plain traced pass, resident weights."""
+    """plain(dtype, tokens, weights="resident"): logits [T, V] of the plain traced pass, on the
+    weights as stored (resident) or on a weight mode's own."""
     @lru_cache(maxsize=None)
-    def run(dtype: str, tokens: tuple) -> np.ndarray:
-        return load(dtype, "resident").forward(list(tokens), trace={})
-    return lambda dtype, tokens: run(dtype, tuple(int(t) for t in tokens))
+    def run(dtype: str, tokens: tuple, weights: str) -> np.ndarray:
+        return load(dtype, weights).forward(list(tokens), trace={})
+
+    def of(dtype: str, tokens, weights: str = "resident") -> np.ndarray:
+        return run(dtype, tuple(int(t) for t in tokens), "resident")
+    return of
 
 
-def assert_like_plain(actual: np.ndarray, dtype: str, tokens, plain, select=lambda logits: logits):
+def assert_like_plain(actual: np.ndarray, dtype: str, tokens, plain, select=lambda logits: logits,
+                      weights: str = "resident"):
     """`actual` against select(plain logits of `tokens`): the bound of the module docstring."""
-    reference = select(plain(dtype, tokens))
-    err = np.abs(actual - reference).max()
     if dtype == "float32":
-        assert err <= 1e-5 * np.abs(reference).max(), f"{err:.3g} from the plain pass"
+        reference = select(plain(dtype, tokens))
+        err = np.abs(actual - reference).max()
+        assert err <= BOUND.get(weights, 1e-5) * np.abs(reference).max(), f"{err:.3g} from the plain pass"
         return
-    assert_closer_to_bf16(actual, reference, select(plain("float32", tokens)))
+    assert_closer_to_bf16(actual, select(plain(dtype, tokens, weights)), select(plain("float32", tokens)))
 
 
 def rms(x: np.ndarray) -> float:
@@ -104,7 +117,9 @@ def assert_closer_to_bf16(actual: np.ndarray, bf16: np.ndarray, float32: np.ndar
     assert to_bf16 < to_float32, f"rms {to_bf16:.3g} from the plain bf16 pass, {to_float32:.3g} from float32"
 
 
-combinations = pytest.mark.parametrize("dtype, weights", [(d, w) for d in DTYPES for w in WEIGHTS])
+# The bf16 flow computes with bf16 weights exactly: int16 weights with it are refused (below).
+combinations = pytest.mark.parametrize("dtype, weights", [(d, w) for d in DTYPES for w in WEIGHTS
+                                                          if (d, w) != ("bfloat16", "int16")])
 
 
 # --- forward passes -----------------------------------------------------------------------------
@@ -113,8 +128,8 @@ combinations = pytest.mark.parametrize("dtype, weights", [(d, w) for d in DTYPES
 def test_forward(load, plain, dtype, weights):
     model = load(dtype, weights)
     tokens = PROMPTS[2]
-    assert_like_plain(model.forward(tokens), dtype, tokens, plain)
-    assert_like_plain(model.forward(tokens, last_only=True), dtype, tokens, plain, lambda x: x[-1:])
+    assert_like_plain(model.forward(tokens), dtype, tokens, plain, weights=weights)
+    assert_like_plain(model.forward(tokens, last_only=True), dtype, tokens, plain, lambda x: x[-1:], weights=weights)
 
 
 @combinations
@@ -126,7 +141,7 @@ def test_cached_decode(load, plain, dtype, weights):
     cache = model.new_cache(32)
     steps = [model.forward(tokens[:5], 0, cache)]
     steps += [model.forward([t], pos, cache) for pos, t in enumerate(tokens[5:], 5)]
-    assert_like_plain(np.concatenate(steps), dtype, tokens, plain)
+    assert_like_plain(np.concatenate(steps), dtype, tokens, plain, weights=weights)
 
 
 @combinations
@@ -142,14 +157,14 @@ def test_ragged_batch(load, plain, dtype, weights):
     cache = model.new_cache(32, rows=len(PROMPTS))
     logits = model.forward_rows(tokens, lengths, np.zeros(len(PROMPTS), np.int64), cache, "all")
     for i, p in enumerate(PROMPTS):
-        assert_like_plain(logits[i, :len(p)], dtype, p, plain)
+        assert_like_plain(logits[i, :len(p)], dtype, p, plain, weights=weights)
     step = model.forward_rows(np.array([[7], [8], [9], [10]]), np.ones(4, np.int64), lengths, cache)
     for i, p in enumerate(PROMPTS):
-        assert_like_plain(step[i], dtype, p + [7 + i], plain, lambda x: x[-1])
+        assert_like_plain(step[i], dtype, p + [7 + i], plain, lambda x: x[-1], weights=weights)
     full = np.array([PROMPTS[2], PROMPTS[2][::-1]])  # [2, 12]
     some = model.forward_rows(full, np.full(2, 12), np.zeros(2, np.int64), model.new_cache(12, rows=2), slice(6, 11))
     for row, p in zip(some, full):
-        assert_like_plain(row, dtype, p, plain, lambda x: x[6:11])
+        assert_like_plain(row, dtype, p, plain, lambda x: x[6:11], weights=weights)
 
 
 # --- generation ---------------------------------------------------------------------------------
@@ -157,26 +172,25 @@ def test_ragged_batch(load, plain, dtype, weights):
 def assert_greedy_like_plain(prompt, new, dtype, plain, weights):
     """Each greedy token is the plain pass's best, up to the bound: no token the plain pass
     ranks lower than its best by more than the error the engine is allowed."""
-    logits = plain(dtype, prompt + new[:-1])[len(prompt) - 1:]  # [n, V]: what each token was chosen from
+    logits = plain(dtype, prompt + new[:-1], weights)[len(prompt) - 1:]  # [n, V]: what each token was chosen from
     chosen = logits[np.arange(len(new)), new]  # [n]
     scale = np.abs(logits).max()
-    slack = 2e-5 * scale if dtype == "float32" else 0.6 * np.abs(plain("float32", prompt + new[:-1]) -
-                                                                 plain(dtype, prompt + new[:-1])).max()
+    slack = 2 * BOUND.get(weights, 1e-5) * scale if dtype == "float32" else 0.6 * np.abs(plain("float32", prompt + new[:-1]) -
+                                                                 plain(dtype, prompt + new[:-1], weights)).max()
     assert (logits.max(-1) - chosen <= slack).all(), (weights, new)
 
 
-def assert_cache_like_plain(model, cache, sequence, dtype, slot=0):
+def assert_cache_like_plain(model, exact, cache, sequence, dtype, bound=1e-5, slot=0):
     """The keys and values a generation left in the cache are the plain pass's k_rot and v of
     the same sequence, position by position (float32: 1e-5 of their largest; bf16: the values
     are bf16 values, and the keys the rotation of bf16 values)."""
     trace = {}
-    model.forward(sequence, trace=trace)
+    exact.forward(sequence, trace=trace)  # the plain pass on the weights as stored
     for i in range(model.args.n_layers):
         keys = cache.k[i][slot][:, :len(sequence)]  # [KV, S, hd]
         values = cache.v[i][slot][:, :, :len(sequence)].transpose(0, 2, 1)  # [KV, S, hd]
         for ours, theirs in ((keys, trace[f"layers.{i}.k_rot"]), (values, trace[f"layers.{i}.v"])):
-            bound = (1e-5 if dtype == "float32" else 1e-2) * np.abs(theirs).max()
-            assert np.abs(ours - theirs).max() <= bound
+            assert np.abs(ours - theirs).max() <= (bound if dtype == "float32" else 1e-2) * np.abs(theirs).max()
     if dtype == "bfloat16":  # rounded where the plain pass rounds: every value is a bf16 value
         values = cache.v[0][slot][:, :, :len(sequence)]
         np.testing.assert_array_equal(values, npllama.model.round_to_bf16(values))
@@ -189,7 +203,7 @@ def test_generate(load, plain, dtype, weights):
     new = list(model.generate(prompt, 10, Sampler(0), stop_ids=(), stats=stats, cache=cache))
     assert len(new) == 10 and stats.cached_positions == len(prompt) + 9
     assert_greedy_like_plain(prompt, new, dtype, plain, weights)
-    assert_cache_like_plain(model, cache, prompt + new[:-1], dtype)
+    assert_cache_like_plain(model, load(dtype, "resident"), cache, prompt + new[:-1], dtype, BOUND.get(weights, 1e-5))
 
 
 @combinations
@@ -202,9 +216,9 @@ def test_generate_batch(load, plain, dtype, weights):
     for p, done, limit in zip(PROMPTS, out, limits):
         assert done.new_tokens == limit and done.stop_reason == "max_new_tokens"
         assert_greedy_like_plain(p, done.tokens, dtype, plain, weights)
-        expected = log_softmax(plain(dtype, p + done.tokens[:-1])[len(p) - 1:])[np.arange(limit), done.tokens]
+        expected = log_softmax(plain(dtype, p + done.tokens[:-1], weights)[len(p) - 1:])[np.arange(limit), done.tokens]
         if dtype == "float32":
-            assert np.abs(np.array(done.logprobs) - expected).max() <= 1e-4
+            assert np.abs(np.array(done.logprobs) - expected).max() <= 10 * BOUND.get(weights, 1e-5)
         else:
             as_float32 = log_softmax(plain("float32", p + done.tokens[:-1])[len(p) - 1:])[np.arange(limit), done.tokens]
             assert_closer_to_bf16(np.array(done.logprobs), expected, as_float32)
@@ -238,7 +252,7 @@ def assert_loaded_as(err: str, model) -> None:
 def budget_options(path, weights: str) -> list[str]:
     """The command line's spelling of a weight mode (resident: the default budget)."""
     budget = budget_of(path, weights)
-    return [] if budget is None else ["--weights-budget-gb", str(budget / 2**30)]
+    return ["--weights", WEIGHTS[weights][1]] + ([] if budget is None else ["--weights-budget-gb", str(budget / 2**30)])
 
 
 # --- perplexity and KL ------------------------------------------------------------------------
@@ -256,10 +270,10 @@ def plain_logits(plain, dtype):
     return run
 
 
-def plain_perplexity(plain, dtype, chunks) -> float:
+def plain_perplexity(plain, dtype, chunks, weights="resident") -> float:
     nll = []
     for window in chunks:
-        logits = plain(dtype, window).astype(np.float64)  # [n_ctx, V]
+        logits = plain(dtype, window, weights).astype(np.float64)  # [n_ctx, V]
         for j in range(N_CTX // 2, N_CTX - 1):
             z = logits[j] - logits[j].max()
             nll.append(math.log(np.exp(z).sum()) - z[window[j + 1]])
@@ -277,7 +291,7 @@ def test_perplexity(load, plain, path, capsys, dtype, weights):
     assert code == 0, out
     assert_loaded_as(err, load(dtype, weights))
     ppl = float(out.split("Final estimate: PPL = ")[1].split()[0])
-    expected = plain_perplexity(plain, dtype, chunks)
+    expected = plain_perplexity(plain, dtype, chunks, weights)
     if dtype == "float32":
         assert ppl == pytest.approx(expected, rel=1e-4)
     else:
@@ -292,19 +306,19 @@ def test_kl_divergence(load, plain, dtype, weights):
     model = load(dtype, weights)
     chunks = windows_of(model)
     totals = list(P.evaluate(chunks, P.model_logits(model, 2), plain_logits(plain, "float32")))[-1]
-    kl, expected = totals.kl_summary()["mean_kl"], kl_by_hand(plain, dtype, chunks)
+    kl, expected = totals.kl_summary()["mean_kl"], kl_by_hand(plain, dtype, chunks, weights)
     if dtype == "float32":
-        assert expected == 0 and kl < 1e-9
+        assert expected == 0 and kl < (1e-8 if "int16" in weights else 1e-9)
     else:
         assert expected > 1e-6 and abs(kl - expected) <= 0.3 * expected
 
 
-def kl_by_hand(plain, dtype: str, chunks) -> float:
+def kl_by_hand(plain, dtype: str, chunks, weights: str = "resident") -> float:
     """Mean KL(plain float32 || plain dtype) over the scored positions of every window."""
     by_hand = []
     for window in chunks:
         p = log_softmax(plain("float32", window)[P.scored(N_CTX)])  # [n, V] reference
-        q = log_softmax(plain(dtype, window)[P.scored(N_CTX)])  # [n, V]
+        q = log_softmax(plain(dtype, window, weights)[P.scored(N_CTX)])  # [n, V]
         by_hand.append((np.exp(p) * (p - q)).sum(-1))
     return float(np.concatenate(by_hand).mean())
 
@@ -392,6 +406,7 @@ def test_streamed_logits_do_not_depend_on_the_thread_count(path):
     (["perplexity", "-f", "x.txt", "-c", "1"], "-c, --ctx-size"),
     (["-t", "0"], "threads (-t) is 0"),
     (["explain", "--weights-budget-gb", "-1"], "--weights-budget-gb"),
+    (["--weights", "int16", "--dtype", "bfloat16"], "--weights int16 with --dtype bfloat16"),
 ])
 def test_a_combination_that_cannot_work_is_one_line(tmp_path, capsys, argv, message):
     """Refused in one `error:` line, exit status 2, before any model is looked for."""
@@ -436,7 +451,7 @@ def mpiexec(*command: str) -> subprocess.CompletedProcess:
 def split(path, tmp_path_factory):
     """What tests/engine_worker.py computed on 2 ranks, each holding half of every layer."""
     out = tmp_path_factory.mktemp("engine-mpi") / "results"
-    inputs = json.dumps({"prompts": PROMPTS, "text": PASSAGE.read_text(), "n_ctx": N_CTX})
+    inputs = json.dumps({"prompts": PROMPTS, "text": PASSAGE.read_text(), "n_ctx": N_CTX, "weights": WEIGHTS})
     done = mpiexec(str(REPO / "tests" / "engine_worker.py"), str(path), str(out), inputs)
     assert done.returncode == 0, done.stderr[-3000:]
     with np.load(f"{out}.npz") as results:
@@ -447,11 +462,11 @@ def split(path, tmp_path_factory):
 def test_two_ranks_compute_what_the_plain_pass_does(split, load, plain, dtype, weights):
     """Every path, on 2 ranks, held to the plain pass by the bounds one process is held to; in
     float32, the tokens are one process's own."""
-    got = {key.split("-", 2)[2]: value for key, value in split.items() if key.startswith(f"{dtype}-{weights}-")}
-    assert_like_plain(got["forward"], dtype, PROMPTS[2], plain)
-    assert_like_plain(got["cached_decode"], dtype, PROMPTS[2] + PROMPTS[0], plain)
+    got = {key.split("/")[2]: value for key, value in split.items() if key.startswith(f"{dtype}/{weights}/")}
+    assert_like_plain(got["forward"], dtype, PROMPTS[2], plain, weights=weights)
+    assert_like_plain(got["cached_decode"], dtype, PROMPTS[2] + PROMPTS[0], plain, weights=weights)
     for i, p in enumerate(PROMPTS):
-        assert_like_plain(got["ragged"][i, :len(p)], dtype, p, plain)
+        assert_like_plain(got["ragged"][i, :len(p)], dtype, p, plain, weights=weights)
     model, limits = load(dtype, weights), [8, 3, 6, 8]
     assert_greedy_like_plain(PROMPTS[0], got["generate"].tolist(), dtype, plain, weights)
     for i, p in enumerate(PROMPTS):
@@ -460,7 +475,7 @@ def test_two_ranks_compute_what_the_plain_pass_does(split, load, plain, dtype, w
     dialog = fmt.encode_dialog([{"role": "user", "content": "hello"}])
     assert_greedy_like_plain(dialog, got["chat"].tolist(), dtype, plain, weights)
     chunks = windows_of(model)
-    expected = plain_perplexity(plain, dtype, chunks)
+    expected = plain_perplexity(plain, dtype, chunks, weights)
     if dtype == "float32":
         assert got["generate"].tolist() == list(model.generate(PROMPTS[0], 10, Sampler(0), stop_ids=()))
         alone = model.generate_batch(PROMPTS, limits, Sampler(0), stop_ids=(), logprobs=True)
@@ -468,11 +483,11 @@ def test_two_ranks_compute_what_the_plain_pass_does(split, load, plain, dtype, w
             assert got[f"batch{i}"].tolist() == done.tokens
             assert np.abs(got[f"batch{i}_logprobs"] - done.logprobs).max() <= 1e-4
         assert float(got["perplexity"]) == pytest.approx(expected, rel=1e-4)
-        assert float(got["mean_kl"]) < 1e-9
+        assert float(got["mean_kl"]) < (1e-8 if "int16" in weights else 1e-9)
     else:
         gap = abs(plain_perplexity(plain, "float32", chunks) - expected)
         assert abs(float(got["perplexity"]) - expected) <= 0.3 * gap
-        assert float(got["mean_kl"]) > 0.5 * float(kl_by_hand(plain, dtype, chunks))
+        assert float(got["mean_kl"]) > 0.5 * float(kl_by_hand(plain, dtype, chunks, weights))
 
 
 def test_the_perplexity_command_on_two_ranks(path, capsys):

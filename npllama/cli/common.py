@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..config import LIMITS, fits
 from ..errors import ArgumentError
+from ..formats import WEIGHT_FORMS
 from ..formats.shared import read_regular
 from ..model import DTYPES
 from ..tensor_parallel import world
@@ -32,7 +33,8 @@ def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
-def add_model_options(p: argparse.ArgumentParser, context: int | None, context_help: str) -> None:
+def add_model_options(p: argparse.ArgumentParser, context: int | None, context_help: str,
+                      weights: str = "auto") -> None:
     """The options of every subcommand that loads a model, under the same names everywhere:
     the model, its compute dtype, where its weights live, the threads, the context length."""
     p.add_argument("-m", "--model", help="a Meta checkpoint directory (params.json, consolidated.*.pth, "
@@ -46,6 +48,9 @@ def add_model_options(p: argparse.ArgumentParser, context: int | None, context_h
     p.add_argument("--weights-budget-gb", type=float, help="RAM a float32 copy of the weights may take; "
                    "layers above it stay memory-mapped (default: half the RAM, less what keeps the copies "
                    "and the stored weights within 3/4 of it)")
+    p.add_argument("--weights", choices=WEIGHT_FORMS, default=weights, help="how the matrices beyond the budget "
+                   "are streamed: auto (as int16 when stored in fewer bytes than float32, from a copy made once "
+                   "in the cache directory), exact (as stored), int16; or float32: every matrix a float32 copy")
     p.add_argument("-t", "--threads", type=int, help="threads to compute with; a fixed count gives the same "
                    "bits run after run (default: $NPLLAMA_NUM_THREADS, else the cores other processes leave "
                    "free, measured as it runs)")
@@ -59,6 +64,9 @@ def check_model_options(args) -> None:
         raise ArgumentError(f"the context length (-c, --ctx-size, --max-seq-len) must leave room for a prompt token "
                             f"and a new one, and be at most {LIMITS['max_seq_len']}; got {n}")
     requested_threads(args.threads)  # -t 0 or a bad NPLLAMA_NUM_THREADS
+    if args.weights == "int16" and args.dtype == "bfloat16":
+        raise ArgumentError("--weights int16 with --dtype bfloat16: the bf16 flow computes with the bf16 weights "
+                            "as stored; use --weights auto or exact")
     budget = args.weights_budget_gb
     if budget is not None and not (math.isfinite(budget) and 0 <= budget <= 1 << 20):
         raise ArgumentError(f"--weights-budget-gb must be a number of GB from 0 to {1 << 20}, got {budget}")
@@ -68,7 +76,8 @@ def subcommand_parser(name: str, description: str) -> argparse.ArgumentParser:
     """The parser of `python -m npllama NAME` for a subcommand that runs one prompt: the model
     options, and -p."""
     p = new_parser(f"python -m npllama {name}", description)
-    add_model_options(p, None, "default: the prompt's length")
+    # The math is checked on the weights exactly as stored, unless asked otherwise.
+    add_model_options(p, None, "default: the prompt's length", weights="exact")
     p.add_argument("-p", "--prompt", default=THE_PROMPT, help="prompt text")
     return p
 
@@ -97,7 +106,7 @@ def load_model(args, path: str | None = None, **overrides):
     from .. import formats
     budget = None if args.weights_budget_gb is None else int(args.weights_budget_gb * 2**30)
     options = {"dtype": args.dtype, "max_seq_len": args.max_seq_len, "weights_budget": budget,
-               "threads": args.threads, **overrides}
+               "threads": args.threads, "weights": args.weights, **overrides}
     return formats.load(path or args.model or default_model_path(), verbose=True, **options)
 
 

@@ -13,7 +13,6 @@ configuration alone, before it maps any weight:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,6 @@ from ..config import LAYER_TENSORS, layer_name
 from ..errors import CheckpointError, ModelNotFoundError
 from ..tensor_parallel import Group, RankArgs, rank_args
 from ..tokenizer import Tokenizer
-from .dequantized import quantized, with_bf16_copy
 from .gguf import read_gguf
 from .hf import read_hf
 from .meta import check_holds_its_elements, load_params, read_pth, read_tokenizer_model
@@ -31,16 +29,12 @@ from .shared import check_weights, part_of
 WQ = layer_name(LAYER_TENSORS[0].meta, 0)  # the first layer's wq: how many shards a file is 1/N of
 
 
-def read_share(path: Path, kind: str, group: Group, budget: int,
-               verbose: bool) -> tuple[RankArgs, Mapping, Tokenizer]:
+def read_share(path: Path, kind: str, group: Group) -> tuple[RankArgs, Mapping, Tokenizer]:
     """This rank's configuration, weights and tokenizer, from a checkpoint of format `kind`."""
     if kind == "meta":
         return read_meta_share(path, group)
     args, weights, tokenizer = (read_gguf if kind == "gguf" else read_hf)(path)  # maps, reads no weight
     local = rank_args(args, group.rank, group.size, str(path))
-    share_bytes = sum(4 * math.prod(shape) for shape in local.weight_shapes().values())
-    if quantized(weights) and share_bytes > budget:
-        weights = bf16_copy_once_per_machine(path, weights, group, verbose)
     return local, Share(weights, local), tokenizer
 
 
@@ -83,14 +77,6 @@ def shards_in(tensors: Mapping, local: RankArgs, path: Path) -> int:
         raise CheckpointError(f"{path}: {WQ} has {rows} rows, not n_heads * head_dim = {whole} or a "
                               "whole fraction of it; the file and params.json disagree")
     return whole // rows
-
-
-def bf16_copy_once_per_machine(path: Path, weights: Mapping, group: Group, verbose: bool) -> dict:
-    """with_bf16_copy, made by the first rank of each machine while the others wait, then opened by all."""
-    if group.node_rank == 0:
-        copied = with_bf16_copy(path, weights, verbose)
-    group.node_barrier()
-    return copied if group.node_rank == 0 else with_bf16_copy(path, weights)
 
 
 class Share(Mapping):
