@@ -397,3 +397,20 @@ def test_int16_with_the_bf16_flow_is_refused_before_any_file_is_read(tmp_path):
     for path in (garbage, tmp_path / "absent.gguf"):
         with pytest.raises(ArgumentError, match="bf16 flow computes with the bf16 weights as stored"):
             npllama.load(path, dtype="bfloat16", weights="int16")
+
+
+def test_the_perplexity_command_measures_what_int16_costs(random_checkpoint, capsys):
+    """`perplexity --kl-divergence --reference SAME --weights int16` compares the int16 copy with
+    the same model read as stored (--reference-weights exact, the default): a small divergence,
+    not zero; against an int16 reference, zero."""
+    from npllama import cli
+    path = str(random_checkpoint(tiny_args(), seed=9))
+    passage = str(Path(__file__).parent / "data" / "passage.txt")
+    argv = ["perplexity", "-m", path, "-f", passage, "-c", "32", "-t", "2", "--weights", "int16",
+            "--weights-budget-gb", "0", "--kl-divergence", "--reference", path]
+    means = []
+    for reference in ("exact", "int16"):
+        assert cli.main(argv + ["--reference-weights", reference]) == 0
+        out = capsys.readouterr().out
+        means.append(float(out.split("KL divergence over")[1].split("mean ")[1].split(",")[0]))
+    assert 0 < means[0] < 1e-6 and means[1] == 0

@@ -2,7 +2,7 @@
 the model's perplexity over a whole text, by llama-perplexity's method (npllama/perplexity.py),
 and with --kl-divergence how far its next-token distributions are from a reference's: the torch
 oracle on the same weights, or another npllama configuration (--reference PATH,
---reference-dtype). Bounds given with --max-mean-kl, --max-kl, --min-top1 and --max-logit-error
+--reference-dtype, --reference-weights). Bounds given with --max-mean-kl, --max-kl, --min-top1 and --max-logit-error
 make it exit 1 when crossed."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import perplexity as P
 from ..errors import ArgumentError
+from ..formats import WEIGHT_FORMS
 from ..model import DTYPES
 from ..progress import Progress
 from ..tensor_parallel import world
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "model's weights, float32; needs torch), or a model path for another npllama configuration")
     p.add_argument("--reference-dtype", choices=DTYPES, default="float32",
                    help="compute precision of a --reference model")
+    p.add_argument("--reference-weights", choices=WEIGHT_FORMS, default="exact",
+                   help="how a --reference model's streamed matrices are read (--weights); with the same path, "
+                   "--weights int16 against the default measures what the int16 copy costs")
     p.add_argument("--max-mean-kl", type=float, help="fail if the mean KL divergence is above this")
     p.add_argument("--max-kl", type=float, help="fail if any token's KL divergence is above this")
     p.add_argument("--min-top1", type=float, help="fail if the two agree on the most likely token less "
@@ -84,7 +88,8 @@ def main(argv: list[str]) -> int:
 
 def reference_logits(args, model):
     if args.reference != "oracle":
-        other = load_model(args, args.reference, dtype=args.reference_dtype, max_seq_len=None)
+        other = load_model(args, args.reference, dtype=args.reference_dtype, max_seq_len=None,
+                           weights=args.reference_weights)
         return P.model_logits(other, args.batch)
     try:
         import torch
