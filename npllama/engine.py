@@ -59,10 +59,12 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k + self.v)
 
-    def swap(self, a: int, b: int) -> None:
-        """Exchange two slots' sequences (their keys and values, in every layer)."""
+    def swap(self, a: int, b: int, used: int | None = None) -> None:
+        """Exchange two slots' sequences (their keys and values, in every layer): the first `used`
+        positions, those either of them has written (a server's cache is long, its rows short)."""
+        p = slice(0, used)
         for k, v in zip(self.k, self.v):
-            k[[a, b]], v[[a, b]] = k[[b, a]], v[[b, a]]
+            k[[a, b], :, p], v[[a, b], :, :, p] = k[[b, a], :, p], v[[b, a], :, :, p]
         self.order[a], self.order[b] = self.order[b], self.order[a]
 
 
@@ -85,8 +87,9 @@ class Buffers:
 
 
 def forward(model, tokens: np.ndarray, lengths: np.ndarray, starts: np.ndarray, cache: KVCache,
-            positions: str | slice = "last") -> np.ndarray:
-    """Logits of N rows of right-padded tokens [N, T] through the cache's first N slots.
+            positions: str | slice = "last", first_slot: int = 0) -> np.ndarray:
+    """Logits of N rows of right-padded tokens [N, T] through the cache's slots first_slot..
+    first_slot+N-1 (rows joining a batch already going in the slots before them).
 
     positions="last": [N, V], each row's last real token's logits; "all": [N, T, V] (a pad's
     logits mean nothing); a slice: [N, len(slice), V], those positions of every row only (the
@@ -98,10 +101,11 @@ def forward(model, tokens: np.ndarray, lengths: np.ndarray, starts: np.ndarray, 
     mask = causal_mask(pos)  # [N, T, S] or None
     n = n_rows * n_new  # token rows
     buf = model.buffers(n)
+    slots = slice(first_slot, first_slot + n_rows)
     h = step("embedding", embed(tokens.reshape(-1), model.embedding))  # [N*T, D]
     with Progress(f"prefill of {n} tokens", args.n_layers, "layers", model.verbose and n > 1) as progress:
         for i, layer in enumerate(model.layers):
-            h = block(h, layer, args, cis, mask, cache.k[i][:n_rows], cache.v[i][:n_rows], pos, buf, step)  # [N*T, D]
+            h = block(h, layer, args, cis, mask, cache.k[i][slots], cache.v[i][slots], pos, buf, step)  # [N*T, D]
             progress.update(i + 1)
     h = h.reshape(n_rows, n_new, -1)  # [N, T, D]
     if positions == "last":

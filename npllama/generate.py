@@ -1,8 +1,9 @@
 """Turning logits into text: samplers and the one generation loop.
 
 The sampler knows nothing of the model and the model nothing of sampling (as in llama2.c).
-`decode` is the loop, for one sequence or many at once (Meta's `generate(prompt_tokens:
-List[List[int]])`): it prefills the prompts in one forward pass, then feeds back one token per
+`Batch` is the loop, for one sequence or many at once (Meta's `generate(prompt_tokens:
+List[List[int]])`), rows joining and leaving between steps (the server's continuous batching):
+it prefills the prompts that joined in one forward pass, then feeds back one token per row and
 step through the KV cache. `generate` streams one sequence's tokens as they are chosen;
 `generate_batch` returns every prompt's completion.
 """
@@ -67,15 +68,21 @@ def top_p_filter(probs: np.ndarray, p: float) -> np.ndarray:
     return out
 
 
+def min_p_filter(probs: np.ndarray, min_p: float) -> np.ndarray:
+    """Zero the tokens less than min_p times as probable as the likeliest (llama.cpp's min-p)."""
+    return np.where(probs >= min_p * probs.max(), probs, 0.0) if min_p > 0 else probs  # [V]
+
+
 @dataclass
 class Sampler:
     """temperature 0 is greedy (argmax); otherwise softmax(logits / temperature), then top-k,
-    then top-p, then one draw from the seeded generator (never NumPy's global state)."""
+    then top-p, then min-p, then one draw from the seeded generator (never NumPy's global state)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    min_p: float = 0.0
     rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -94,16 +101,19 @@ class Sampler:
         if not integer(self.top_k):
             raise ArgumentError(f"top_k (--top-k) is {shown(self.top_k)}; it must be an integer >= 0 "
                                 "(0 disables it)")
+        if not (number(self.min_p) and 0 <= self.min_p <= 1):
+            raise ArgumentError(f"min_p (--min-p) is {shown(self.min_p)}; it must be in [0, 1] (0 disables it)")
         if self.seed is not None and not integer(self.seed):
             raise ArgumentError(f"seed (--seed) is {shown(self.seed)}; it must be an integer >= 0")
         self.rng = np.random.default_rng(self.seed)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """The distribution a token is drawn from, after temperature, top-k and top-p."""
+        """The distribution a token is drawn from, after temperature, top-k, top-p and min-p."""
         probs = top_k_filter(next_token_probs(self.scaled(logits)), self.top_k)  # [V]
         # Renormalise between the filters, as Hugging Face and llama.cpp do: top-p's p is a
         # fraction of what top-k kept, not of the whole vocabulary.
         probs = top_p_filter(probs / probs.sum(), self.top_p)  # [V]
+        probs = min_p_filter(probs / probs.sum(), self.min_p)  # [V]
         return probs / probs.sum()  # [V]
 
     def scaled(self, logits: np.ndarray) -> np.ndarray:
@@ -156,9 +166,10 @@ class Completion:
 
     tokens: list[int]
     logprobs: list[float] | None = None  # None for a prompt's first token, which nothing predicts
-    stop_reason: str = ""  # "stop_token", "max_new_tokens" or "max_seq_len"
+    stop_reason: str = ""  # "stop_token", "max_new_tokens", "max_seq_len" or "cancelled"
     prompt_tokens: int = 0
     new_tokens: int = 0
+    top_logprobs: list[dict[int, float]] | None = None  # with Row.top_logprobs: the likeliest at each step
 
 
 @dataclass
@@ -171,6 +182,10 @@ class Row:
     stops: set[int]
     start: int = 0  # positions 0..start-1 are already in the cache (a conversation's earlier turns)
     done: Completion = field(default_factory=lambda: Completion([]))
+    prompt_logprobs: bool = False  # each prompt token's log-probability too (done.logprobs first)
+    top_logprobs: int = 0  # and the k likeliest tokens' at each new token (done.top_logprobs)
+    cancelled: bool = False  # set from anywhere (a client gone): the row leaves at the next step
+    error: Exception | None = None  # why choosing its token failed, in a Batch that isolates rows
 
     @property
     def pos(self) -> int:
@@ -187,59 +202,138 @@ class Row:
             return "max_seq_len"
         return ""
 
+    def record(self, token: int, logits: np.ndarray) -> None:
+        """`token`, chosen from `logits` [V], becomes the row's newest."""
+        self.done.tokens.append(token)
+        self.done.new_tokens += 1
+        if self.done.logprobs is not None:
+            lp = log_softmax(logits)  # [V]
+            self.done.logprobs.append(float(lp[token]))
+            if self.done.top_logprobs is not None:
+                self.done.top_logprobs.append({int(t): float(lp[t]) for t in top_tokens(lp, self.top_logprobs)})
 
-def decode(model, rows: list[Row], cache, logprobs: bool = False, prompt_logprobs: bool = False) -> Iterator[list[Row]]:
-    """The one generation loop, for one sequence or many. Every row's prompt is prefilled in one
-    forward pass (each row at its own start position), then each step feeds every row still
-    going its newest token and chooses its next. Yields, after each choice, the rows that got a
-    token (a row's newest is row.done.tokens[-1]); a row that stops leaves the batch, its cache
-    slot swapped behind the others', so later steps neither compute nor read it."""
-    context, n = model.context_length(cache), len(rows)
-    lengths = np.array([len(r.prompt) for r in rows])  # [n]
-    tokens = np.zeros((n, lengths.max()), np.int64)  # [n, T] right-padded
-    for i, row in enumerate(rows):
-        tokens[i, :len(row.prompt)] = row.prompt
-    starts = np.array([r.start for r in rows])  # [n]
-    logits = model.forward_rows(tokens, lengths, starts, cache, "all" if prompt_logprobs else "last")
-    if prompt_logprobs:  # [n, T, V]: each prompt token's log-probability given the ones before it
-        for i, row in enumerate(rows):
-            lp = log_softmax(logits[i, :len(row.prompt) - 1])  # [L-1, V]
-            row.done.logprobs += [None] + [float(lp[j, t]) for j, t in enumerate(row.prompt[1:])]
-        logits = logits[np.arange(n), lengths - 1]  # [n, V]
-    order = cache.order  # the row each slot holds; slots 0..active-1 are still going
-    active = n
 
-    def leave(slot: int, reason: str) -> None:
-        nonlocal active
-        rows[order[slot]].done.stop_reason = reason
-        active -= 1
-        cache.swap(slot, active)
-        logits[[slot, active]] = logits[[active, slot]]
+class Batch:
+    """The one generation loop, for one sequence or many, rows joining and leaving as they go
+    (continuous batching: the server's requests, generate_batch's prompts, generate's one row).
 
-    for slot in reversed(range(n)):  # rows asked for no tokens are done before the first
-        if rows[order[slot]].limit == 0:
-            leave(slot, "max_new_tokens")
-    while active:
-        going = [rows[order[slot]] for slot in range(active)]
-        for slot, row in enumerate(going):
-            check_finite(logits[slot], row.pos)
+    `add(row)` gives a row a free cache slot; its prompt is prefilled at the next `step`, in one
+    forward pass with the other rows that joined since (each at its own start position). Each
+    step also feeds every row already going its newest token (one pass over all of them), then
+    chooses each row's next token. A row that stops, or is cancelled, leaves at once: its slot is
+    swapped behind the going rows', so later steps neither compute nor read it, and a new row
+    can take it. The rows going hold slots 0..len(going)-1, in that order."""
+
+    def __init__(self, model, cache, isolate: bool = False):
+        # isolate: a row whose token cannot be chosen leaves alone (a server's request), instead
+        # of the error stopping the whole batch.
+        self.model, self.cache, self.isolate = model, cache, isolate
+        self.context = model.context_length(cache)
+        self.going: list[Row] = []  # going[i] holds slot i
+        self.joining: list[Row] = []  # the next slots, prefilled at the next step
+
+    @property
+    def free(self) -> int:
+        return len(self.cache.order) - len(self.going) - len(self.joining)
+
+    def __bool__(self) -> bool:
+        return bool(self.going or self.joining)
+
+    def add(self, row: Row) -> None:
+        if not self.free:
+            raise ArgumentError(f"all {len(self.cache.order)} rows of the KV cache are taken")
+        check_fits(row.start, len(row.prompt), self.context, generating=True)
+        self.joining.append(row)
+
+    def step(self) -> list[Row]:
+        """Prefill the rows that joined, feed the going ones their newest token, choose every
+        row's next token; returns the rows that got one (a row's newest is row.done.tokens[-1])."""
+        for slot in reversed(range(len(self.going))):
+            if self.going[slot].cancelled:
+                self.leave(slot, "cancelled")
+        for row in self.joining:
+            if row.cancelled:
+                row.done.stop_reason = "cancelled"
+        self.joining = [row for row in self.joining if not row.cancelled]
+        logits = []
+        if self.going:
+            n = len(self.going)
+            tokens = np.array([[row.done.tokens[-1]] for row in self.going])  # [n, 1]
+            positions = np.array([row.pos for row in self.going])  # [n]
+            logits.append(self.model.forward_rows(tokens, np.ones(n, np.int64), positions, self.cache))
+        if self.joining:
+            logits.append(self.prefill(self.joining, first_slot=len(self.going)))
+            self.going, self.joining = self.going + self.joining, []
+        logits = np.concatenate(logits) if logits else np.zeros((0, 0), np.float32)  # [going, V] in slot order
+        for slot in reversed(range(len(self.going))):  # rows asked for no tokens are done before the first
+            if self.going[slot].limit == 0:
+                logits[[slot, len(self.going) - 1]] = logits[[len(self.going) - 1, slot]]
+                self.leave(slot, "max_new_tokens")
+        rows = list(self.going)
         # Rank 0's choices (over several processes the others take them: tensor_parallel.py).
-        chosen = model.group.bcast(np.array([row.sampler(logits[slot]) for slot, row in enumerate(going)]))
-        for slot, row in enumerate(going):
-            token = int(chosen[slot])
-            row.done.tokens.append(token)
-            row.done.new_tokens += 1
-            if logprobs:
-                row.done.logprobs.append(float(log_softmax(logits[slot])[token]))
-        yield going
-        for slot in reversed(range(active)):
-            reason = going[slot].stop_reason(int(chosen[slot]), context)
+        chosen = self.model.group.bcast(np.array([self.choose(row, logits[slot]) for slot, row in enumerate(rows)]))
+        for slot, row in enumerate(rows):
+            if chosen[slot] >= 0:
+                row.record(int(chosen[slot]), logits[slot])
+        for slot in reversed(range(len(rows))):
+            reason = "error" if chosen[slot] < 0 else rows[slot].stop_reason(int(chosen[slot]), self.context)
             if reason:
-                chosen[[slot, active - 1]] = chosen[[active - 1, slot]]
-                leave(slot, reason)
-        if active:
-            positions = np.array([rows[order[slot]].pos for slot in range(active)])  # [active]
-            logits = model.forward_rows(chosen[:active, None], np.ones(active, np.int64), positions, cache)
+                self.leave(slot, reason)
+        return [row for slot, row in enumerate(rows) if chosen[slot] >= 0]
+
+    def choose(self, row: Row, logits: np.ndarray) -> int:
+        """The row's next token, or -1 if that fails in a batch that isolates rows (row.error)."""
+        try:
+            check_finite(logits, row.pos)
+            return row.sampler(logits)
+        except Exception as e:
+            if not self.isolate:
+                raise
+            row.error = e
+            return -1
+
+    def prefill(self, rows: list[Row], first_slot: int) -> np.ndarray:
+        """Logits [k, V] of each joining row's prompt's last position, its keys and values now in
+        slots first_slot..; with prompt_logprobs, each prompt token's log-probability too."""
+        n = len(rows)
+        lengths = np.array([len(r.prompt) for r in rows])  # [k]
+        tokens = np.zeros((n, lengths.max()), np.int64)  # [k, T] right-padded
+        for i, row in enumerate(rows):
+            tokens[i, :len(row.prompt)] = row.prompt
+        every = any(row.prompt_logprobs for row in rows)
+        starts = np.array([r.start for r in rows])  # [k]
+        logits = self.model.forward_rows(tokens, lengths, starts, self.cache, "all" if every else "last", first_slot)
+        if not every:
+            return logits  # [k, V]
+        for i, row in enumerate(rows):  # [k, T, V]: each prompt token given the ones before it
+            if row.prompt_logprobs:
+                lp = log_softmax(logits[i, :len(row.prompt) - 1])  # [L-1, V]
+                row.done.logprobs += [None] + [float(lp[j, t]) for j, t in enumerate(row.prompt[1:])]
+                if row.done.top_logprobs is not None:
+                    row.done.top_logprobs += [None] + [{int(t): float(lp[j, t]) for t in top_tokens(lp[j], row.top_logprobs)}
+                                                       for j in range(len(row.prompt) - 1)]
+        return logits[np.arange(n), lengths - 1]  # [k, V]
+
+    def leave(self, slot: int, reason: str) -> None:
+        """The row in `slot` stops: the last going row takes its slot, whose own slot is free."""
+        last, row = len(self.going) - 1, self.going[slot]
+        row.done.stop_reason = reason
+        if slot != last:
+            self.cache.swap(slot, last, used=max(row.pos, self.going[last].pos) + 1)
+        self.going[slot] = self.going[last]
+        self.going.pop()
+
+
+def decode(model, rows: list[Row], cache) -> Iterator[list[Row]]:
+    """Every row through one Batch until each has stopped: yields, after each step, the rows
+    that got a token."""
+    batch = Batch(model, cache)
+    for row in rows:
+        batch.add(row)
+    while batch:
+        got = batch.step()
+        if got:
+            yield got
 
 
 def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: Sampler | None = None,
@@ -290,11 +384,11 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens=256, 
     stops = [set(model.tokenizer.stop_ids if s is None else s) for s in stops]  # by default the tokenizer's
     for p in prompts:
         check_fits(0, len(p), model.args.max_seq_len, generating=True)
-    rows = [Row(p, m, s, stop, done=Completion(list(p) if echo else [], [] if logprobs else None, prompt_tokens=len(p)))
-            for p, m, s, stop in zip(prompts, limits, row_samplers(samplers, n), stops)]
+    rows = [Row(p, m, s, stop, done=Completion(list(p) if echo else [], [] if logprobs else None, prompt_tokens=len(p)),
+                prompt_logprobs=echo and logprobs) for p, m, s, stop in zip(prompts, limits, row_samplers(samplers, n), stops)]
     size = max(len(p) + max(m, 1) for p, m in zip(prompts, limits))
     cache = model.new_cache(min(model.args.max_seq_len, size), rows=n)
-    for _ in decode(model, rows, cache, logprobs, prompt_logprobs=echo and logprobs):
+    for _ in decode(model, rows, cache):
         pass
     return [row.done for row in rows]
 

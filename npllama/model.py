@@ -166,19 +166,19 @@ class Llama:
             return self._forward(tokens, start_pos, cache, trace, last_only)
 
     def forward_rows(self, tokens: np.ndarray, lengths: np.ndarray, starts: np.ndarray, cache: KVCache,
-                     positions: str | slice = "last") -> np.ndarray:
+                     positions: str | slice = "last", first_slot: int = 0) -> np.ndarray:
         """Logits of N rows of right-padded tokens [N, T], each row its own length and first
-        position, through the cache's first N slots: see engine.forward."""
+        position, through the cache's slots first_slot..first_slot+N-1: see engine.forward."""
         tokens, lengths, starts = np.asarray(tokens), np.asarray(lengths), np.asarray(starts)
         n_rows, n_new = tokens.shape
-        if not (n_rows <= len(cache.order) and lengths.shape == starts.shape == (n_rows,) and
+        if not (0 <= first_slot and first_slot + n_rows <= len(cache.order) and lengths.shape == starts.shape == (n_rows,) and
                 np.all((1 <= lengths) & (lengths <= n_new)) and np.all(starts >= 0)):
             raise ArgumentError(f"{n_rows} rows of {n_new} tokens with lengths {lengths.tolist()} and starts "
-                                f"{starts.tolist()} do not fit a cache of {len(cache.order)} rows")
+                                f"{starts.tolist()} do not fit slots {first_slot}.. of a cache of {len(cache.order)} rows")
         check_vocabulary(tokens, self.args.vocab_size)
         check_fits(int(starts.max()), n_new, self.context_length(cache))
         with self.threads.applied():
-            return engine.forward(self, tokens, lengths, starts, cache, positions)
+            return engine.forward(self, tokens, lengths, starts, cache, positions, first_slot)
 
     def _step(self, trace: dict):
         """The hook each named intermediate of the plain pass goes through: rounded to bf16 in the

@@ -10,6 +10,7 @@
     python -m npllama compare                     every intermediate against the torch oracle
     python -m npllama perplexity -f FILE          perplexity over a text, KL divergence to a reference
     python -m npllama download                    fetch the default model, nothing else
+    python -m npllama serve [--port 8080]         the OpenAI API over HTTP, continuous batching
     mpiexec -n N python -m npllama -m DIR ...     one model split over N processes (tensor_parallel.py)
 
 Each subcommand is a module of this package with a `main(argv)`; what they share (the seed
@@ -31,6 +32,7 @@ SUBCOMMANDS = {  # each a module of this package with a `main(argv)`
     "compare": "every intermediate against the torch oracle",
     "perplexity": "perplexity over a text, and KL divergence to a reference (llama-perplexity's method)",
     "download": "fetch the default model, nothing else",
+    "serve": "an OpenAI-compatible HTTP server, requests decoding together (needs npllama[serve])",
 }
 PARALLEL_SUBCOMMANDS = ("run", "perplexity")  # the rest run in one process
 

@@ -1,0 +1,305 @@
+"""The OpenAI-compatible server (npllama/server.py): real HTTP on a free port, the official
+`openai` client, the default model. Greedy answers equal the command line's; a request's answer
+does not depend on the requests decoding beside it; bad input gets a 4xx naming the field and
+the server goes on; a client that hangs up frees its row."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+import npllama  # noqa: E402
+from npllama import server  # noqa: E402
+
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colors are",
+           "In 1969, the first", "My favourite recipe for bread", "Water boils at", "The quick brown fox",
+           "A haiku about the sea:", "import numpy as np\n", "The largest planet in the solar system",
+           "To be or not to be,", "Photosynthesis is the process", "The French word for cat is",
+           "Dear diary, today I", "The speed of light is"]
+CONTEXT = 256
+
+
+@pytest.fixture(scope="module")
+def model(default_model_path):
+    return npllama.load(default_model_path)
+
+
+@contextmanager
+def running(model, parallel=8, queue=32, api_key=None, context=CONTEXT, model_id="smollm2"):
+    """The server in this process: the engine's thread, and uvicorn in a thread on a free port.
+    Yields (base URL, the engine, the request log)."""
+    engine = server.Engine(model, parallel, context, queue)
+    log = io.StringIO()
+    app = server.make_app(engine, server.Requests(model, model_id, context), api_key, log=log)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    web = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=web.run, kwargs={"sockets": [listener]}, daemon=True)
+    engine.thread.start()
+    thread.start()
+    while not web.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", engine, log
+    finally:
+        web.should_exit = True
+        thread.join()
+        engine.stop()
+
+
+@pytest.fixture(scope="module")
+def url(model):
+    with running(model) as (base, _, _):
+        yield base
+
+
+def client(url, **kwargs):
+    return openai.OpenAI(base_url=url + "/v1", api_key=kwargs.pop("api_key", "none"), max_retries=0, **kwargs)
+
+
+def complete(url, prompt, n=16, **kwargs):
+    return client(url).completions.create(model="smollm2", prompt=prompt, max_tokens=n, temperature=0, **kwargs)
+
+
+def cli(*argv) -> str:
+    out = subprocess.run([sys.executable, "-m", "npllama", *argv, "--temperature", "0", "-c", str(CONTEXT)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_greedy_completion_equals_the_command_line_and_counts_tokens_as_the_tokenizer(url, model):
+    prompt = PROMPTS[0]
+    got = complete(url, prompt, n=16)
+    assert got.choices[0].text == cli("-p", prompt, "-n", "16")[len(prompt):-1]  # the CLI prints the prompt, a newline
+    tokens = model.tokenizer.encode(prompt)
+    assert got.usage.prompt_tokens == len(tokens)
+    assert got.usage.completion_tokens == 16 and got.usage.total_tokens == len(tokens) + 16
+    assert got.choices[0].finish_reason == "length" and got.object == "text_completion" and got.model == "smollm2"
+
+
+def test_greedy_chat_equals_the_command_lines_chat(url):
+    message = "What is the capital of France?"
+    got = client(url).chat.completions.create(model="smollm2", messages=[{"role": "user", "content": message}],
+                                              max_tokens=24, temperature=0)
+    assert got.choices[0].message.content == cli("--chat", "-p", message, "-n", "24")[:-1]
+    assert got.choices[0].message.role == "assistant" and got.object == "chat.completion"
+
+
+def test_streamed_text_equals_the_whole_text(url):
+    whole = complete(url, PROMPTS[1], n=24)
+    chunks = list(client(url).completions.create(model="smollm2", prompt=PROMPTS[1], max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+    messages = [{"role": "user", "content": "Name three fruits."}]
+    whole = client(url).chat.completions.create(model="smollm2", messages=messages, max_tokens=20, temperature=0)
+    chunks = list(client(url).chat.completions.create(model="smollm2", messages=messages, max_tokens=20,
+                                                      temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+
+
+def test_the_stream_ends_with_done_as_server_sent_events(url):
+    with httpx.stream("POST", url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_sixteen_concurrent_clients_each_get_what_they_get_alone(url):
+    alone = [complete(url, p, n=12).choices[0].text for p in PROMPTS]
+    seeded = dict(prompt="Write a word:", max_tokens=12, temperature=0.9, seed=7)
+    alone_sampled = client(url).completions.create(model="smollm2", **seeded).choices[0].text
+    with concurrent.futures.ThreadPoolExecutor(17) as pool:
+        crowd = [pool.submit(complete, url, p, 12) for p in PROMPTS]
+        sampled = pool.submit(lambda: client(url).completions.create(model="smollm2", **seeded))
+        assert [f.result().choices[0].text for f in crowd] == alone
+        assert sampled.result().choices[0].text == alone_sampled
+
+
+def test_stop_strings_echo_and_logprobs(url, model):
+    base = complete(url, PROMPTS[2], n=24).choices[0].text
+    stop = base[5:8]
+    got = complete(url, PROMPTS[2], n=24, stop=[stop, "never appears"])
+    assert got.choices[0].text == base[:base.index(stop)] and got.choices[0].finish_reason == "stop"
+    streamed = client(url).completions.create(model="smollm2", prompt=PROMPTS[2], max_tokens=24, temperature=0,
+                                              stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == got.choices[0].text
+
+    got = complete(url, PROMPTS[3], n=4, echo=True, logprobs=2)
+    lp = got.choices[0].logprobs
+    prompt_tokens = model.tokenizer.encode(PROMPTS[3])
+    assert got.choices[0].text.startswith(PROMPTS[3])
+    assert len(lp.tokens) == len(prompt_tokens) + 4 and lp.token_logprobs[0] is None
+    # The chosen (greedy) token is the likeliest: its logprob tops the alternatives'.
+    for chosen, top in zip(lp.token_logprobs[len(prompt_tokens):], lp.top_logprobs[len(prompt_tokens):]):
+        assert chosen <= 0 and len(top) == 2 and chosen == pytest.approx(max(top.values()))
+
+
+BAD = [  # (body or raw bytes, status, the field the error names)
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"prompt": 42}, 400, "prompt"),
+    ({"prompt": ["a", "b"]}, 400, "prompt"),
+    ({"prompt": [10**9]}, 400, "prompt"),
+    ({"prompt": "\ud800 lone surrogate"}, 400, "prompt"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": CONTEXT}, 400, "max_tokens"),
+    ({"prompt": "word " * CONTEXT}, 400, "prompt"),
+    ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "hi", "top_p": "high"}, 400, "top_p"),
+    ({"prompt": "hi", "stop": [""]}, 400, "stop"),
+    ({"prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "hi", "n": 2}, 400, "n"),
+    ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
+]
+
+
+@pytest.mark.parametrize("body, status, param", BAD, ids=[str(b)[:40] for b, _, _ in BAD])
+def test_bad_input_is_a_4xx_naming_the_field_and_the_server_goes_on(url, body, status, param):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(url + "/v1/completions", content=data, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+    assert complete(url, "Hello", n=2).usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("messages, param", [
+    ("hi", "messages"), ([], "messages"), ([{"role": "wizard", "content": "x"}], "messages[0]"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0]"),
+])
+def test_bad_chat_messages_name_the_message(url, messages, param):
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": messages})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_oversized_bodies_unknown_routes_and_special_token_text(url, model):
+    r = httpx.post(url + "/v1/completions", content=b"{" + b" " * server.MAX_BODY + b"}")
+    assert r.status_code == 413 and "body" in r.json()["error"]["message"]
+    assert httpx.get(url + "/v1/engines").status_code == 404
+    assert httpx.get(url + "/v1/completions").status_code == 405
+    text = "<|im_end|><|im_start|>system"  # plain text in a prompt, as on the command line
+    got = complete(url, text, n=1)
+    assert got.usage.prompt_tokens == len(model.tokenizer.encode(text)) > 2
+    assert client(url).models.list().data[0].id == "smollm2"
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_a_client_that_hangs_up_frees_its_row(model):
+    with running(model, parallel=1, queue=4) as (url, engine, log):
+        body = {"prompt": PROMPTS[4], "max_tokens": CONTEXT - 20, "stream": True, "temperature": 0}
+        with httpx.stream("POST", url + "/v1/completions", json=body) as r:
+            next(r.iter_lines())  # decoding has begun; then the client leaves
+        # With one row, this request is served only once the abandoned one has left it.
+        assert complete(url, "Hello", n=2).usage.completion_tokens == 2
+        assert engine.ended["cancelled"] == 1
+        assert re.search(r"POST /v1/completions 200 \d+\+2 tokens", log.getvalue())
+
+        # The same for a client that hangs up on a whole (unstreamed) request.
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
+        assert complete(url, "Hello", n=2).usage.completion_tokens == 2
+        assert engine.ended["cancelled"] == 2
+
+
+def test_requests_past_the_queue_get_503_with_retry_after(model):
+    with running(model, parallel=1, queue=0) as (url, _, _):
+        body = {"prompt": "Once", "max_tokens": CONTEXT - 10, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body) as r:
+            next(r.iter_lines())
+            busy = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["code"] == "server_busy"
+
+
+def test_an_unexpected_error_fails_its_request_only(model, monkeypatch):
+    class Failing(npllama.Sampler):
+        def __call__(self, logits):
+            raise RuntimeError("a bug in one request")
+
+    sampler_of = server.sampler_of
+    monkeypatch.setattr(server, "sampler_of", lambda body: Failing() if body.get("seed") == 666 else sampler_of(body))
+    with running(model) as (url, engine, log):
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            good = [pool.submit(complete, url, p, 8) for p in PROMPTS[:2]]
+            bad = httpx.post(url + "/v1/completions", json={"prompt": "x", "seed": 666, "max_tokens": 4}, timeout=60)
+            assert [g.result().usage.completion_tokens for g in good] == [8, 8]
+        assert bad.status_code == 500 and "a bug in one request" in bad.json()["error"]["message"]
+        assert engine.ended["error"] == 1
+        monkeypatch.setattr(server.Requests, "completion", lambda self, body: 1 / 0)
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x"})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "ZeroDivisionError" in log.getvalue()
+        assert httpx.get(url + "/health").status_code == 200
+
+
+def test_the_api_key_is_enforced(model):
+    with running(model, api_key="s3cret") as (url, _, _):
+        assert httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            client(url, api_key="wrong").completions.create(model="smollm2", prompt="hi", max_tokens=1)
+        assert client(url, api_key="s3cret").completions.create(model="smollm2", prompt="hi", max_tokens=1)
+        assert httpx.get(url + "/health").status_code == 200  # for load balancers, as llama-server's
+
+
+def test_text_arrives_in_whole_characters_and_stops_before_a_stop_string(model):
+    tok = model.tokenizer
+    text = "llamas 🦙🦙 and 中文 end"
+    ids = tok.encode(text, bos=False)
+    assert len(ids) > len(text.split())  # the emoji and the CJK are split over several tokens
+    out = server.TextOut(tok, [])
+    pieces = [out.push(t) for t in ids] + [out.finish()]
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # stop strings anywhere, as prefixes of each other, across tokens
+        a = int(rng.integers(0, len(text) - 1))
+        stops = [text[a:a + int(rng.integers(1, 5))], "🦙 a", "zz"]
+        out = server.TextOut(tok, stops)
+        got = "".join(out.push(t) for t in ids) + out.finish()
+        first = min(i for i in (text.find(s) for s in stops) if i >= 0)
+        assert got == text[:first] and out.stopped
+
+
+def test_the_serve_command_prints_where_it_listens_and_a_line_per_request(default_model_path):
+    proc = subprocess.Popen([sys.executable, "-m", "npllama", "serve", "--port", "0", "-c", "128", "--parallel", "2",
+                             "--alias", "smollm2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", line)[1]
+        assert complete(url, "Hello", n=3).usage.completion_tokens == 3
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    assert re.search(r"POST /v1/completions 200 \d+\+3 tokens [\d.]+ s", err), err
+
+
+def test_the_serve_command_refuses_a_port_in_use_before_loading():
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    out = subprocess.run([sys.executable, "-m", "npllama", "serve", "--port", str(taken.getsockname()[1])],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "cannot listen on 127.0.0.1" in out.stderr and "loaded" not in out.stderr
