@@ -114,7 +114,7 @@ def main() -> None:
     p.add_argument("--under-load", action="store_true", help="with a busy loop on one core (machine.Spinner)")
     a = p.parse_args()
     sys.path.insert(0, str(HERE))
-    from machine import Spinner, machine_info
+    from machine import Spinner, products_title
     pool, threads = Halves(), 2
     spinner = Spinner() if a.under_load else None
     try:
@@ -126,9 +126,7 @@ def main() -> None:
     finally:
         if spinner:
             spinner.stop()
-    m = machine_info()
-    print(f"{m.get('cpu', '?')}, {m['cores_available']} cores{', a busy loop on one core' if a.under_load else ''}: "
-          f"ms per decode step's weight products, median of {a.rounds} rounds\n")
+    print(products_title(a.under_load, a.rounds))
     keys = list(next(iter(results.values())))
     print("| model | " + " | ".join(keys) + " | fixed halves / openblas |")
     print("|---" * (len(keys) + 2) + "|")

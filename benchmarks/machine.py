@@ -280,3 +280,10 @@ class Probes:
         res = self.run([k for k in self.probes if k.startswith("matvec")], 5)
         return {"gb_s": max(r["median"] for r in res.values()),
                 "probes": {k: r["median"] for k, r in res.items()}}
+
+
+def products_title(under_load: bool, rounds: int) -> str:
+    """The first line of fixed_split.py's and storage.py's tables: the machine, and how measured."""
+    m = machine_info()
+    return (f"{m.get('cpu', '?')}, {m['cores_available']} cores{', a busy loop on one core' if under_load else ''}: "
+            f"ms per decode step's weight products, median of {rounds} rounds\n")

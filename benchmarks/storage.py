@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--under-load", action="store_true", help="with a busy loop on one core (machine.Spinner)")
     a = p.parse_args()
-    from machine import Spinner, machine_info
+    from machine import Spinner, products_title
     threads = Threads()  # adaptive, as npllama runs: one thread beside a busy core
     pool = TilePool(threads)
     spinner = Spinner() if a.under_load else None
@@ -67,9 +67,7 @@ def main() -> None:
     finally:
         if spinner:
             spinner.stop()
-    m = machine_info()
-    print(f"{m.get('cpu', '?')}, {m['cores_available']} cores{', a busy loop on one core' if a.under_load else ''}: "
-          f"ms per decode step's weight products, median of {a.rounds} rounds\n")
+    print(products_title(a.under_load, a.rounds))
     keys = list(next(iter(results.values())))
     print("| model | " + " | ".join(keys) + " | int16 / float32 | int16 / bf16 |")
     print("|---" * (len(keys) + 3) + "|")

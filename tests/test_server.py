@@ -303,3 +303,22 @@ def test_the_serve_command_refuses_a_port_in_use_before_loading():
     out = subprocess.run([sys.executable, "-m", "npllama", "serve", "--port", str(taken.getsockname()[1])],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "cannot listen on 127.0.0.1" in out.stderr and "loaded" not in out.stderr
+
+
+@pytest.mark.parametrize("dtype, weights", [("float32", "int16"), ("float32", "exact"), ("bfloat16", "exact")])
+def test_every_dtype_and_weight_mode_serves_what_generate_gives(random_checkpoint, dtype, weights):
+    """The server runs on the one engine: a streamed random model, in each dtype and storage,
+    answers a batch of concurrent requests with generate's tokens for each prompt alone."""
+    from oracle.checkpoints import tiny_args
+    from npllama.tokenizer import StreamDecoder
+    model = npllama.load(random_checkpoint(tiny_args(), seed=3), dtype=dtype, weights_budget=0, weights=weights)
+    prompts = [[model.tokenizer.bos_id, 100 + i, 2000 + 7 * i] for i in range(5)]
+
+    def text(tokens):
+        decoder = StreamDecoder(model.tokenizer, skip_special=True)
+        return "".join(decoder.push(t) for t in tokens) + decoder.flush()
+    alone = [text(model.generate(p, 10)) for p in prompts]
+    with running(model, parallel=3, context=32) as (url, _, _):
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
+            got = list(pool.map(lambda p: complete(url, p, n=10).choices[0].text, prompts))
+    assert got == alone
