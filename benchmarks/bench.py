@@ -204,7 +204,7 @@ def benchmark_model(a: argparse.Namespace, name: str, threads: int, quiet: Quiet
         progress("bench", f"{name} skipped: {reason}")
         return {"status": prep["status"], "reason": reason}
     spec = prep["spec"]
-    if a.fresh_int16_copy:
+    if a.fresh_int16_copy and spec.get("weights") != "exact":  # 8b-exact makes no copy: keep the 8b's
         for copy in int16_copies(spec):
             progress("bench", f"deleting {copy} (--fresh-int16-copy): the first load makes it again")
             copy.unlink()

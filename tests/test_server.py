@@ -155,6 +155,17 @@ def test_stop_strings_echo_and_logprobs(url, model):
         assert chosen <= 0 and len(top) == 2 and chosen == pytest.approx(max(top.values()))
 
 
+def test_chat_logprobs_name_each_token_and_its_alternatives(url):
+    got = client(url).chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Count to ten."}],
+                                              max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = got.choices[0].logprobs.content
+    assert len(content) == got.usage.completion_tokens
+    assert got.choices[0].message.content.startswith("".join(c.token for c in content[:2]))
+    for c in content:  # greedy: each chosen token is the likeliest of its alternatives
+        assert len(c.top_logprobs) == 3 and c.logprob == pytest.approx(max(t.logprob for t in c.top_logprobs))
+        assert bytes(c.bytes).decode("utf-8", "replace") == c.token
+
+
 BAD = [  # (body or raw bytes, status, the field the error names)
     (b"{not json", 400, None),
     (b"[1, 2]", 400, None),
