@@ -415,7 +415,7 @@ def test_a_combination_that_cannot_work_is_one_line(tmp_path, capsys, argv, mess
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and message in err, err
 
 
-@pytest.mark.parametrize("subcommand", ["", "explain", "compare", "perplexity"])
+@pytest.mark.parametrize("subcommand", ["", "explain", "compare", "perplexity", "serve"])
 def test_every_subcommand_takes_the_model_options(subcommand, capsys):
     """-m, --dtype, -c (--ctx-size, --max-seq-len), --weights-budget-gb and -t, one definition."""
     with pytest.raises(SystemExit):
@@ -432,7 +432,7 @@ def test_the_top_level_help_lists_every_subcommand(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name in SUBCOMMANDS:
         assert f"`{name}`" in text
-    assert set(SUBCOMMANDS) == {"explain", "compare", "perplexity", "download"}
+    assert set(SUBCOMMANDS) == {"explain", "compare", "perplexity", "download", "serve"}
 
 
 # --- the same under mpiexec -n 2 --------------------------------------------------------------
