@@ -40,7 +40,7 @@ from .tokenizer import StreamDecoder
 MAX_BODY = 1 << 20  # bytes of a request body: a full context of text is far less
 MAX_STOPS = 4  # stop strings a request may give, as OpenAI allows
 MAX_TOP_LOGPROBS = 20
-FINISH_REASONS = {"stop_token": "stop", "stop_text": "stop", "max_new_tokens": "length", "max_seq_len": "length"}
+FINISH_REASONS = {"stop_token": "stop", "max_new_tokens": "length", "max_seq_len": "length"}
 
 
 class ApiError(Exception):
