@@ -67,6 +67,16 @@ class KVCache:
             k[[a, b], :, p], v[[a, b], :, :, p] = k[[b, a], :, p], v[[b, a], :, :, p]
         self.order[a], self.order[b] = self.order[b], self.order[a]
 
+    def clear(self, slots=(), starts=(), ends=()) -> None:
+        """Zero positions starts[i]..ends[i]-1 of slots[i], in every layer: positions a pass wrote
+        that hold no token of the sequence (guesses rejected, pads), left as if never written."""
+        spans = [(slot, p) for slot, a, b in zip(slots, starts, ends) for p in range(a, b)]
+        if not spans:
+            return
+        rows, positions = np.array(spans).T  # [n] each
+        for k, v in zip(self.k, self.v):
+            k[rows, :, positions], v[rows, :, :, positions] = 0, 0
+
 
 class Buffers:
     """Arrays a pass of at most REUSED_ROWS token rows writes its intermediates into, made once

@@ -20,6 +20,7 @@ import numpy as np
 
 from .config import check_fits
 from .errors import ArgumentError, NumericalError, shown
+from .speculative import Drafting, Guesses, drafter_for, verify
 
 
 def check_finite(logits: np.ndarray, position: int | None = None) -> None:
@@ -122,16 +123,20 @@ class Sampler:
         with np.errstate(over="ignore"):
             return logits.astype(np.float64) / self.temperature  # [V]
 
+    def greedy(self, logits: np.ndarray) -> bool:
+        """Whether the token is the argmax: at temperature 0, and at one so small that logits /
+        temperature overflows even float64 (1e-320), the limit of ever sharper distributions."""
+        return self.temperature == 0 or not np.isfinite(self.scaled(logits)).all()
+
+    def draw(self, probs: np.ndarray) -> int:
+        """Inverse-CDF draw: one uniform number per token, so a seed fixes the whole run."""
+        return int(min(np.searchsorted(np.cumsum(probs), self.rng.random(), side="right"), len(probs) - 1))
+
     def __call__(self, logits: np.ndarray) -> int:
         check_finite(logits)
-        # A temperature so small that logits / temperature overflows even float64 (1e-320) is
-        # the limit of ever sharper distributions: greedy.
-        if self.temperature == 0 or not np.isfinite(self.scaled(logits)).all():
+        if self.greedy(logits):
             return int(np.argmax(logits))
-        probs = self.probabilities(logits)  # [V]
-        # Inverse-CDF draw: one uniform number per token, so a seed fixes the whole run.
-        return int(min(np.searchsorted(np.cumsum(probs), self.rng.random(), side="right"),
-                       len(probs) - 1))
+        return self.draw(self.probabilities(logits))
 
 
 @dataclass
@@ -142,6 +147,8 @@ class GenerationStats:
     decode_seconds: float = 0.0
     stop_reason: str = ""  # "stop_token", "max_new_tokens", "max_seq_len" or "interrupted"
     cached_positions: int = 0  # positions now in the KV cache: where a follow-up call starts
+    drafted: int = 0  # speculative decoding: tokens guessed, and those the model kept
+    accepted: int = 0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -154,8 +161,10 @@ class GenerationStats:
         return steps / self.decode_seconds if self.decode_seconds else 0.0
 
     def summary(self) -> str:
+        drafts = (f", {self.drafted} drafted, {self.accepted} accepted "
+                  f"({100 * self.accepted / max(self.drafted, 1):.0f}%)") if self.drafted else ""
         return (f"{self.prompt_tokens} prompt tokens at {self.prefill_tok_s:.1f} tok/s, "
-                f"{self.new_tokens} new tokens at {self.decode_tok_s:.1f} tok/s "
+                f"{self.new_tokens} new tokens at {self.decode_tok_s:.1f} tok/s{drafts} "
                 f"(stopped: {self.stop_reason})")
 
 
@@ -186,11 +195,21 @@ class Row:
     top_logprobs: int = 0  # and the k likeliest tokens' at each new token (done.top_logprobs)
     cancelled: bool = False  # set from anywhere (a client gone): the row leaves at the next step
     error: Exception | None = None  # why choosing its token failed, in a Batch that isolates rows
+    fresh: int = 0  # tokens the last step gave it (more than one with speculative decoding)
+    drafting: Drafting | None = None  # its speculation, in a Batch with a drafter
 
     @property
     def pos(self) -> int:
         """Where the newest token goes (before the first, where the prompt's last one is)."""
         return self.start + len(self.prompt) + self.done.new_tokens - 1
+
+    @property
+    def newest(self) -> int:
+        """The token at `pos`: the next one fed."""
+        return self.done.tokens[-1] if self.done.new_tokens else self.prompt[-1]
+
+    def new_tokens(self) -> list[int]:
+        return self.done.tokens[len(self.done.tokens) - self.done.new_tokens:]
 
     def stop_reason(self, token: int, context: int) -> str:
         """Why the row stops after choosing `token`, or "" if it goes on."""
@@ -222,12 +241,16 @@ class Batch:
     step also feeds every row already going its newest token (one pass over all of them), then
     chooses each row's next token. A row that stops, or is cancelled, leaves at once: its slot is
     swapped behind the going rows', so later steps neither compute nor read it, and a new row
-    can take it. The rows going hold slots 0..len(going)-1, in that order."""
+    can take it. The rows going hold slots 0..len(going)-1, in that order.
 
-    def __init__(self, model, cache, isolate: bool = False):
+    With a drafter (speculative.py), a going row is fed its newest token and the drafter's
+    guesses after it in the same pass, and gets the guesses the model keeps and one token more;
+    the positions of the rejected ones are zeroed, as if never written."""
+
+    def __init__(self, model, cache, isolate: bool = False, drafter=None):
         # isolate: a row whose token cannot be chosen leaves alone (a server's request), instead
         # of the error stopping the whole batch.
-        self.model, self.cache, self.isolate = model, cache, isolate
+        self.model, self.cache, self.isolate, self.drafter = model, cache, isolate, drafter
         self.context = model.context_length(cache)
         self.going: list[Row] = []  # going[i] holds slot i
         self.joining: list[Row] = []  # the next slots, prefilled at the next step
@@ -243,11 +266,14 @@ class Batch:
         if not self.free:
             raise ArgumentError(f"all {len(self.cache.order)} rows of the KV cache are taken")
         check_fits(row.start, len(row.prompt), self.context, generating=True)
+        if self.drafter:
+            row.drafting = Drafting(self.drafter.draft_max, self.drafter.draft_max)
         self.joining.append(row)
 
     def step(self) -> list[Row]:
-        """Prefill the rows that joined, feed the going ones their newest token, choose every
-        row's next token; returns the rows that got one (a row's newest is row.done.tokens[-1])."""
+        """Prefill the rows that joined, feed the going ones their newest token (and guesses),
+        choose every row's next tokens; returns the rows that got some (row.fresh of them, the
+        last of row.done.tokens)."""
         for slot in reversed(range(len(self.going))):
             if self.going[slot].cancelled:
                 self.leave(slot, "cancelled")
@@ -255,46 +281,93 @@ class Batch:
             if row.cancelled:
                 row.done.stop_reason = "cancelled"
         self.joining = [row for row in self.joining if not row.cancelled]
-        logits = []
+        logits, guesses, written = [], [], []  # per row in slot order: [T, V], its guesses, end of its positions written
         if self.going:
-            n = len(self.going)
-            tokens = np.array([[row.done.tokens[-1]] for row in self.going])  # [n, 1]
-            positions = np.array([row.pos for row in self.going])  # [n]
-            logits.append(self.model.forward_rows(tokens, np.ones(n, np.int64), positions, self.cache))
+            guesses = self.guesses()
+            logits, width = self.feed(guesses)
+            written = [row.pos + width for row in self.going]
         if self.joining:
-            logits.append(self.prefill(self.joining, first_slot=len(self.going)))
+            first = len(self.going)
+            last_logits, width = self.prefill(self.joining, first)  # [k, V]
+            if self.drafter:
+                self.drafter.join(self.joining, first)
+            logits += list(last_logits[:, None])  # [1, V] each
+            guesses += [Guesses([]) for _ in self.joining]
+            written += [row.start + width for row in self.joining]
             self.going, self.joining = self.going + self.joining, []
-        logits = np.concatenate(logits) if logits else np.zeros((0, 0), np.float32)  # [going, V] in slot order
         for slot in reversed(range(len(self.going))):  # rows asked for no tokens are done before the first
             if self.going[slot].limit == 0:
-                logits[[slot, len(self.going) - 1]] = logits[[len(self.going) - 1, slot]]
+                for per_row in logits, guesses, written:
+                    per_row[slot], per_row[-1] = per_row[-1], per_row[slot]
+                    per_row.pop()
                 self.leave(slot, "max_new_tokens")
         rows = list(self.going)
         # Rank 0's choices (over several processes the others take them: tensor_parallel.py).
-        chosen = self.model.group.bcast(np.array([self.choose(row, logits[slot]) for slot, row in enumerate(rows)]))
+        chosen = self.model.group.bcast([self.choose(row, logits[s], guesses[s]) for s, row in enumerate(rows)])
+        reasons = ["error" if tokens is None else self.record(row, tokens, logits[s])
+                   for s, (row, tokens) in enumerate(zip(rows, chosen))]
         for slot, row in enumerate(rows):
-            if chosen[slot] >= 0:
-                row.record(int(chosen[slot]), logits[slot])
+            if row.drafting and chosen[slot] is not None:
+                row.drafting.update(len(guesses[slot].tokens), len(chosen[slot]) - 1)
+            if self.drafter:
+                self.drafter.kept(slot, row)
+        # Positions past each row's newest token that this step wrote (rejected guesses, pads).
+        self.cache.clear(*zip(*[(s, row.pos, written[s]) for s, row in enumerate(rows) if row.pos < written[s]]))
         for slot in reversed(range(len(rows))):
-            reason = "error" if chosen[slot] < 0 else rows[slot].stop_reason(int(chosen[slot]), self.context)
-            if reason:
-                self.leave(slot, reason)
-        return [row for slot, row in enumerate(rows) if chosen[slot] >= 0]
+            if reasons[slot]:
+                self.leave(slot, reasons[slot])
+        return [row for slot, row in enumerate(rows) if chosen[slot] is not None]
 
-    def choose(self, row: Row, logits: np.ndarray) -> int:
-        """The row's next token, or -1 if that fails in a batch that isolates rows (row.error)."""
+    def guesses(self) -> list[Guesses]:
+        """The drafter's guesses for each going row: as many as its Drafting wants, no more than
+        leave a token to choose after them, and no further than every row's pass fits the cache."""
+        if not self.drafter:
+            return [Guesses([]) for _ in self.going]
+        room = self.context - 1 - max(row.pos for row in self.going)
+        wanted = [max(0, min(row.drafting.wanted(), row.limit - row.done.new_tokens - 1, room)) for row in self.going]
+        return self.drafter.guess(self.going, wanted)
+
+    def feed(self, guesses: list[Guesses]) -> tuple[list[np.ndarray], int]:
+        """One pass over the going rows, each fed its newest token and its guesses: each row's
+        logits [1 + guesses, V], after its newest token and after each guess, and the pass's width."""
+        n, width = len(self.going), 1 + max(len(g.tokens) for g in guesses)
+        tokens = np.zeros((n, width), np.int64)  # [n, T] right-padded
+        for i, (row, g) in enumerate(zip(self.going, guesses)):
+            tokens[i, :1 + len(g.tokens)] = [row.newest] + g.tokens
+        lengths = np.array([1 + len(g.tokens) for g in guesses])  # [n]
+        positions = np.array([row.pos for row in self.going])  # [n]
+        logits = self.model.forward_rows(tokens, lengths, positions, self.cache, "all" if width > 1 else "last")
+        return [logits[i, :lengths[i]] if width > 1 else logits[i:i + 1] for i in range(n)], width
+
+    def choose(self, row: Row, logits: np.ndarray, guesses: Guesses) -> list[int] | None:
+        """The row's next tokens from its logits [1 + guesses, V] (speculative.verify), or None if
+        that fails in a batch that isolates rows (row.error)."""
         try:
-            check_finite(logits, row.pos)
-            return row.sampler(logits)
+            for j, position_logits in enumerate(logits):
+                check_finite(position_logits, row.pos + j)
+            return verify(row.sampler, logits, guesses)
         except Exception as e:
             if not self.isolate:
                 raise
             row.error = e
-            return -1
+            return None
 
-    def prefill(self, rows: list[Row], first_slot: int) -> np.ndarray:
+    def record(self, row: Row, tokens: list[int], logits: np.ndarray) -> str:
+        """Each chosen token becomes the row's newest until one stops it; returns why it stops
+        ("" if it goes on)."""
+        row.fresh = 0
+        for token, position_logits in zip(tokens, logits):
+            row.record(token, position_logits)
+            row.fresh += 1
+            reason = row.stop_reason(token, self.context)
+            if reason:
+                return reason
+        return ""
+
+    def prefill(self, rows: list[Row], first_slot: int) -> tuple[np.ndarray, int]:
         """Logits [k, V] of each joining row's prompt's last position, its keys and values now in
-        slots first_slot..; with prompt_logprobs, each prompt token's log-probability too."""
+        slots first_slot.., and the pass's width; with prompt_logprobs, each prompt token's
+        log-probability too."""
         n = len(rows)
         lengths = np.array([len(r.prompt) for r in rows])  # [k]
         tokens = np.zeros((n, lengths.max()), np.int64)  # [k, T] right-padded
@@ -304,7 +377,7 @@ class Batch:
         starts = np.array([r.start for r in rows])  # [k]
         logits = self.model.forward_rows(tokens, lengths, starts, self.cache, "all" if every else "last", first_slot)
         if not every:
-            return logits  # [k, V]
+            return logits, tokens.shape[1]  # [k, V]
         for i, row in enumerate(rows):  # [k, T, V]: each prompt token given the ones before it
             if row.prompt_logprobs:
                 lp = log_softmax(logits[i, :len(row.prompt) - 1])  # [L-1, V]
@@ -312,22 +385,27 @@ class Batch:
                 if row.done.top_logprobs is not None:
                     row.done.top_logprobs += [None] + [{int(t): float(lp[j, t]) for t in top_tokens(lp[j], row.top_logprobs)}
                                                        for j in range(len(row.prompt) - 1)]
-        return logits[np.arange(n), lengths - 1]  # [k, V]
+        return logits[np.arange(n), lengths - 1], tokens.shape[1]  # [k, V]
 
     def leave(self, slot: int, reason: str) -> None:
         """The row in `slot` stops: the last going row takes its slot, whose own slot is free."""
         last, row = len(self.going) - 1, self.going[slot]
         row.done.stop_reason = reason
         if slot != last:
-            self.cache.swap(slot, last, used=max(row.pos, self.going[last].pos) + 1)
+            used = max(row.pos, self.going[last].pos) + 1
+            self.cache.swap(slot, last, used)
+            if self.drafter:
+                self.drafter.swap(slot, last, used)
+        if self.drafter:
+            self.drafter.leave(row)
         self.going[slot] = self.going[last]
         self.going.pop()
 
 
-def decode(model, rows: list[Row], cache) -> Iterator[list[Row]]:
+def decode(model, rows: list[Row], cache, drafter=None) -> Iterator[list[Row]]:
     """Every row through one Batch until each has stopped: yields, after each step, the rows
-    that got a token."""
-    batch = Batch(model, cache)
+    that got tokens."""
+    batch = Batch(model, cache, drafter=drafter)
     for row in rows:
         batch.add(row)
     while batch:
@@ -338,13 +416,18 @@ def decode(model, rows: list[Row], cache) -> Iterator[list[Row]]:
 
 def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: Sampler | None = None,
              stop_ids: Iterable[int] | None = None, stats: GenerationStats | None = None,
-             cache=None, start_pos: int = 0) -> Iterator[int]:
+             cache=None, start_pos: int = 0, lookup: bool = False, draft=None,
+             draft_max: int = 8) -> Iterator[int]:
     """Yield up to max_new_tokens tokens continuing `prompt`, stopping after a stop token
     (which is yielded, so a caller can tell why it stopped) or when the context is full: the
     one generation loop (`decode`) with one row, each token yielded as soon as it is chosen.
 
     To continue a conversation, pass the previous call's `cache` and, as `start_pos`, its
     `stats.cached_positions`; `prompt` is then only the tokens not yet in the cache.
+
+    Speculative decoding (speculative.py): `lookup=True` guesses by prompt lookup, `draft` by a
+    smaller model of the same vocabulary (a loaded model, or the DraftModel of an earlier call
+    of the same conversation, which holds its earlier turns); up to draft_max tokens a pass.
     """
     prompt = checked_prompts([prompt])[0]
     check_limit(max_new_tokens)
@@ -355,25 +438,31 @@ def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: S
     stats.prompt_tokens = len(prompt)
     stops = set(model.tokenizer.stop_ids if stop_ids is None else stop_ids)  # by default the tokenizer's
     row = Row(prompt, max_new_tokens, sampler or Sampler(), stops, start_pos)
+    drafter = drafter_for(model, cache, lookup, draft, draft_max)
 
     t0 = time.perf_counter()
-    for _ in decode(model, [row], cache):
+    for _ in decode(model, [row], cache, drafter):
         if row.done.new_tokens == 1:  # the first token comes from the prefill's logits
             stats.prefill_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
         else:
             stats.decode_seconds = time.perf_counter() - t0
         stats.new_tokens, stats.cached_positions = row.done.new_tokens, row.pos
-        yield row.done.tokens[-1]
+        if row.drafting:
+            stats.drafted, stats.accepted = row.drafting.drafted, row.drafting.accepted
+        yield from row.done.tokens[len(row.done.tokens) - row.fresh:]
     stats.stop_reason = row.done.stop_reason
     stats.cached_positions = row.pos + (row.done.new_tokens == 0)  # the last token chosen is not fed
 
 
 def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens=256, samplers=None,
-                   stop_ids=None, echo: bool = False, logprobs: bool = False) -> list[Completion]:
+                   stop_ids=None, echo: bool = False, logprobs: bool = False, lookup: bool = False,
+                   draft=None, draft_max: int = 8, stats: GenerationStats | None = None) -> list[Completion]:
     """Continue every prompt at once, each row with its own sampler, stop tokens and limit (one
     value for all, or a list of one per prompt), as generate continues one; a row that stops
     leaves the batch. Returns the completions in the prompts' order, as Meta's generate:
-    with echo, the prompt's tokens first; with logprobs, each token's log-probability."""
+    with echo, the prompt's tokens first; with logprobs, each token's log-probability.
+    lookup, draft and draft_max as in generate, each row guessing for itself; `stats` gets
+    the tokens and the guesses of all rows."""
     prompts = checked_prompts(prompts)
     n = len(prompts)
     limits = per_row(max_new_tokens, n, "max_new_tokens")
@@ -388,8 +477,12 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens=256, 
                 prompt_logprobs=echo and logprobs) for p, m, s, stop in zip(prompts, limits, row_samplers(samplers, n), stops)]
     size = max(len(p) + max(m, 1) for p, m in zip(prompts, limits))
     cache = model.new_cache(min(model.args.max_seq_len, size), rows=n)
-    for _ in decode(model, rows, cache):
+    for _ in decode(model, rows, cache, drafter_for(model, cache, lookup, draft, draft_max)):
         pass
+    if stats is not None:
+        stats.prompt_tokens, stats.new_tokens = sum(map(len, prompts)), sum(row.done.new_tokens for row in rows)
+        stats.drafted = sum(row.drafting.drafted for row in rows if row.drafting)
+        stats.accepted = sum(row.drafting.accepted for row in rows if row.drafting)
     return [row.done for row in rows]
 
 

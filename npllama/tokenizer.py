@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import hashlib
 import operator
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -189,6 +190,7 @@ class Tokenizer:
         self._eos_id = self._checked_id(eos_id)
         self._stop_ids = frozenset(self._checked_id(i) for i in stop_ids)
         self._add_bos = add_bos
+        self._digest = None
 
     @classmethod
     def llama3(cls, name: str, ranks: dict[bytes, int]) -> Tokenizer:
@@ -366,6 +368,17 @@ class Tokenizer:
         """Display text of one token, e.g. for printing a prompt token by token: a special
         token's name, or the token's bytes with incomplete UTF-8 shown as U+FFFD."""
         return self._encoding.decode_single_token_bytes(self._checked_id(token_id)).decode("utf-8", errors="replace")
+
+    def vocabulary_digest(self) -> str:
+        """A hash of every id's bytes: equal for two tokenizers that map the same ids to the same
+        text (a draft model must share its target's)."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for i in range(self._n_words):
+                piece = self._encoding.decode_single_token_bytes(i)
+                h.update(len(piece).to_bytes(4, "little") + piece)
+            self._digest = h.hexdigest()
+        return self._digest
 
     def _checked_id(self, token_id: int) -> int:
         try:

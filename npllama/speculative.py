@@ -1,0 +1,312 @@
+"""Speculative decoding: several tokens a pass, each one distributed as without speculation.
+
+A decode step is a pass over all the weights for one new token, and a pass over a few positions
+costs little more than a pass over one (on the 8B shape streamed, 9 positions cost about 1.6x
+one; benchmarks/speculative.py measures it). So a drafter guesses the next k tokens cheaply, one
+pass of the model computes the logits after the newest token and after each guess, and `verify`
+keeps the guesses the model itself would have produced, then adds one token of its own: 1 to
+k+1 tokens a pass.
+
+- Greedy: a guess stays while it is the model's argmax; the first that is not is replaced by
+  the argmax, so the text is the text without speculation (the logits of a pass over several
+  positions equal those of one position at a time to float32 rounding, as a batch's rows do).
+- Sampling (Leviathan et al. 2023; Chen et al. 2023): a guess x drawn from the drafter's
+  distribution q stays with probability min(1, p(x)/q(x)), p being the sampler's distribution
+  (temperature, top-k, top-p, min-p); the first rejected is replaced by a draw from
+  max(0, p - q), normalised; after k kept guesses one more token comes from p. Each token is
+  then distributed exactly as p. A prompt lookup's guess is certain: q = 1 on it.
+
+Drafters: `Lookup` (the tokens that followed the latest earlier occurrence of the context's last
+1-3 tokens) and `DraftModel` (a smaller model with the same vocabulary and a KV cache of its own,
+whose rejected positions are dropped with the rows'). How much a row drafts adapts to what it
+got (`Drafting`): text that speculation does not help costs a few percent at most.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import ArgumentError
+from .layers import softmax
+
+if TYPE_CHECKING:
+    from .generate import Sampler
+
+NGRAM_MAX = 3  # prompt lookup matches the context's last 3 tokens, else 2, else 1
+MAX_PAUSE = 16  # steps a row may go without drafting after its guesses are rejected outright
+P_MIN = 0.75  # a draft model stops guessing below this probability (llama.cpp's --draft-p-min)
+
+
+@dataclass
+class Drafting:
+    """One row's speculation: how many tokens to guess at its next step, and its tally.
+
+    A row starts guessing `draft_max` tokens. All kept: it guesses twice as many next time (up to
+    draft_max); some kept: as many as were kept; none: half as many, after a pause of 1, 2, 4..
+    MAX_PAUSE steps without guessing, so that a text where guesses fail costs one short guess in
+    MAX_PAUSE steps."""
+
+    length: int  # tokens to guess at the next step
+    draft_max: int
+    pause: int = 0  # steps left without guessing
+    backoff: int = 1  # the next pause after a rejection outright
+    drafted: int = 0
+    accepted: int = 0
+
+    def wanted(self) -> int:
+        """Tokens to guess at this step (0 during a pause)."""
+        if self.pause:
+            self.pause -= 1
+            return 0
+        return self.length
+
+    def update(self, drafted: int, accepted: int) -> None:
+        self.drafted, self.accepted = self.drafted + drafted, self.accepted + accepted
+        if drafted == 0:
+            return
+        if accepted == drafted:
+            self.length, self.backoff = min(self.draft_max, 2 * self.length), 1
+        elif accepted:
+            self.length, self.backoff = accepted, 1
+        else:
+            self.length, self.pause = max(1, self.length // 2), self.backoff
+            self.backoff = min(MAX_PAUSE, 2 * self.backoff)
+
+
+@dataclass
+class Guesses:
+    """A row's guessed tokens, and the distributions they were drawn from: q [k, V], or None
+    when each guess is certain (prompt lookup, or a greedy row)."""
+
+    tokens: list[int]
+    q: np.ndarray | None = None
+
+
+def verify(sampler: Sampler, logits: np.ndarray, guesses: Guesses) -> list[int]:
+    """The tokens one pass gives a row: the guesses kept, then one token of the model's own.
+    logits [k+1, V]: after the row's newest token, and after each of its k guesses."""
+    out = []
+    for j, guess in enumerate(guesses.tokens):
+        if sampler.greedy(logits[j]):
+            token = int(np.argmax(logits[j]))
+            if token != guess:
+                return out + [token]
+        else:
+            p = sampler.probabilities(logits[j])  # [V]
+            q = one_hot(guess, len(p)) if guesses.q is None else guesses.q[j]  # [V]
+            if sampler.rng.random() * q[guess] >= p[guess]:  # rejected: probability 1 - min(1, p/q)
+                residual = np.maximum(p - q, 0.0)  # [V]
+                total = residual.sum()
+                # total is 0 only if p = q to rounding, where nothing is rejected: then p itself.
+                return out + [sampler.draw(residual / total if total > 0 else p)]
+        out.append(guess)
+    return out + [sampler(logits[len(guesses.tokens)])]
+
+
+def one_hot(token: int, n: int) -> np.ndarray:
+    q = np.zeros(n)  # [V]
+    q[token] = 1.0
+    return q
+
+
+class Lookup:
+    """Prompt lookup: a row's guesses are what followed the latest earlier occurrence of its
+    context's last NGRAM_MAX tokens (else fewer) in its context (prompt and new tokens). Free
+    to compute, and right where the model copies: quoting, summarising, editing text or code."""
+
+    def __init__(self, draft_max: int = 8):
+        self.draft_max = check_draft_max(draft_max)
+        self.index: dict[int, NgramIndex] = {}  # id(row) -> its context's n-grams
+
+    def guess(self, rows: list, wanted: list[int]) -> list[Guesses]:
+        out = []
+        for row, k in zip(rows, wanted):
+            index = self.index.setdefault(id(row), NgramIndex())
+            index.extend(row.prompt + row.new_tokens())
+            out.append(Guesses(index.continuation(k) if k else []))
+        return out
+
+    def join(self, rows: list, first_slot: int) -> None:
+        pass
+
+    def kept(self, slot: int, row) -> None:
+        pass
+
+    def swap(self, a: int, b: int, used: int) -> None:
+        pass
+
+    def leave(self, row) -> None:
+        self.index.pop(id(row), None)
+
+
+class NgramIndex:
+    """Where each 1- to NGRAM_MAX-gram of a token sequence last occurred with a token after it."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.follower: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token after its latest occurrence
+
+    def extend(self, tokens: list[int]) -> None:
+        """Index the tokens beyond those seen (`tokens` starts with them)."""
+        for i in range(len(self.tokens), len(tokens)):
+            self.tokens.append(tokens[i])
+            for n in range(1, min(NGRAM_MAX, i) + 1):  # the n-grams that end just before token i
+                self.follower[tuple(self.tokens[i - n:i])] = i
+
+    def continuation(self, k: int) -> list[int]:
+        """k tokens that followed the latest earlier occurrence of the longest suffix found, read
+        on past the end as a repeat (a match d tokens back continues with the last d tokens)."""
+        for n in range(min(NGRAM_MAX, len(self.tokens)), 0, -1):
+            i = self.follower.get(tuple(self.tokens[-n:]))
+            if i is not None:
+                out, period = [], len(self.tokens) - i
+                for m in range(k):
+                    out.append(self.tokens[i + m] if i + m < len(self.tokens) else out[m - period])
+                return out
+        return []
+
+
+class DraftModel:
+    """A smaller model with the same vocabulary guesses: the argmax for a greedy row, else a draw
+    with the row's sampler from the draft's own distribution q; it stops guessing for a row where
+    its guess is less likely than p_min. It keeps a KV cache of its own, a slot per row of the
+    batch's, and `held[slot]`, the tokens that slot holds: positions a rejected guess wrote are
+    dropped (and zeroed) as the model's own are."""
+
+    def __init__(self, model, draft, rows: int, context: int, draft_max: int = 8, p_min: float = P_MIN):
+        check_same_vocabulary(model, draft)
+        self.model, self.draft_max, self.p_min = draft, check_draft_max(draft_max), p_min
+        self.cache = draft.new_cache(min(context, draft.args.max_seq_len), rows)
+        self.context = draft.context_length(self.cache)
+        self.held: list[list[int] | None] = [[] for _ in range(rows)]  # None: the slot's earlier turns are unknown
+
+    def join(self, rows: list, first_slot: int) -> None:
+        """Prefill the joining rows' prompts into their slots (in one pass, as the model's), after
+        the earlier turns the slot holds; a row whose earlier turns it does not hold gets no guesses."""
+        slots = range(first_slot, first_slot + len(rows))
+        for slot, row in zip(slots, rows):
+            if self.held[slot] is not None and len(self.held[slot]) >= row.start:
+                self.forget(slot, row.start)
+            else:
+                self.held[slot] = None
+        if max(row.start + len(row.prompt) for row in rows) <= self.context:
+            self.feed(rows, first_slot, [row.prompt for row in rows], [row.start for row in rows])
+        else:
+            for slot in slots:
+                self.held[slot] = None
+
+    def guess(self, rows: list, wanted: list[int]) -> list[Guesses]:
+        """Up to wanted[i] guesses for rows[i] (the rows in slots 0..): one pass feeding each row
+        the tokens its slot lacks, then one pass a guess, while any row still guesses."""
+        wanted = [k if self.held[slot] is not None else 0 for slot, k in enumerate(wanted)]
+        out = [Guesses([]) for _ in rows]
+        if not any(wanted):
+            return out
+        lacking = [self.lacking(slot, row) for slot, row in enumerate(rows)]
+        starts = [row.pos + 1 - len(t) for row, t in zip(rows, lacking)]
+        if max(starts) + max(map(len, lacking)) > self.context:
+            return out  # the padded pass would run past the cache: no guesses near the context's end
+        logits = self.feed(rows, 0, lacking, starts)  # [n, V]
+        qs = [[] for _ in rows]
+        for _ in range(max(wanted)):
+            drawn = [self.draw(row.sampler, logits[i]) if wanted[i] else None for i, row in enumerate(rows)]
+            tokens = [d[0] if d is not None and d[1][d[0]] >= self.p_min else -1 for d in drawn]
+            tokens = self.model.group.bcast(tokens)  # rank 0's guesses, on every rank
+            for i, token in enumerate(tokens):
+                if token < 0:
+                    wanted[i] = 0
+                    continue
+                out[i].tokens.append(token)
+                qs[i].append(drawn[i][1])
+                wanted[i] -= 1
+            if not any(wanted):
+                break
+            # Rows done guessing ride along (a pass takes contiguous slots), fed a token at their
+            # next position that `kept` drops again.
+            feed = [[out[i].tokens[-1] if out[i].tokens else row.newest] for i, row in enumerate(rows)]
+            logits = self.feed(rows, 0, feed, [row.pos + len(out[i].tokens) for i, row in enumerate(rows)])
+        for i, row in enumerate(rows):
+            if out[i].tokens and row.sampler.temperature > 0:
+                out[i].q = np.stack(qs[i])  # [k, V]
+        return out
+
+    def draw(self, sampler: Sampler, logits: np.ndarray) -> tuple[int, np.ndarray]:
+        """A guess and the distribution it was drawn from (for a greedy row, the draft's softmax,
+        which only says how sure it is)."""
+        if sampler.greedy(logits):
+            return int(np.argmax(logits)), softmax(logits.astype(np.float64))  # [V]
+        q = sampler.probabilities(logits)  # [V]
+        return sampler.draw(q), q
+
+    def lacking(self, slot: int, row) -> list[int]:
+        """The row's tokens up to its newest that the slot does not hold yet."""
+        held = self.held[slot]
+        if held is None:
+            return [row.newest]
+        return (row.prompt + row.new_tokens())[len(held) - row.start:]  # from position len(held)
+
+    def feed(self, rows: list, first_slot: int, tokens: list[list[int]], starts: list[int]) -> np.ndarray:
+        """Each row's tokens at positions starts[i].. of its slot: logits [n, V] after each row's last."""
+        n, width = len(rows), max(map(len, tokens))
+        batch = np.zeros((n, width), np.int64)  # [n, T] right-padded
+        for i, t in enumerate(tokens):
+            batch[i, :len(t)] = t
+        logits = self.model.forward_rows(batch, np.array([len(t) for t in tokens]), np.array(starts), self.cache,
+                                         "last", first_slot)
+        for slot, t, start in zip(range(first_slot, first_slot + n), tokens, starts):
+            if self.held[slot] is not None:
+                del self.held[slot][start:]
+                self.held[slot] += t
+        return logits
+
+    def kept(self, slot: int, row) -> None:
+        """After the model's pass: the slot keeps the positions before the row's newest token."""
+        if self.held[slot] is not None:
+            self.forget(slot, row.pos)
+
+    def forget(self, slot: int, keep: int) -> None:
+        held = self.held[slot]
+        if len(held) > keep:
+            self.cache.clear([slot], [keep], [len(held)])
+            del held[keep:]
+
+    def swap(self, a: int, b: int, used: int) -> None:
+        self.cache.swap(a, b, used)
+        self.held[a], self.held[b] = self.held[b], self.held[a]
+
+    def leave(self, row) -> None:
+        pass
+
+
+def drafter_for(model, cache, lookup: bool = False, draft=None, draft_max: int = 8):
+    """The drafter of a Batch over `cache`: prompt lookup, a draft model (a loaded model, or a
+    DraftModel kept from an earlier call, as a conversation's is), or None (no speculation)."""
+    if lookup and draft is not None:
+        raise ArgumentError("give prompt lookup (--lookup) or a draft model (-md), not both")
+    if isinstance(draft, DraftModel):
+        if len(draft.cache.order) != len(cache.order):
+            raise ArgumentError(f"the DraftModel has {len(draft.cache.order)} rows for a batch of {len(cache.order)}")
+        return draft
+    if draft is not None:
+        return DraftModel(model, draft, len(cache.order), model.context_length(cache), draft_max)
+    return Lookup(draft_max) if lookup else None
+
+
+def check_same_vocabulary(model, draft) -> None:
+    """A draft must speak the model's token ids: the same vocabulary, token for token."""
+    a, b = model.tokenizer, draft.tokenizer
+    same = model.args.vocab_size == draft.args.vocab_size and a.vocabulary_digest() == b.vocabulary_digest()
+    if not same:
+        raise ArgumentError(f"the draft model ({draft.source or 'given'}) has another vocabulary than the model "
+                            f"({model.source or 'given'}): {draft.args.vocab_size} tokens against "
+                            f"{model.args.vocab_size}, or the same ids for other text; a draft must share the "
+                            "model's tokenizer (e.g. Llama-3.2-1B for Llama-3-8B)")
+
+
+def check_draft_max(draft_max) -> int:
+    if not isinstance(draft_max, int) or isinstance(draft_max, bool) or not 1 <= draft_max <= 64:
+        raise ArgumentError(f"draft_max (--draft-max) is {draft_max!r}; it must be an integer from 1 to 64")
+    return draft_max
