@@ -160,11 +160,15 @@ class GenerationStats:
         steps = max(self.new_tokens - 1, 0)
         return steps / self.decode_seconds if self.decode_seconds else 0.0
 
+    def speculation(self) -> str:
+        """", D drafted, A accepted (R%)" with speculative decoding, else ""."""
+        if not self.drafted:
+            return ""
+        return f", {self.drafted} drafted, {self.accepted} accepted ({100 * self.accepted / self.drafted:.0f}%)"
+
     def summary(self) -> str:
-        drafts = (f", {self.drafted} drafted, {self.accepted} accepted "
-                  f"({100 * self.accepted / max(self.drafted, 1):.0f}%)") if self.drafted else ""
         return (f"{self.prompt_tokens} prompt tokens at {self.prefill_tok_s:.1f} tok/s, "
-                f"{self.new_tokens} new tokens at {self.decode_tok_s:.1f} tok/s{drafts} "
+                f"{self.new_tokens} new tokens at {self.decode_tok_s:.1f} tok/s{self.speculation()} "
                 f"(stopped: {self.stop_reason})")
 
 
@@ -267,7 +271,7 @@ class Batch:
             raise ArgumentError(f"all {len(self.cache.order)} rows of the KV cache are taken")
         check_fits(row.start, len(row.prompt), self.context, generating=True)
         if self.drafter:
-            row.drafting = Drafting(self.drafter.draft_max, self.drafter.draft_max)
+            row.drafting = Drafting(self.drafter.draft_max, self.drafter.cost)
         self.joining.append(row)
 
     def step(self) -> list[Row]:
@@ -308,7 +312,7 @@ class Batch:
                    for s, (row, tokens) in enumerate(zip(rows, chosen))]
         for slot, row in enumerate(rows):
             if row.drafting and chosen[slot] is not None:
-                row.drafting.update(len(guesses[slot].tokens), len(chosen[slot]) - 1)
+                row.drafting.update(guesses[slot], len(chosen[slot]) - 1)
             if self.drafter:
                 self.drafter.kept(slot, row)
         # Positions past each row's newest token that this step wrote (rejected guesses, pads).

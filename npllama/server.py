@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from .chat import chat_format_for
 from .errors import NpllamaError, shown
 from .generate import Batch, Completion, Row, Sampler
+from .speculative import drafter_for
 from .tokenizer import StreamDecoder
 
 MAX_BODY = 1 << 20  # bytes of a request body: a full context of text is far less
@@ -269,10 +270,13 @@ class Engine:
     """The generation loop in a thread of its own: jobs wait in order for a free row, join the
     batch at the next step, and leave it as soon as they are done or cancelled."""
 
-    def __init__(self, model, parallel: int, context: int, max_waiting: int):
+    def __init__(self, model, parallel: int, context: int, max_waiting: int, lookup: bool = False, draft=None,
+                 draft_max: int = 8):
+        # lookup, draft, draft_max: speculative decoding (speculative.py), each request's row its own guesses
         self.model, self.max_waiting = model, max_waiting
         self.cache = model.new_cache(context, rows=parallel)
-        self.batch = Batch(model, self.cache, isolate=True)
+        self.drafter = drafter_for(model, self.cache, lookup, draft, draft_max)
+        self.batch = Batch(model, self.cache, isolate=True, drafter=self.drafter)
         self.waiting: collections.deque[Job] = collections.deque()
         self.jobs: dict[int, Job] = {}  # id(row) -> its job, for the rows in the batch
         self.wake = threading.Condition()
@@ -333,10 +337,11 @@ class Engine:
             self.ended["error"] += len(rows)
             for row in rows:
                 self.jobs.pop(id(row)).send(("error", e))
-            self.batch = Batch(self.model, self.cache, isolate=True)
+            self.batch = Batch(self.model, self.cache, isolate=True, drafter=self.drafter)
             return
         for row in got:
-            self.jobs[id(row)].send(("token", (row.done.tokens[-1], row.done.new_tokens)))
+            for k in range(row.done.new_tokens - row.fresh + 1, row.done.new_tokens + 1):
+                self.jobs[id(row)].send(("token", (row.done.tokens[k - row.done.new_tokens - 1], k)))
         for row in rows:
             if row.done.stop_reason:
                 self.ended[row.done.stop_reason] += 1

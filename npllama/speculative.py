@@ -24,6 +24,7 @@ got (`Drafting`): text that speculation does not help costs a few percent at mos
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,44 +37,35 @@ if TYPE_CHECKING:
     from .generate import Sampler
 
 NGRAM_MAX = 3  # prompt lookup matches the context's last 3 tokens, else 2, else 1
-MAX_PAUSE = 16  # steps a row may go without drafting after its guesses are rejected outright
+MAX_PAUSE = 32  # the longest pause between probes where guesses fail
+PROBE = 4  # guesses of a probe
 P_MIN = 0.75  # a draft model stops guessing below this probability (llama.cpp's --draft-p-min)
 
 
-@dataclass
-class Drafting:
-    """One row's speculation: how many tokens to guess at its next step, and its tally.
+@dataclass(frozen=True)
+class PassCost:
+    """What a step with k guesses costs, in passes over one position: 1 + first + step * (k - 1)
+    for the model's pass, plus `guess` for each guess a draft model makes (its share of the
+    model's weights; prompt lookup's guesses are free)."""
 
-    A row starts guessing `draft_max` tokens. All kept: it guesses twice as many next time (up to
-    draft_max); some kept: as many as were kept; none: half as many, after a pause of 1, 2, 4..
-    MAX_PAUSE steps without guessing, so that a text where guesses fail costs one short guess in
-    MAX_PAUSE steps."""
+    first: float
+    step: float
+    guess: float = 0.0
 
-    length: int  # tokens to guess at the next step
-    draft_max: int
-    pause: int = 0  # steps left without guessing
-    backoff: int = 1  # the next pause after a rejection outright
-    drafted: int = 0
-    accepted: int = 0
+    def __call__(self, k: int) -> float:
+        return 1.0 if k == 0 else 1 + self.first + self.step * (k - 1) + self.guess * k
 
-    def wanted(self) -> int:
-        """Tokens to guess at this step (0 during a pause)."""
-        if self.pause:
-            self.pause -= 1
-            return 0
-        return self.length
+    def fewest(self, draft_max: int) -> int:
+        """The fewest guesses that, all kept, give 1.2 times the tokens per cost of no guess."""
+        return next((k for k in range(1, draft_max + 1) if (k + 1) / self(k) >= 1.2), draft_max)
 
-    def update(self, drafted: int, accepted: int) -> None:
-        self.drafted, self.accepted = self.drafted + drafted, self.accepted + accepted
-        if drafted == 0:
-            return
-        if accepted == drafted:
-            self.length, self.backoff = min(self.draft_max, 2 * self.length), 1
-        elif accepted:
-            self.length, self.backoff = accepted, 1
-        else:
-            self.length, self.pause = max(1, self.length // 2), self.backoff
-            self.backoff = min(MAX_PAUSE, 2 * self.backoff)
+
+# A pass's cost is reading the weights, once whatever the positions, plus each position's
+# products. Weights in RAM as float32: small products, where BLAS's matrix-matrix product costs
+# far more than its matrix-vector one (SmolLM2, AMD EPYC: 2 positions 2.3x one, 9 positions
+# 2.9x). Streamed: converting the weights dominates (the 8B shape: 9 positions 1.6x one).
+# Fixed, not timed, so that a seeded row guesses, and so draws, the same run to run.
+RESIDENT, STREAMED = PassCost(1.0, 0.1), PassCost(0.15, 0.06)
 
 
 @dataclass
@@ -83,6 +75,46 @@ class Guesses:
 
     tokens: list[int]
     q: np.ndarray | None = None
+    spent: bool = False  # a draft model ran for them (which, with no guess sure enough, is a failed probe)
+
+
+@dataclass
+class Drafting:
+    """One row's speculation: how many tokens to guess at its next step, and its tally.
+
+    Guesses come right in runs (a passage being copied) and wrong in runs (text the drafter
+    cannot foresee), so the row follows its last step: all guesses kept, it guesses twice as
+    many; at least half, as many as were kept; fewer, it stops guessing and probes again after
+    2, 4.. MAX_PAUSE steps. It never guesses fewer than `cost.fewest`, the fewest tokens that
+    can pay for what they add to the pass."""
+
+    draft_max: int
+    cost: PassCost
+    length: int = 0  # tokens to guess at the next step; 0: probing
+    pause: int = 0  # steps left before the next probe
+    backoff: int = 2  # the pause after a failed probe
+    drafted: int = 0
+    accepted: int = 0
+
+    def wanted(self) -> int:
+        """Tokens to guess at this step."""
+        if self.length:
+            return self.length
+        if self.pause:
+            self.pause -= 1
+            return 0
+        return max(self.cost.fewest(self.draft_max), min(PROBE, self.draft_max))
+
+    def update(self, guesses: Guesses, accepted: int) -> None:
+        drafted = len(guesses.tokens)
+        self.drafted, self.accepted = self.drafted + drafted, self.accepted + accepted
+        if not drafted and not guesses.spent:  # no guess to make, none paid for (no n-gram found)
+            return
+        if drafted and 2 * accepted >= drafted:
+            grown = 2 * drafted if accepted == drafted else accepted
+            self.length, self.backoff = min(self.draft_max, max(grown, self.cost.fewest(self.draft_max))), 2
+        else:
+            self.length, self.pause, self.backoff = 0, self.backoff, min(MAX_PAUSE, 2 * self.backoff)
 
 
 def verify(sampler: Sampler, logits: np.ndarray, guesses: Guesses) -> list[int]:
@@ -117,8 +149,8 @@ class Lookup:
     context's last NGRAM_MAX tokens (else fewer) in its context (prompt and new tokens). Free
     to compute, and right where the model copies: quoting, summarising, editing text or code."""
 
-    def __init__(self, draft_max: int = 8):
-        self.draft_max = check_draft_max(draft_max)
+    def __init__(self, draft_max: int = 8, cost: PassCost = RESIDENT):
+        self.draft_max, self.cost = check_draft_max(draft_max), cost
         self.index: dict[int, NgramIndex] = {}  # id(row) -> its context's n-grams
 
     def guess(self, rows: list, wanted: list[int]) -> list[Guesses]:
@@ -179,6 +211,7 @@ class DraftModel:
     def __init__(self, model, draft, rows: int, context: int, draft_max: int = 8, p_min: float = P_MIN):
         check_same_vocabulary(model, draft)
         self.model, self.draft_max, self.p_min = draft, check_draft_max(draft_max), p_min
+        self.cost = pass_cost(model, draft)
         self.cache = draft.new_cache(min(context, draft.args.max_seq_len), rows)
         self.context = draft.context_length(self.cache)
         self.held: list[list[int] | None] = [[] for _ in range(rows)]  # None: the slot's earlier turns are unknown
@@ -210,7 +243,7 @@ class DraftModel:
         if max(starts) + max(map(len, lacking)) > self.context:
             return out  # the padded pass would run past the cache: no guesses near the context's end
         logits = self.feed(rows, 0, lacking, starts)  # [n, V]
-        qs = [[] for _ in rows]
+        qs, asked = [[] for _ in rows], list(wanted)
         for _ in range(max(wanted)):
             drawn = [self.draw(row.sampler, logits[i]) if wanted[i] else None for i, row in enumerate(rows)]
             tokens = [d[0] if d is not None and d[1][d[0]] >= self.p_min else -1 for d in drawn]
@@ -229,6 +262,7 @@ class DraftModel:
             feed = [[out[i].tokens[-1] if out[i].tokens else row.newest] for i, row in enumerate(rows)]
             logits = self.feed(rows, 0, feed, [row.pos + len(out[i].tokens) for i, row in enumerate(rows)])
         for i, row in enumerate(rows):
+            out[i].spent = asked[i] > 0
             if out[i].tokens and row.sampler.temperature > 0:
                 out[i].q = np.stack(qs[i])  # [k, V]
         return out
@@ -292,7 +326,19 @@ def drafter_for(model, cache, lookup: bool = False, draft=None, draft_max: int =
         return draft
     if draft is not None:
         return DraftModel(model, draft, len(cache.order), model.context_length(cache), draft_max)
-    return Lookup(draft_max) if lookup else None
+    return Lookup(draft_max, pass_cost(model)) if lookup else None
+
+
+def pass_cost(model, draft=None) -> PassCost:
+    """The cost model of a step of `model` (RESIDENT or STREAMED), with a draft model's guesses."""
+    cost = RESIDENT if model.resident else STREAMED
+    if draft is None:
+        return cost
+    return PassCost(cost.first, cost.step, parameters(draft) / parameters(model))
+
+
+def parameters(model) -> int:
+    return sum(math.prod(shape) for shape in getattr(model.args, "whole", model.args).weight_shapes().values())
 
 
 def check_same_vocabulary(model, draft) -> None:

@@ -56,6 +56,35 @@ def add_model_options(p: argparse.ArgumentParser, context: int | None, context_h
                    "free, measured as it runs)")
 
 
+def add_speculation_options(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding (npllama/speculative.py): guesses checked several a pass."""
+    p.add_argument("--lookup", action="store_true", help="speculative decoding by prompt lookup: guess that the text "
+                   "goes on as it did after the last earlier occurrence of its last 1-3 tokens (fast where the "
+                   "answer copies the prompt: quoting, summaries, editing); the output is unchanged")
+    p.add_argument("-md", "--model-draft", metavar="PATH", help="speculative decoding with a draft model: a "
+                   "smaller model with the same vocabulary (e.g. Llama-3.2-1B for Llama-3-8B) guesses, the "
+                   "model checks; the output is unchanged")
+    p.add_argument("--draft-max", type=int, default=8, help="most tokens guessed a step")
+
+
+def check_speculation_options(args) -> None:
+    if args.lookup and args.model_draft:
+        raise ArgumentError("give --lookup or -md/--model-draft, not both")
+    if not 1 <= args.draft_max <= 64:
+        raise ArgumentError(f"--draft-max must be from 1 to 64, got {args.draft_max}")
+
+
+def load_draft(args, model):
+    """The draft model of -md, loaded with the model's options, or None."""
+    if not args.model_draft:
+        return None
+    from ..speculative import check_same_vocabulary
+    draft = load_model(args, args.model_draft, max_seq_len=model.args.max_seq_len)
+    draft.verbose = False
+    check_same_vocabulary(model, draft)
+    return draft
+
+
 def check_model_options(args) -> None:
     """Everything the model options can get wrong, checked before the model loads (which may take a
     while), each in one line."""

@@ -13,8 +13,9 @@ from ..config import check_fits, fits
 from ..errors import ArgumentError
 from ..generate import GenerationStats, Sampler, next_token_probs, top_tokens
 from ..tokenizer import StreamDecoder
-from .common import (THE_PROMPT, add_model_options, check_model_options, from_rank0, load_model, new_parser,
-                     read_prompt_file)
+from ..speculative import DraftModel
+from .common import (THE_PROMPT, add_model_options, add_speculation_options, check_model_options,
+                     check_speculation_options, from_rank0, load_draft, load_model, new_parser, read_prompt_file)
 
 STORY_TOKENS = 32  # continuation length of the story mode
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message for --chat")
     p.add_argument("--batch", action="store_true", help="each line of -f (or of -p) is a prompt of its own: "
                    "all are continued together, and each completion is printed under its number")
+    add_speculation_options(p)
     return p
 
 
@@ -59,11 +61,13 @@ def run(args) -> int:
     sampler = Sampler(args.temperature, args.top_p, args.top_k, args.seed)
     prompt = read_prompt_file(args.file) if args.file else args.prompt
     model = load_model(args)
+    draft = load_draft(args, model)
+    speculation = {"lookup": args.lookup, "draft": draft, "draft_max": args.draft_max}
     if args.chat:
-        return chat(model, sampler, args, prompt)
+        return chat(model, sampler, args, prompt, speculation)
     prompt = THE_PROMPT if prompt is None else prompt
     if args.batch:
-        return run_batch(model, sampler, args, prompt)
+        return run_batch(model, sampler, args, prompt, speculation)
     tokens = model.tokenizer.encode(prompt, bos=None)
     if not tokens:
         raise ArgumentError("the prompt is empty and this model's tokenizer adds no begin-of-text "
@@ -79,11 +83,11 @@ def run(args) -> int:
         n_new = args.max_new_tokens
     print(prompt, end="", flush=True)
     stats = GenerationStats()
-    stream(model, model.generate(tokens, n_new, sampler, stats=stats), stats)
+    stream(model, model.generate(tokens, n_new, sampler, stats=stats, **speculation), stats)
     return 0
 
 
-def run_batch(model, sampler: Sampler, args, text: str) -> int:
+def run_batch(model, sampler: Sampler, args, text: str, speculation: dict) -> int:
     """Every non-empty line a prompt; the completions, labelled, once all are done."""
     prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
@@ -92,15 +96,17 @@ def run_batch(model, sampler: Sampler, args, text: str) -> int:
     if not all(rows):
         raise ArgumentError("a prompt is empty and this model's tokenizer adds no begin-of-text token")
     start = time.perf_counter()
-    done = model.generate_batch(rows, STORY_TOKENS if args.max_new_tokens is None else args.max_new_tokens, sampler)
+    stats = GenerationStats()
+    done = model.generate_batch(rows, STORY_TOKENS if args.max_new_tokens is None else args.max_new_tokens, sampler,
+                                stats=stats, **speculation)
     seconds = time.perf_counter() - start
     stops = model.tokenizer.stop_ids
     for i, (prompt, completion) in enumerate(zip(prompts, done), 1):
         text = model.tokenizer.decode([t for t in completion.tokens if t not in stops])
         print(f"[{i}] {prompt}{text}\n    ({completion.new_tokens} tokens, stopped: {completion.stop_reason})")
-    total = sum(c.new_tokens for c in done)
-    print(f"[{len(prompts)} prompts, {total} new tokens in {seconds:.1f}s: {total / seconds:.1f} tok/s in all]",
-          file=sys.stderr)
+    total = stats.new_tokens
+    print(f"[{len(prompts)} prompts, {total} new tokens in {seconds:.1f}s: {total / seconds:.1f} tok/s in all"
+          f"{stats.speculation()}]", file=sys.stderr)
     return 0
 
 
@@ -113,6 +119,7 @@ def check_args(args) -> None:
     if args.max_new_tokens is not None and args.max_new_tokens < 0:
         raise ArgumentError(f"-n must be >= 0, got {args.max_new_tokens}")
     check_model_options(args)
+    check_speculation_options(args)
 
 
 def fit_prompt(tokens: list[int], context: int, bos_id: int | None) -> list[int]:
@@ -156,10 +163,13 @@ def stream(model, tokens, stats) -> list[int]:
     return out
 
 
-def chat(model, sampler, args, one_shot: str | None) -> int:
+def chat(model, sampler, args, one_shot: str | None, speculation: dict) -> int:
     fmt = chat_format_for(model.tokenizer)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     cache, cached = model.new_cache(), []  # `cached`: the tokens whose keys/values are in the cache
+    if speculation["draft"] is not None:  # one for the whole conversation: it holds the earlier turns too
+        speculation = {**speculation, "draft": DraftModel(model, speculation["draft"], 1, model.context_length(cache),
+                                                           speculation["draft_max"])}
     n_new = 512 if args.max_new_tokens is None else args.max_new_tokens
     interactive = one_shot is None
     if interactive:
@@ -176,8 +186,8 @@ def chat(model, sampler, args, one_shot: str | None) -> int:
         # Reuse the cache for the shared prefix of this dialog and the last one; feed only the rest.
         start = common_prefix(cached, tokens)
         stats = GenerationStats()
-        reply = stream(model, model.generate(tokens[start:], n_new, sampler, stop_ids=fmt.stop_ids,
-                                             stats=stats, cache=cache, start_pos=start), stats)
+        reply = stream(model, model.generate(tokens[start:], n_new, sampler, stop_ids=fmt.stop_ids, stats=stats,
+                                             cache=cache, start_pos=start, **speculation), stats)
         cached = tokens + reply[:max(stats.cached_positions - len(tokens), 0)]
         text = model.tokenizer.decode([t for t in reply if t not in fmt.stop_ids])
         messages.append({"role": "assistant", "content": text})

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ..errors import ArgumentError
-from .common import add_model_options, check_model_options, load_model, new_parser
+from .common import (add_model_options, add_speculation_options, check_model_options, check_speculation_options,
+                     load_draft, load_model, new_parser)
 
 DEFAULT_CONTEXT = 4096  # a row's positions unless -c says otherwise (llama-server's default -c)
 
@@ -25,12 +26,14 @@ def build_parser():
                    "with Retry-After")
     p.add_argument("--api-key", help="require the header Authorization: Bearer KEY on /v1/ routes")
     p.add_argument("--alias", help="the model's name in the API (default: its file or directory name)")
+    add_speculation_options(p)
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     check_model_options(args)
+    check_speculation_options(args)
     if not 1 <= args.parallel <= 256 or args.queue < 0 or not 0 <= args.port < 65536:
         raise ArgumentError("--parallel must be from 1 to 256, --queue >= 0 and --port from 0 to 65535")
     try:
@@ -51,7 +54,7 @@ def main(argv: list[str]) -> int:
     model = load_model(args)
     context = args.max_seq_len or min(model.args.max_seq_len, DEFAULT_CONTEXT)
     model.verbose = False  # no progress lines per request
-    engine = Engine(model, args.parallel, context, args.queue)
+    engine = Engine(model, args.parallel, context, args.queue, args.lookup, load_draft(args, model), args.draft_max)
     model_id = args.alias or Path(args.model or model.source or "npllama").name
     app = make_app(engine, Requests(model, model_id, context), args.api_key)
     engine.thread.start()
