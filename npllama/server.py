@@ -283,6 +283,7 @@ class Engine:
         self.thread = threading.Thread(target=self.run, name="npllama-engine", daemon=True)
         self.stopping = False
         self.ended = collections.Counter()  # requests by how they ended: stop_token, cancelled, error...
+        self.guesses = collections.Counter()  # speculative decoding: tokens drafted, and accepted
 
     def submit(self, job: Job) -> None:
         with self.wake:
@@ -302,7 +303,7 @@ class Engine:
     @property
     def load(self) -> dict:
         return {"rows": len(self.cache.order), "decoding": len(self.jobs), "waiting": len(self.waiting),
-                "ended": dict(self.ended)}
+                "ended": dict(self.ended), **({"guesses": dict(self.guesses)} if self.drafter else {})}
 
     def run(self) -> None:
         while True:
@@ -345,6 +346,8 @@ class Engine:
         for row in rows:
             if row.done.stop_reason:
                 self.ended[row.done.stop_reason] += 1
+                if row.drafting:
+                    self.guesses.update(drafted=row.drafting.drafted, accepted=row.drafting.accepted)
                 job = self.jobs.pop(id(row))
                 job.send(("error", row.error) if row.error else ("done", row.done.stop_reason))
 

@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from .generate import Sampler
 
 NGRAM_MAX = 3  # prompt lookup matches the context's last 3 tokens, else 2, else 1
-MAX_PAUSE = 32  # the longest pause between probes where guesses fail
 PROBE = 4  # guesses of a probe
+PROBE_SHARE = 0.03  # where guesses fail, probes add at most this share to the passes
 P_MIN = 0.75  # a draft model stops guessing below this probability (llama.cpp's --draft-p-min)
 
 
@@ -65,7 +65,7 @@ class PassCost:
 # far more than its matrix-vector one (SmolLM2, AMD EPYC: 2 positions 2.3x one, 9 positions
 # 2.9x). Streamed: converting the weights dominates (the 8B shape: 9 positions 1.6x one).
 # Fixed, not timed, so that a seeded row guesses, and so draws, the same run to run.
-RESIDENT, STREAMED = PassCost(1.0, 0.1), PassCost(0.15, 0.06)
+RESIDENT, STREAMED = PassCost(1.3, 0.1), PassCost(0.15, 0.06)
 
 
 @dataclass
@@ -83,18 +83,25 @@ class Drafting:
     """One row's speculation: how many tokens to guess at its next step, and its tally.
 
     Guesses come right in runs (a passage being copied) and wrong in runs (text the drafter
-    cannot foresee), so the row follows its last step: all guesses kept, it guesses twice as
-    many; at least half, as many as were kept; fewer, it stops guessing and probes again after
-    2, 4.. MAX_PAUSE steps. It never guesses fewer than `cost.fewest`, the fewest tokens that
-    can pay for what they add to the pass."""
+    cannot foresee), so the row follows its last step. If the tokens it got paid for the cost of
+    its guesses, it goes on guessing: twice as many if all were kept, else as many as were (never
+    fewer than `cost.fewest`, the fewest that can pay for what they add to the pass). If not, it
+    stops guessing and probes again after a pause: 2, 4, 8.. steps after guesses that paid, up to
+    the pause at which probes add PROBE_SHARE to the passes, which is also the pause before a row
+    has had guesses pay at all: where guessing fails, it costs little."""
 
     draft_max: int
     cost: PassCost
     length: int = 0  # tokens to guess at the next step; 0: probing
     pause: int = 0  # steps left before the next probe
-    backoff: int = 2  # the pause after a failed probe
+    backoff: int = 0  # the pause after a failed probe (set to the longest)
     drafted: int = 0
     accepted: int = 0
+
+    def __post_init__(self):
+        self.probe = max(self.cost.fewest(self.draft_max), min(PROBE, self.draft_max))  # guesses of a probe
+        self.longest = math.ceil((self.cost(self.probe) - 1) / PROBE_SHARE)  # steps
+        self.backoff = self.backoff or self.longest
 
     def wanted(self) -> int:
         """Tokens to guess at this step."""
@@ -103,18 +110,18 @@ class Drafting:
         if self.pause:
             self.pause -= 1
             return 0
-        return max(self.cost.fewest(self.draft_max), min(PROBE, self.draft_max))
+        return self.probe
 
     def update(self, guesses: Guesses, accepted: int) -> None:
         drafted = len(guesses.tokens)
         self.drafted, self.accepted = self.drafted + drafted, self.accepted + accepted
         if not drafted and not guesses.spent:  # no guess to make, none paid for (no n-gram found)
             return
-        if drafted and 2 * accepted >= drafted:
+        if drafted and accepted + 1 >= self.cost(drafted):
             grown = 2 * drafted if accepted == drafted else accepted
             self.length, self.backoff = min(self.draft_max, max(grown, self.cost.fewest(self.draft_max))), 2
         else:
-            self.length, self.pause, self.backoff = 0, self.backoff, min(MAX_PAUSE, 2 * self.backoff)
+            self.length, self.pause, self.backoff = 0, self.backoff, min(self.longest, 2 * self.backoff)
 
 
 def verify(sampler: Sampler, logits: np.ndarray, guesses: Guesses) -> list[int]:

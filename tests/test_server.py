@@ -40,10 +40,10 @@ def model(default_model_path):
 
 
 @contextmanager
-def running(model, parallel=8, queue=32, api_key=None, context=CONTEXT, model_id="smollm2"):
+def running(model, parallel=8, queue=32, api_key=None, context=CONTEXT, model_id="smollm2", **speculation):
     """The server in this process: the engine's thread, and uvicorn in a thread on a free port.
     Yields (base URL, the engine, the request log)."""
-    engine = server.Engine(model, parallel, context, queue)
+    engine = server.Engine(model, parallel, context, queue, **speculation)
     log = io.StringIO()
     app = server.make_app(engine, server.Requests(model, model_id, context), api_key, log=log)
     listener = socket.socket()
@@ -134,6 +134,26 @@ def test_sixteen_concurrent_clients_each_get_what_they_get_alone(url):
         sampled = pool.submit(lambda: client(url).completions.create(model="smollm2", **seeded))
         assert [f.result().choices[0].text for f in crowd] == alone
         assert sampled.result().choices[0].text == alone_sampled
+
+
+@pytest.mark.parametrize("method", ["lookup", "draft"])
+def test_speculating_rows_each_get_their_unspeculated_answer(model, method):
+    """Rows guessing each for itself (prompt lookup, or a draft model: the model itself), eight
+    at a time, streamed or whole: each answer is generate's without speculation."""
+    passage = "It was the best of times, it was the worst of times, it was the age of wisdom."
+    prompts = [passage + " " + passage[:k] for k in (10, 20, 30, 40)] + PROMPTS[:4]
+    stops = model.tokenizer.stop_ids
+    alone = [model.tokenizer.decode([t for t in model.generate(model.tokenizer.encode(p), 20) if t not in stops])
+             for p in prompts]
+    with running(model, **({"lookup": True} if method == "lookup" else {"draft": model})) as (base, engine, _):
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            whole = [pool.submit(complete, base, p, 20) for p in prompts]
+            streamed = pool.submit(lambda: "".join(c.choices[0].text for c in client(base).completions.create(
+                model="smollm2", prompt=prompts[0], max_tokens=20, temperature=0, stream=True)))
+            assert [f.result().choices[0].text for f in whole] == alone
+            assert streamed.result() == whole[0].result().choices[0].text
+        guesses = httpx.get(base + "/health").json()["guesses"]
+    assert guesses["accepted"] > 0 and guesses["drafted"] >= guesses["accepted"]
 
 
 def test_stop_strings_echo_and_logprobs(url, model):
