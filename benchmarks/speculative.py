@@ -1,7 +1,7 @@
 """Speculative decoding measured: what a pass over several positions costs, and decode tok/s with
 and without guesses, on SmolLM2 and the 8B shape streamed, idle and beside a busy core.
 
-    python benchmarks/speculative.py [--models smollm2,8b] [--tokens 64] [--rounds 2]
+    python benchmarks/speculative.py [--models smollm2,8b] [--tokens 64] [--rounds 2] [--8b-tokens 32] [--8b-rounds 1]
 
 One worker process a model (benchmarks/prepare.py's models; the 8B's bf16 file streamed as its
 int16 copy, npllama's default) measures:
@@ -39,9 +39,10 @@ OPEN_PROMPT = "Once upon a time, in a small village by the sea,"
 
 
 def copying_prompt() -> str:
-    """A passage of plain prose (Python's own documentation of `if`), then its first words again."""
-    import pydoc_data.topics
-    passage = pydoc_data.topics.topics["while"][:900]
+    """A passage of plain prose (the docstring of Python's subprocess module), then its first words
+    again: SmolLM2 goes on repeating it nearly word for word."""
+    import subprocess
+    passage = subprocess.__doc__[:900]
     passage = passage[:passage.rfind(".") + 1]
     return passage + "\n\n" + passage[:60].rsplit(" ", 1)[0]
 
@@ -50,8 +51,8 @@ class Replay:
     """A drafter whose guesses are a known greedy output: every guess right."""
 
     def __init__(self, prompt: list[int], output: list[int], draft_max: int):
-        from npllama.speculative import STREAMED
-        self.sequence, self.draft_max, self.cost = prompt + output, draft_max, STREAMED
+        from npllama.speculative import PASS_COST
+        self.sequence, self.draft_max, self.cost = prompt + output, draft_max, PASS_COST
 
     def guess(self, rows, wanted):
         from npllama.speculative import Guesses
@@ -66,7 +67,7 @@ class Replay:
     def swap(self, a, b, used):
         pass
 
-    def leave(self, row):
+    def leave(self, slot, row):
         pass
 
 
@@ -145,8 +146,9 @@ def worker(name: str, n_tokens: int, rounds: int) -> None:
 
 def report(res: dict) -> str:
     m = res["machine"]
-    lines = [f"# Speculative decoding ({m.get('cpu')}, {m.get('cpu_count')} cores; {res['tokens']} greedy tokens, "
-             f"{res['rounds']} rounds; busy = a busy loop on one core)", "",
+    lines = [f"# Speculative decoding ({m.get('cpu')}, {m.get('cpu_count')} cores; " +
+             "; ".join(f"{n}: {r['tokens']} greedy tokens, {r['rounds']} round(s)" for n, r in res["models"].items()) +
+             "; busy = a busy loop on one core)", "",
              "## A pass over T new positions, as a multiple of T = 1 (after a 256-token prefill)", "",
              "| model | " + " | ".join(f"T={w}" for w in PASS_WIDTHS) + " |", "|---" * (len(PASS_WIDTHS) + 1) + "|"]
     for name, r in res["models"].items():
@@ -173,19 +175,22 @@ def main() -> None:
     p.add_argument("--models", default="smollm2,8b")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--8b-tokens", dest="tokens_8b", type=int, default=32, help="--tokens of the 8B (2 s a token)")
+    p.add_argument("--8b-rounds", dest="rounds_8b", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results" / "speculative"))
     p.add_argument("--worker", metavar="MODEL", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         return worker(a.worker, a.tokens, a.rounds)
     from machine import code_info, machine_info
-    res = {"machine": machine_info(), "code": code_info(), "tokens": a.tokens, "rounds": a.rounds, "models": {}}
+    res = {"machine": machine_info(), "code": code_info(), "models": {}}
     for name in a.models.split(","):
-        done = subprocess.run([sys.executable, __file__, "--worker", name, "--tokens", str(a.tokens), "--rounds",
-                               str(a.rounds)], stdout=subprocess.PIPE, text=True)
+        tokens, rounds = (a.tokens_8b, a.rounds_8b) if name == "8b" else (a.tokens, a.rounds)
+        done = subprocess.run([sys.executable, __file__, "--worker", name, "--tokens", str(tokens), "--rounds",
+                               str(rounds)], stdout=subprocess.PIPE, text=True)
         if done.returncode:
             raise SystemExit(f"the {name} worker failed ({done.returncode})")
-        res["models"][name] = json.loads(done.stdout.strip().splitlines()[-1])
+        res["models"][name] = {**json.loads(done.stdout.strip().splitlines()[-1]), "tokens": tokens, "rounds": rounds}
     Path(a.out).with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     Path(a.out).with_suffix(".md").write_text(report(res))
     print(report(res))

@@ -395,13 +395,13 @@ class Batch:
         """The row in `slot` stops: the last going row takes its slot, whose own slot is free."""
         last, row = len(self.going) - 1, self.going[slot]
         row.done.stop_reason = reason
+        if self.drafter:
+            self.drafter.leave(slot, row)
         if slot != last:
             used = max(row.pos, self.going[last].pos) + 1
             self.cache.swap(slot, last, used)
             if self.drafter:
                 self.drafter.swap(slot, last, used)
-        if self.drafter:
-            self.drafter.leave(row)
         self.going[slot] = self.going[last]
         self.going.pop()
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 NGRAM_MAX = 3  # prompt lookup matches the context's last 3 tokens, else 2, else 1
 PROBE = 4  # guesses of a probe
-PROBE_SHARE = 0.03  # where guesses fail, probes add at most this share to the passes
+PROBE_SHARE = 0.02  # where guesses fail, probes add at most this share to the passes
 P_MIN = 0.75  # a draft model stops guessing below this probability (llama.cpp's --draft-p-min)
 
 
@@ -60,12 +60,13 @@ class PassCost:
         return next((k for k in range(1, draft_max + 1) if (k + 1) / self(k) >= 1.2), draft_max)
 
 
-# A pass's cost is reading the weights, once whatever the positions, plus each position's
-# products. Weights in RAM as float32: small products, where BLAS's matrix-matrix product costs
-# far more than its matrix-vector one (SmolLM2, AMD EPYC: 2 positions 2.3x one, 9 positions
-# 2.9x). Streamed: converting the weights dominates (the 8B shape: 9 positions 1.6x one).
+# What passes over several positions cost where they cost the most measured (benchmarks/
+# speculative.py, AMD EPYC, OpenBLAS's Haswell kernels, whose matrix-matrix product of a few
+# columns runs at a third of its matrix-vector speed): SmolLM2 in RAM 2.4x one position for 2,
+# 3.0x for 8, 4.3x for 16; the 8B shape streamed 3.2x, 3.7x, 5.1x. Where a few positions cost
+# less (CPUs with faster small products), rows guess as they would here, only more cheaply.
 # Fixed, not timed, so that a seeded row guesses, and so draws, the same run to run.
-RESIDENT, STREAMED = PassCost(1.3, 0.1), PassCost(0.15, 0.06)
+PASS_COST = PassCost(1.5, 0.15)
 
 
 @dataclass
@@ -156,7 +157,7 @@ class Lookup:
     context's last NGRAM_MAX tokens (else fewer) in its context (prompt and new tokens). Free
     to compute, and right where the model copies: quoting, summarising, editing text or code."""
 
-    def __init__(self, draft_max: int = 8, cost: PassCost = RESIDENT):
+    def __init__(self, draft_max: int = 8, cost: PassCost = PASS_COST):
         self.draft_max, self.cost = check_draft_max(draft_max), cost
         self.index: dict[int, NgramIndex] = {}  # id(row) -> its context's n-grams
 
@@ -177,7 +178,7 @@ class Lookup:
     def swap(self, a: int, b: int, used: int) -> None:
         pass
 
-    def leave(self, row) -> None:
+    def leave(self, slot: int, row) -> None:
         self.index.pop(id(row), None)
 
 
@@ -209,11 +210,12 @@ class NgramIndex:
 
 
 class DraftModel:
-    """A smaller model with the same vocabulary guesses: the argmax for a greedy row, else a draw
-    with the row's sampler from the draft's own distribution q; it stops guessing for a row where
-    its guess is less likely than p_min. It keeps a KV cache of its own, a slot per row of the
-    batch's, and `held[slot]`, the tokens that slot holds: positions a rejected guess wrote are
-    dropped (and zeroed) as the model's own are."""
+    """A smaller model with the same vocabulary guesses: for a greedy row its argmax, while it is
+    at least p_min sure of it; for a sampling row a draw with the row's sampler from the draft's
+    own distribution q (which verify weighs the guess by). It keeps a KV cache of its own, a slot
+    per row of the batch's: `held[slot]`, the tokens that slot holds (positions a rejected guess
+    wrote are dropped and zeroed, as the model's own are), and `seen[slot]`, the tokens of the
+    last row that left it, so that a conversation's next turn finds its earlier ones."""
 
     def __init__(self, model, draft, rows: int, context: int, draft_max: int = 8, p_min: float = P_MIN):
         check_same_vocabulary(model, draft)
@@ -222,26 +224,30 @@ class DraftModel:
         self.cache = draft.new_cache(min(context, draft.args.max_seq_len), rows)
         self.context = draft.context_length(self.cache)
         self.held: list[list[int] | None] = [[] for _ in range(rows)]  # None: the slot's earlier turns are unknown
+        self.seen: list[list[int]] = [[] for _ in range(rows)]
 
     def join(self, rows: list, first_slot: int) -> None:
         """Prefill the joining rows' prompts into their slots (in one pass, as the model's), after
-        the earlier turns the slot holds; a row whose earlier turns it does not hold gets no guesses."""
+        the earlier turns the slot's last row saw; a row whose earlier turns it did not see (or
+        that do not fit its context) gets no guesses."""
         slots = range(first_slot, first_slot + len(rows))
+        tokens, starts = [], []
         for slot, row in zip(slots, rows):
-            if self.held[slot] is not None and len(self.held[slot]) >= row.start:
-                self.forget(slot, row.start)
+            history, held = self.seen[slot][:row.start], self.held[slot]
+            if held is None or len(history) < row.start or row.start + len(row.prompt) > self.context:
+                self.held[slot], history = None, []
             else:
-                self.held[slot] = None
-        if max(row.start + len(row.prompt) for row in rows) <= self.context:
-            self.feed(rows, first_slot, [row.prompt for row in rows], [row.start for row in rows])
-        else:
-            for slot in slots:
-                self.held[slot] = None
+                self.forget(slot, min(len(held), row.start))
+            tokens.append(history[len(self.held[slot] or []):] + row.prompt)
+            starts.append(len(self.held[slot] or []))
+        self.feed(rows, first_slot, tokens, starts)
 
     def guess(self, rows: list, wanted: list[int]) -> list[Guesses]:
         """Up to wanted[i] guesses for rows[i] (the rows in slots 0..): one pass feeding each row
         the tokens its slot lacks, then one pass a guess, while any row still guesses."""
-        wanted = [k if self.held[slot] is not None else 0 for slot, k in enumerate(wanted)]
+        # A row's guesses are fed at positions up to row.pos + k - 1, which the draft's cache must hold.
+        wanted = [min(k, self.context - row.pos) if self.held[slot] is not None else 0
+                  for slot, (row, k) in enumerate(zip(rows, wanted))]
         out = [Guesses([]) for _ in rows]
         if not any(wanted):
             return out
@@ -252,9 +258,8 @@ class DraftModel:
         logits = self.feed(rows, 0, lacking, starts)  # [n, V]
         qs, asked = [[] for _ in rows], list(wanted)
         for _ in range(max(wanted)):
-            drawn = [self.draw(row.sampler, logits[i]) if wanted[i] else None for i, row in enumerate(rows)]
-            tokens = [d[0] if d is not None and d[1][d[0]] >= self.p_min else -1 for d in drawn]
-            tokens = self.model.group.bcast(tokens)  # rank 0's guesses, on every rank
+            drawn = [self.draw(row.sampler, logits[i]) if wanted[i] else (-1, None) for i, row in enumerate(rows)]
+            tokens = self.model.group.bcast([token for token, _ in drawn])  # rank 0's guesses, on every rank
             for i, token in enumerate(tokens):
                 if token < 0:
                     wanted[i] = 0
@@ -270,15 +275,19 @@ class DraftModel:
             logits = self.feed(rows, 0, feed, [row.pos + len(out[i].tokens) for i, row in enumerate(rows)])
         for i, row in enumerate(rows):
             out[i].spent = asked[i] > 0
-            if out[i].tokens and row.sampler.temperature > 0:
-                out[i].q = np.stack(qs[i])  # [k, V]
+            if any(q is not None for q in qs[i]):  # a greedy guess is certain: q = 1 on it
+                out[i].q = np.stack([one_hot(t, len(logits[i])) if q is None else q
+                                     for t, q in zip(out[i].tokens, qs[i])])  # [k, V]
         return out
 
-    def draw(self, sampler: Sampler, logits: np.ndarray) -> tuple[int, np.ndarray]:
-        """A guess and the distribution it was drawn from (for a greedy row, the draft's softmax,
-        which only says how sure it is)."""
+    def draw(self, sampler: Sampler, logits: np.ndarray) -> tuple[int, np.ndarray | None]:
+        """A guess and the distribution q it was drawn from; for a greedy row the argmax (q is not
+        needed), or -1 where the draft is less than p_min sure of it. A sampling row's guess is
+        never held back by p_min: that would make the guesses made follow another q than the one
+        verify is given."""
         if sampler.greedy(logits):
-            return int(np.argmax(logits)), softmax(logits.astype(np.float64))  # [V]
+            token = int(np.argmax(logits))
+            return (token if softmax(logits.astype(np.float64))[token] >= self.p_min else -1), None
         q = sampler.probabilities(logits)  # [V]
         return sampler.draw(q), q
 
@@ -297,7 +306,9 @@ class DraftModel:
             batch[i, :len(t)] = t
         logits = self.model.forward_rows(batch, np.array([len(t) for t in tokens]), np.array(starts), self.cache,
                                          "last", first_slot)
-        for slot, t, start in zip(range(first_slot, first_slot + n), tokens, starts):
+        slots = range(first_slot, first_slot + n)
+        self.cache.clear(*zip(*[(s, a + len(t), a + width) for s, t, a in zip(slots, tokens, starts) if len(t) < width]))
+        for slot, t, start in zip(slots, tokens, starts):
             if self.held[slot] is not None:
                 del self.held[slot][start:]
                 self.held[slot] += t
@@ -317,9 +328,11 @@ class DraftModel:
     def swap(self, a: int, b: int, used: int) -> None:
         self.cache.swap(a, b, used)
         self.held[a], self.held[b] = self.held[b], self.held[a]
+        self.seen[a], self.seen[b] = self.seen[b], self.seen[a]
 
-    def leave(self, row) -> None:
-        pass
+    def leave(self, slot: int, row) -> None:
+        """The row in `slot` stops: the slot remembers its tokens (positions 0..row.pos)."""
+        self.seen[slot] = self.seen[slot][:row.start] + row.prompt + row.new_tokens()
 
 
 def drafter_for(model, cache, lookup: bool = False, draft=None, draft_max: int = 8):
@@ -337,11 +350,10 @@ def drafter_for(model, cache, lookup: bool = False, draft=None, draft_max: int =
 
 
 def pass_cost(model, draft=None) -> PassCost:
-    """The cost model of a step of `model` (RESIDENT or STREAMED), with a draft model's guesses."""
-    cost = RESIDENT if model.resident else STREAMED
+    """The cost model of a step of `model`, with a draft model's guesses."""
     if draft is None:
-        return cost
-    return PassCost(cost.first, cost.step, parameters(draft) / parameters(model))
+        return PASS_COST
+    return PassCost(PASS_COST.first, PASS_COST.step, parameters(draft) / parameters(model))
 
 
 def parameters(model) -> int:
