@@ -32,6 +32,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from npllama.speculative import PASS_COST, Drafter, Guesses  # noqa: E402
 
 PASS_WIDTHS = (1, 2, 4, 8, 16)
 PREFILL = 256
@@ -47,28 +48,14 @@ def copying_prompt() -> str:
     return passage + "\n\n" + passage[:60].rsplit(" ", 1)[0]
 
 
-class Replay:
+class Replay(Drafter):
     """A drafter whose guesses are a known greedy output: every guess right."""
 
     def __init__(self, prompt: list[int], output: list[int], draft_max: int):
-        from npllama.speculative import PASS_COST
         self.sequence, self.draft_max, self.cost = prompt + output, draft_max, PASS_COST
 
     def guess(self, rows, wanted):
-        from npllama.speculative import Guesses
         return [Guesses(self.sequence[row.pos + 1:row.pos + 1 + k]) for row, k in zip(rows, wanted)]
-
-    def join(self, rows, first_slot):
-        pass
-
-    def kept(self, slot, row):
-        pass
-
-    def swap(self, a, b, used):
-        pass
-
-    def leave(self, slot, row):
-        pass
 
 
 def pass_costs(model, reps: int) -> dict:

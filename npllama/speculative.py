@@ -152,7 +152,31 @@ def one_hot(token: int, n: int) -> np.ndarray:
     return q
 
 
-class Lookup:
+class Drafter:
+    """What a Batch asks of a drafter: `guess` for the going rows (slots 0..), and the hooks by
+    which a drafter that keeps state per slot follows the batch's (a draft model's KV cache)."""
+
+    draft_max: int
+    cost: PassCost
+
+    def guess(self, rows: list, wanted: list[int]) -> list[Guesses]:
+        """Up to wanted[i] guesses for rows[i], the row in slot i."""
+        raise NotImplementedError
+
+    def join(self, rows: list, first_slot: int) -> None:
+        """Rows joined the batch in slots first_slot.., their prompts prefilled by the model."""
+
+    def kept(self, slot: int, row) -> None:
+        """The model's pass is done: the row's newest token is at row.pos."""
+
+    def swap(self, a: int, b: int, used: int) -> None:
+        """The batch exchanged two slots (their first `used` positions)."""
+
+    def leave(self, slot: int, row) -> None:
+        """The row in `slot` stopped."""
+
+
+class Lookup(Drafter):
     """Prompt lookup: a row's guesses are what followed the latest earlier occurrence of its
     context's last NGRAM_MAX tokens (else fewer) in its context (prompt and new tokens). Free
     to compute, and right where the model copies: quoting, summarising, editing text or code."""
@@ -168,15 +192,6 @@ class Lookup:
             index.extend(row.prompt + row.new_tokens())
             out.append(Guesses(index.continuation(k) if k else []))
         return out
-
-    def join(self, rows: list, first_slot: int) -> None:
-        pass
-
-    def kept(self, slot: int, row) -> None:
-        pass
-
-    def swap(self, a: int, b: int, used: int) -> None:
-        pass
 
     def leave(self, slot: int, row) -> None:
         self.index.pop(id(row), None)
@@ -209,7 +224,7 @@ class NgramIndex:
         return []
 
 
-class DraftModel:
+class DraftModel(Drafter):
     """A smaller model with the same vocabulary guesses: for a greedy row its argmax, while it is
     at least p_min sure of it; for a sampling row a draw with the row's sampler from the draft's
     own distribution q (which verify weighs the guess by). It keeps a KV cache of its own, a slot

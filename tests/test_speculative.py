@@ -30,7 +30,7 @@ from npllama.config import OUTPUT, layer_name, split_layer_name
 from npllama.errors import ArgumentError
 from npllama.generate import Batch, GenerationStats, Row, Sampler, decode
 from npllama.model import Llama
-from npllama.speculative import PASS_COST, DraftModel, Drafting, Guesses, Lookup, NgramIndex, drafter_for, verify
+from npllama.speculative import PASS_COST, DraftModel, Drafter, Drafting, Guesses, Lookup, NgramIndex, drafter_for, verify
 from oracle.checkpoints import (TINY_RANKS, TINY_SPECIALS, tiny_args, tiny_gguf, tiny_gguf_metadata,
                                 tiny_model_files, write_gguf_file, write_model_files)
 
@@ -103,7 +103,7 @@ def eager(monkeypatch):
     monkeypatch.setattr(npllama.generate, "Drafting", Eager)
 
 
-class Scripted:
+class Scripted(Drafter):
     """A drafter whose guesses for a row are script(row, k), k the tokens it may guess: the known
     greedy continuation, or wrong tokens. Rows always guess as many as fit (Eager); `asked` holds
     every k the batch asked for."""
@@ -118,15 +118,6 @@ class Scripted:
     def join(self, rows, first_slot):
         for row in rows:
             row.drafting = Eager(self.draft_max, self.cost)
-
-    def kept(self, slot, row):
-        pass
-
-    def swap(self, a, b, used):
-        pass
-
-    def leave(self, slot, row):
-        pass
 
 
 def following(reference, right=None):
