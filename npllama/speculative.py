@@ -26,15 +26,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import ArgumentError
 from .layers import softmax
-
-if TYPE_CHECKING:
-    from .generate import Sampler
 
 NGRAM_MAX = 3  # prompt lookup matches the context's last 3 tokens, else 2, else 1
 PROBE = 4  # guesses of a probe
@@ -125,9 +121,10 @@ class Drafting:
             self.length, self.pause, self.backoff = 0, self.backoff, min(self.longest, 2 * self.backoff)
 
 
-def verify(sampler: Sampler, logits: np.ndarray, guesses: Guesses) -> list[int]:
-    """The tokens one pass gives a row: the guesses kept, then one token of the model's own.
-    logits [k+1, V]: after the row's newest token, and after each of its k guesses."""
+def verify(sampler, logits: np.ndarray, guesses: Guesses) -> list[int]:
+    """The tokens one pass gives a row (its generate.Sampler, which generate.py imports this module
+    to call): the guesses kept, then one token of the model's own. logits [k+1, V]: after the
+    row's newest token, and after each of its k guesses."""
     out = []
     for j, guess in enumerate(guesses.tokens):
         if sampler.greedy(logits[j]):
@@ -295,7 +292,7 @@ class DraftModel(Drafter):
                                      for t, q in zip(out[i].tokens, qs[i])])  # [k, V]
         return out
 
-    def draw(self, sampler: Sampler, logits: np.ndarray) -> tuple[int, np.ndarray | None]:
+    def draw(self, sampler, logits: np.ndarray) -> tuple[int, np.ndarray | None]:
         """A guess and the distribution q it was drawn from; for a greedy row the argmax (q is not
         needed), or -1 where the draft is less than p_min sure of it. A sampling row's guess is
         never held back by p_min: that would make the guesses made follow another q than the one
