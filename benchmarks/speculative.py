@@ -153,7 +153,7 @@ def report(res: dict) -> str:
             kept, guessed = sum(x["accepted"] for x in runs), sum(x["drafted"] for x in runs)
             lines.append(f"| {name} | {task} | {method} | {load} | {plain:.2f} | {spec:.2f} | {speedup:.2f}x | "
                          f"{kept} / {guessed} |")
-    lines += ["", f"Models: " + "; ".join(f"{n}: {r['label']}" for n, r in res["models"].items()) + "."]
+    lines += ["", "Models: " + "; ".join(f"{n}: {r['label']}" for n, r in res["models"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
