@@ -36,6 +36,10 @@ NGRAM_MAX = 3  # prompt lookup matches the context's last 3 tokens, else 2, else
 PROBE = 4  # guesses of a probe
 PROBE_SHARE = 0.02  # where guesses fail, probes add at most this share to the passes
 P_MIN = 0.75  # a draft model stops guessing below this probability (llama.cpp's --draft-p-min)
+# Measured on SmolLM2: the bf16 flow's roundings turned a near tie the other way, and the greedy text with it.
+BF16_SPECULATION = ("speculative decoding (--lookup, -md) with --dtype bfloat16: a pass over several positions "
+                    "rounds to bf16 otherwise than one position at a time, enough to change greedy text; use "
+                    "--dtype float32")
 
 
 @dataclass(frozen=True)
@@ -352,6 +356,8 @@ def drafter_for(model, cache, lookup: bool = False, draft=None, draft_max: int =
     DraftModel kept from an earlier call, as a conversation's is), or None (no speculation)."""
     if lookup and draft is not None:
         raise ArgumentError("give prompt lookup (--lookup) or a draft model (-md), not both")
+    if (lookup or draft is not None) and model.dtype == "bfloat16":
+        raise ArgumentError(BF16_SPECULATION)
     if isinstance(draft, DraftModel):
         if len(draft.cache.order) != len(cache.order):
             raise ArgumentError(f"the DraftModel has {len(draft.cache.order)} rows for a batch of {len(cache.order)}")

@@ -792,3 +792,18 @@ def test_a_row_with_nothing_to_guess_keeps_its_length():
     k = drafting.wanted()
     drafting.update(Guesses([]), 0)
     assert drafting.wanted() == k and drafting.drafted == drafting.accepted == 0
+
+
+def test_speculation_in_the_bf16_flow_is_refused(default_model_path, byte_level, capsys):
+    """The bf16 flow rounds a pass over several positions otherwise than one at a time: on SmolLM2
+    that turned a near tie and the greedy text, so the combination is refused, before loading on
+    the command line."""
+    model = byte_level()
+    bf16 = Llama(model.args, model.weights, tokenizer=model.tokenizer, dtype="bfloat16")
+    with pytest.raises(ArgumentError, match="bfloat16"):
+        list(bf16.generate([1, 2, 3], 4, lookup=True))
+    with pytest.raises(ArgumentError, match="bfloat16"):
+        list(bf16.generate([1, 2, 3], 4, draft=model))
+    code = cli.main(["-m", "/nonexistent", "-p", "hi", "-n", "2", "--lookup", "--dtype", "bfloat16"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bfloat16" in err and "does not exist" not in err

@@ -12,6 +12,7 @@ from ..errors import ArgumentError
 from ..formats import WEIGHT_FORMS
 from ..formats.shared import read_regular
 from ..model import DTYPES
+from ..speculative import BF16_SPECULATION
 from ..tensor_parallel import world
 from ..threads import requested_threads
 
@@ -70,6 +71,8 @@ def add_speculation_options(p: argparse.ArgumentParser) -> None:
 def check_speculation_options(args) -> None:
     if args.lookup and args.model_draft:
         raise ArgumentError("give --lookup or -md/--model-draft, not both")
+    if (args.lookup or args.model_draft) and args.dtype == "bfloat16":
+        raise ArgumentError(BF16_SPECULATION)
     if not 1 <= args.draft_max <= 64:
         raise ArgumentError(f"--draft-max must be from 1 to 64, got {args.draft_max}")
 
