@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import operator
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -74,17 +75,34 @@ def min_p_filter(probs: np.ndarray, min_p: float) -> np.ndarray:
     return np.where(probs >= min_p * probs.max(), probs, 0.0) if min_p > 0 else probs  # [V]
 
 
+def repeat_penalty(logits: np.ndarray, recent: Iterable[int], penalty: float) -> np.ndarray:
+    """llama.cpp's repeat penalty: each token among the recent ones, counted once, has its logit
+    divided by the penalty if positive and multiplied by it if not (less likely either way)."""
+    seen = np.fromiter(set(recent), np.int64)  # [n] distinct
+    if penalty == 1 or not len(seen):
+        return logits  # [V]
+    out = logits.copy()  # [V]
+    z = out[seen]  # [n]
+    out[seen] = np.where(z > 0, z / penalty, z * penalty)
+    return out  # [V]
+
+
 @dataclass
 class Sampler:
     """temperature 0 is greedy (argmax); otherwise softmax(logits / temperature), then top-k,
-    then top-p, then min-p, then one draw from the seeded generator (never NumPy's global state)."""
+    then top-p, then min-p, then one draw from the seeded generator (never NumPy's global state).
+    Before either, the repeat penalty over the row's last repeat_last_n tokens (prompt included,
+    as llama.cpp: each token is `accept`ed; -1: all of them, 0: none)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
     min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
     rng: np.random.Generator = field(init=False, repr=False)
+    recent: deque = field(init=False, repr=False)  # the last repeat_last_n tokens accepted
 
     def __post_init__(self):
         def number(value) -> bool:
@@ -106,11 +124,29 @@ class Sampler:
             raise ArgumentError(f"min_p (--min-p) is {shown(self.min_p)}; it must be in [0, 1] (0 disables it)")
         if self.seed is not None and not integer(self.seed):
             raise ArgumentError(f"seed (--seed) is {shown(self.seed)}; it must be an integer >= 0")
+        if not (number(self.repeat_penalty) and self.repeat_penalty > 0):
+            raise ArgumentError(f"repeat_penalty (--repeat-penalty) is {shown(self.repeat_penalty)}; it must be a "
+                                "finite number > 0 (1 disables it)")
+        if not (integer(self.repeat_last_n) or self.repeat_last_n == -1):
+            raise ArgumentError(f"repeat_last_n (--repeat-last-n) is {shown(self.repeat_last_n)}; it must be an "
+                                "integer >= -1 (-1: every token, 0: none)")
         self.rng = np.random.default_rng(self.seed)
+        self.recent = deque(maxlen=None if self.repeat_last_n == -1 else self.repeat_last_n)
+
+    def accept(self, tokens: Iterable[int]) -> None:
+        """Tokens of the row, in order: what the repeat penalty looks back on."""
+        if self.repeat_penalty != 1:
+            self.recent.extend(tokens)
+
+    def penalized(self, logits: np.ndarray) -> np.ndarray:
+        return repeat_penalty(logits, self.recent, self.repeat_penalty)  # [V]
+
+    def argmax(self, logits: np.ndarray) -> int:
+        return int(np.argmax(self.penalized(logits)))
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """The distribution a token is drawn from, after temperature, top-k, top-p and min-p."""
-        probs = top_k_filter(next_token_probs(self.scaled(logits)), self.top_k)  # [V]
+        probs = top_k_filter(next_token_probs(self.scaled(self.penalized(logits))), self.top_k)  # [V]
         # Renormalise between the filters, as Hugging Face and llama.cpp do: top-p's p is a
         # fraction of what top-k kept, not of the whole vocabulary.
         probs = top_p_filter(probs / probs.sum(), self.top_p)  # [V]
@@ -135,7 +171,7 @@ class Sampler:
     def __call__(self, logits: np.ndarray) -> int:
         check_finite(logits)
         if self.greedy(logits):
-            return int(np.argmax(logits))
+            return self.argmax(logits)
         return self.draw(self.probabilities(logits))
 
 
@@ -251,10 +287,11 @@ class Batch:
     guesses after it in the same pass, and gets the guesses the model keeps and one token more;
     the positions of the rejected ones are zeroed, as if never written."""
 
-    def __init__(self, model, cache, isolate: bool = False, drafter=None):
+    def __init__(self, model, cache, isolate: bool = False, drafter=None, batch_size: int | None = None):
         # isolate: a row whose token cannot be chosen leaves alone (a server's request), instead
-        # of the error stopping the whole batch.
+        # of the error stopping the whole batch. batch_size: prompt positions a prefill pass.
         self.model, self.cache, self.isolate, self.drafter = model, cache, isolate, drafter
+        self.batch_size = batch_size
         self.context = model.context_length(cache)
         self.going: list[Row] = []  # going[i] holds slot i
         self.joining: list[Row] = []  # the next slots, prefilled at the next step
@@ -272,6 +309,7 @@ class Batch:
         check_fits(row.start, len(row.prompt), self.context, generating=True)
         if self.drafter:
             row.drafting = Drafting(self.drafter.draft_max, self.drafter.cost)
+        row.sampler.accept(row.prompt)  # the repeat penalty looks back on the prompt too, as llama.cpp's
         self.joining.append(row)
 
     def step(self) -> list[Row]:
@@ -379,7 +417,8 @@ class Batch:
             tokens[i, :len(row.prompt)] = row.prompt
         every = any(row.prompt_logprobs for row in rows)
         starts = np.array([r.start for r in rows])  # [k]
-        logits = self.model.forward_rows(tokens, lengths, starts, self.cache, "all" if every else "last", first_slot)
+        logits = self.model.forward_rows(tokens, lengths, starts, self.cache, "all" if every else "last", first_slot,
+                                         self.batch_size)
         if not every:
             return logits, tokens.shape[1]  # [k, V]
         for i, row in enumerate(rows):  # [k, T, V]: each prompt token given the ones before it
@@ -406,10 +445,10 @@ class Batch:
         self.going.pop()
 
 
-def decode(model, rows: list[Row], cache, drafter=None) -> Iterator[list[Row]]:
+def decode(model, rows: list[Row], cache, drafter=None, batch_size: int | None = None) -> Iterator[list[Row]]:
     """Every row through one Batch until each has stopped: yields, after each step, the rows
     that got tokens."""
-    batch = Batch(model, cache, drafter=drafter)
+    batch = Batch(model, cache, drafter=drafter, batch_size=batch_size)
     for row in rows:
         batch.add(row)
     while batch:
@@ -421,7 +460,7 @@ def decode(model, rows: list[Row], cache, drafter=None) -> Iterator[list[Row]]:
 def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: Sampler | None = None,
              stop_ids: Iterable[int] | None = None, stats: GenerationStats | None = None,
              cache=None, start_pos: int = 0, lookup: bool = False, draft=None,
-             draft_max: int = 8) -> Iterator[int]:
+             draft_max: int = 8, batch_size: int | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens tokens continuing `prompt`, stopping after a stop token
     (which is yielded, so a caller can tell why it stopped) or when the context is full: the
     one generation loop (`decode`) with one row, each token yielded as soon as it is chosen.
@@ -432,6 +471,7 @@ def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: S
     Speculative decoding (speculative.py): `lookup=True` guesses by prompt lookup, `draft` by a
     smaller model of the same vocabulary (a loaded model, or the DraftModel of an earlier call
     of the same conversation, which holds its earlier turns); up to draft_max tokens a pass.
+    batch_size (llama.cpp's -b): the prompt is fed that many tokens a pass (default: all at once).
     """
     prompt = checked_prompts([prompt])[0]
     check_limit(max_new_tokens)
@@ -445,7 +485,7 @@ def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: S
     drafter = drafter_for(model, cache, lookup, draft, draft_max)
 
     t0 = time.perf_counter()
-    for _ in decode(model, [row], cache, drafter):
+    for _ in decode(model, [row], cache, drafter, batch_size):
         if row.done.new_tokens == 1:  # the first token comes from the prefill's logits
             stats.prefill_seconds, t0 = time.perf_counter() - t0, time.perf_counter()
         else:
@@ -460,13 +500,14 @@ def generate(model, prompt: Iterable[int], max_new_tokens: int = 256, sampler: S
 
 def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens=256, samplers=None,
                    stop_ids=None, echo: bool = False, logprobs: bool = False, lookup: bool = False,
-                   draft=None, draft_max: int = 8, stats: GenerationStats | None = None) -> list[Completion]:
+                   draft=None, draft_max: int = 8, stats: GenerationStats | None = None,
+                   batch_size: int | None = None) -> list[Completion]:
     """Continue every prompt at once, each row with its own sampler, stop tokens and limit (one
     value for all, or a list of one per prompt), as generate continues one; a row that stops
     leaves the batch. Returns the completions in the prompts' order, as Meta's generate:
     with echo, the prompt's tokens first; with logprobs, each token's log-probability.
     lookup, draft and draft_max as in generate, each row guessing for itself; `stats` gets
-    the tokens and the guesses of all rows."""
+    the tokens and the guesses of all rows; batch_size as in generate."""
     prompts = checked_prompts(prompts)
     n = len(prompts)
     limits = per_row(max_new_tokens, n, "max_new_tokens")
@@ -481,7 +522,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens=256, 
                 prompt_logprobs=echo and logprobs) for p, m, s, stop in zip(prompts, limits, row_samplers(samplers, n), stops)]
     size = max(len(p) + max(m, 1) for p, m in zip(prompts, limits))
     cache = model.new_cache(min(model.args.max_seq_len, size), rows=n)
-    for _ in decode(model, rows, cache, drafter_for(model, cache, lookup, draft, draft_max)):
+    for _ in decode(model, rows, cache, drafter_for(model, cache, lookup, draft, draft_max), batch_size):
         pass
     if stats is not None:
         stats.prompt_tokens, stats.new_tokens = sum(map(len, prompts)), sum(row.done.new_tokens for row in rows)

@@ -166,9 +166,11 @@ class Llama:
             return self._forward(tokens, start_pos, cache, trace, last_only)
 
     def forward_rows(self, tokens: np.ndarray, lengths: np.ndarray, starts: np.ndarray, cache: KVCache,
-                     positions: str | slice = "last", first_slot: int = 0) -> np.ndarray:
+                     positions: str | slice = "last", first_slot: int = 0, batch_size: int | None = None) -> np.ndarray:
         """Logits of N rows of right-padded tokens [N, T], each row its own length and first
-        position, through the cache's slots first_slot..first_slot+N-1: see engine.forward."""
+        position, through the cache's slots first_slot..first_slot+N-1: see engine.forward.
+        batch_size (llama.cpp's -b): at most that many positions of each row a pass, the passes
+        one after another through the cache."""
         tokens, lengths, starts = np.asarray(tokens), np.asarray(lengths), np.asarray(starts)
         n_rows, n_new = tokens.shape
         if not (0 <= first_slot and first_slot + n_rows <= len(cache.order) and lengths.shape == starts.shape == (n_rows,) and
@@ -177,8 +179,35 @@ class Llama:
                                 f"{starts.tolist()} do not fit slots {first_slot}.. of a cache of {len(cache.order)} rows")
         check_vocabulary(tokens, self.args.vocab_size)
         check_fits(int(starts.max()), n_new, self.context_length(cache))
+        size = n_new if batch_size is None else batch_size
+        if not (isinstance(size, int) and size >= 1):
+            raise ArgumentError(f"batch_size (-b, --batch-size) is {shown(batch_size)}; it must be an integer >= 1")
         with self.threads.applied():
-            return engine.forward(self, tokens, lengths, starts, cache, positions, first_slot)
+            if size >= n_new:
+                return engine.forward(self, tokens, lengths, starts, cache, positions, first_slot)
+            return self._forward_in_passes(tokens, lengths, starts, cache, positions, first_slot, size)
+
+    def _forward_in_passes(self, tokens, lengths, starts, cache, positions, first_slot, size) -> np.ndarray:
+        """forward_rows in passes of `size` positions: each pass reads the keys and values the
+        ones before it wrote. A row whose tokens ended in an earlier pass is fed pads, as rows
+        shorter than the longest are in one pass; those logits are not kept."""
+        n_rows, n_new = tokens.shape
+        last = np.empty((n_rows, self.args.vocab_size), np.float32) if positions == "last" else None  # [N, V]
+        parts = []  # with "all" or a slice: each pass's positions of it, [N, T', V]
+        for a in range(0, n_new, size):
+            width = min(size, n_new - a)
+            wanted = positions if positions in ("all", "last") else \
+                slice(min(max(positions.start - a, 0), width), min(max(positions.stop - a, 0), width))
+            if isinstance(wanted, slice) and wanted.start == wanted.stop:
+                wanted = "last"  # a pass that only writes the cache: its few logits are not kept
+            logits = engine.forward(self, tokens[:, a:a + width], np.clip(lengths - a, 1, width), starts + a, cache,
+                                    wanted, first_slot)  # [N, V] or [N, T', V]
+            if isinstance(wanted, slice) or positions == "all":
+                parts.append(logits)
+            elif last is not None:  # a row's last token is in this pass if its length ends within it
+                ends_here = (lengths > a) & (lengths <= a + width)  # [N]
+                last[ends_here] = logits[ends_here]
+        return last if last is not None else np.concatenate(parts, axis=1)  # [N, V] or [N, T, V]
 
     def _step(self, trace: dict):
         """The hook each named intermediate of the plain pass goes through: rounded to bf16 in the

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -46,14 +47,71 @@ def scored(n_ctx: int) -> slice:
     return slice(n_ctx // 2, n_ctx - 1)
 
 
-def model_logits(model, batch: int) -> Callable[[np.ndarray], np.ndarray]:
-    """windows [B, n_ctx] -> logits at the scored positions [B, n_ctx/2 - 1, V], `batch` windows
-    a pass (the rows of one batched forward share every weight read)."""
+def model_logits(model, parallel: int, batch_size: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """windows [B, n_ctx] -> logits at the scored positions [B, n_ctx/2 - 1, V], `parallel` windows
+    a pass (the rows of one batched forward share every weight read), each window's positions
+    fed batch_size at a time (llama.cpp's -b; default: the whole window in one pass)."""
     def run(chunk: np.ndarray) -> np.ndarray:
         n_rows, n_ctx = chunk.shape
         cache = model.new_cache(n_ctx, rows=n_rows)
-        return model.forward_rows(chunk, np.full(n_rows, n_ctx), np.zeros(n_rows, np.int64), cache, scored(n_ctx))
-    run.batch = batch
+        return model.forward_rows(chunk, np.full(n_rows, n_ctx), np.zeros(n_rows, np.int64), cache, scored(n_ctx),
+                                  batch_size=batch_size)
+    run.batch = parallel
+    return run
+
+
+def saving_logits(logits_of, path: Path, chunks: np.ndarray, vocab_size: int):
+    """logits_of, whose every pass is also written to `path` (llama-perplexity's
+    --kl-divergence-base): an .npy [windows, scored, V + 1] of float32, the last column the token
+    each scored position predicts, so that a base made from another text is refused when read.
+    Written under a temporary name, renamed when whole: an interrupted run leaves no half file."""
+    n, first = len(chunks), scored(chunks.shape[1]).start
+    part = path.with_name(path.name + ".part")
+    try:
+        out = np.lib.format.open_memmap(part, "w+", np.float32, (n, chunks.shape[1] - 1 - first, vocab_size + 1))
+    except OSError as e:
+        raise ArgumentError(f"cannot write --kl-divergence-base {path}: {e.strerror}") from None
+    done = 0
+
+    def run(chunk: np.ndarray) -> np.ndarray:
+        nonlocal done
+        logits = logits_of(chunk)  # [B, n, V]
+        out[done:done + len(chunk), :, :vocab_size] = logits
+        out[done:done + len(chunk), :, vocab_size] = chunk[:, first + 1:]
+        done += len(chunk)
+        if done == n:
+            out.flush()
+            part.replace(path)
+        return logits
+    run.batch = logits_of.batch
+    return run
+
+
+def base_logits(path: Path, chunks: np.ndarray, vocab_size: int):
+    """The logits a run with --kl-divergence-base saved in `path`, memory-mapped, as a reference
+    of the same windows in the same order."""
+    first = scored(chunks.shape[1]).start
+    shape = (len(chunks), chunks.shape[1] - 1 - first, vocab_size + 1)
+    try:
+        base = np.load(path, mmap_mode="r", allow_pickle=False)  # never a pickle: the file is data
+    except (OSError, ValueError) as e:
+        raise ArgumentError(f"--kl-divergence-base {path} cannot be read as an .npy array ({e}): make it with "
+                            "`perplexity --kl-divergence-base FILE` on the reference model") from None
+    if base.dtype != np.float32 or base.shape != shape:
+        raise ArgumentError(f"--kl-divergence-base {path} holds {base.dtype} {base.shape}, where this text, "
+                            f"--ctx-size and vocabulary need float32 {shape}: it was made from another text, "
+                            "context or model; make it again with the same -f and -c")
+    done = 0
+
+    def run(chunk: np.ndarray) -> np.ndarray:
+        nonlocal done
+        saved = base[done:done + len(chunk)]  # [B, n, V + 1]
+        if not np.array_equal(saved[:, :, vocab_size], chunk[:, first + 1:]):
+            raise ArgumentError(f"--kl-divergence-base {path} was made from another text (window {done + 1} "
+                                "differs): make it again with the same -f and -c")
+        done += len(chunk)
+        return np.asarray(saved[:, :, :vocab_size])  # [B, n, V]
+    run.batch = 1
     return run
 
 

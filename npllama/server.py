@@ -109,10 +109,13 @@ def unsupported(body: dict, neutral: dict) -> None:
 
 
 def sampler_of(body: dict) -> Sampler:
-    """OpenAI's defaults (temperature 1, top_p 1), and llama.cpp's top_k and min_p extensions."""
+    """OpenAI's defaults (temperature 1, top_p 1), and llama-server's top_k, min_p, repeat_penalty
+    and repeat_last_n extensions (penalty off unless asked: OpenAI has none)."""
     return Sampler(temperature=number(body, "temperature", 1.0, 0.0, 2.0), top_p=number(body, "top_p", 1.0, 0.0, 1.0)
                    or 1e-9, top_k=integer(body, "top_k", 0, 0, 1 << 20), seed=integer(body, "seed", None, 0, 2**63 - 1),
-                   min_p=number(body, "min_p", 0.0, 0.0, 1.0))
+                   min_p=number(body, "min_p", 0.0, 0.0, 1.0),
+                   repeat_penalty=number(body, "repeat_penalty", 1.0, 1e-3, 100.0),
+                   repeat_last_n=integer(body, "repeat_last_n", 64, -1, 1 << 20))
 
 
 @dataclass
@@ -271,12 +274,14 @@ class Engine:
     batch at the next step, and leave it as soon as they are done or cancelled."""
 
     def __init__(self, model, parallel: int, context: int, max_waiting: int, lookup: bool = False, draft=None,
-                 draft_max: int = 8):
-        # lookup, draft, draft_max: speculative decoding (speculative.py), each request's row its own guesses
+                 draft_max: int = 8, batch_size: int | None = None):
+        # lookup, draft, draft_max: speculative decoding (speculative.py), each request's row its own guesses;
+        # batch_size: prompt tokens a prefill pass (llama.cpp's -b)
         self.model, self.max_waiting = model, max_waiting
         self.cache = model.new_cache(context, rows=parallel)
         self.drafter = drafter_for(model, self.cache, lookup, draft, draft_max)
-        self.batch = Batch(model, self.cache, isolate=True, drafter=self.drafter)
+        self.batch_size = batch_size
+        self.batch = self.new_batch()
         self.waiting: collections.deque[Job] = collections.deque()
         self.jobs: dict[int, Job] = {}  # id(row) -> its job, for the rows in the batch
         self.wake = threading.Condition()
@@ -284,6 +289,9 @@ class Engine:
         self.stopping = False
         self.ended = collections.Counter()  # requests by how they ended: stop_token, cancelled, error...
         self.guesses = collections.Counter()  # speculative decoding: tokens drafted, and accepted
+
+    def new_batch(self) -> Batch:
+        return Batch(self.model, self.cache, isolate=True, drafter=self.drafter, batch_size=self.batch_size)
 
     def submit(self, job: Job) -> None:
         with self.wake:
@@ -338,7 +346,7 @@ class Engine:
             self.ended["error"] += len(rows)
             for row in rows:
                 self.jobs.pop(id(row)).send(("error", e))
-            self.batch = Batch(self.model, self.cache, isolate=True, drafter=self.drafter)
+            self.batch = self.new_batch()
             return
         for row in got:
             for k in range(row.done.new_tokens - row.fresh + 1, row.done.new_tokens + 1):

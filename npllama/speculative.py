@@ -131,10 +131,9 @@ def verify(sampler, logits: np.ndarray, guesses: Guesses) -> list[int]:
     row's newest token, and after each of its k guesses."""
     out = []
     for j, guess in enumerate(guesses.tokens):
+        token = guess
         if sampler.greedy(logits[j]):
-            token = int(np.argmax(logits[j]))
-            if token != guess:
-                return out + [token]
+            token = sampler.argmax(logits[j])
         else:
             p = sampler.probabilities(logits[j])  # [V]
             q = one_hot(guess, len(p)) if guesses.q is None else guesses.q[j]  # [V]
@@ -142,9 +141,14 @@ def verify(sampler, logits: np.ndarray, guesses: Guesses) -> list[int]:
                 residual = np.maximum(p - q, 0.0)  # [V]
                 total = residual.sum()
                 # total is 0 only if p = q to rounding, where nothing is rejected: then p itself.
-                return out + [sampler.draw(residual / total if total > 0 else p)]
-        out.append(guess)
-    return out + [sampler(logits[len(guesses.tokens)])]
+                token = sampler.draw(residual / total if total > 0 else p)
+        out.append(token)
+        sampler.accept([token])  # the next position's repeat penalty sees it
+        if token != guess:
+            return out
+    out.append(sampler(logits[len(guesses.tokens)]))
+    sampler.accept(out[-1:])
+    return out
 
 
 def one_hot(token: int, n: int) -> np.ndarray:

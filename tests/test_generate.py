@@ -633,7 +633,10 @@ def test_cli_prompt_and_file_together(tmp_path, capsys):
     assert code == 2 and err.startswith("error:") and "-p" in err and "-f" in err
     for argv, message in ((["-f", tmp_path / "none.txt"], "none.txt not found"),
                           (["-f", tmp_path], "is a directory"), (["-f", "/dev/null"], "not a regular file"),
-                          (["-n", "-1"], "-n must be >= 0"), (["--max-seq-len", "1"], "--max-seq-len"),
+                          (["-n", "-3"], "-n (--n-predict) must be >= 0"),
+                          (["--repeat-penalty", "0"], "repeat_penalty (--repeat-penalty)"),
+                          (["--repeat-last-n", "-2"], "repeat_last_n (--repeat-last-n)"),
+                          (["--min-p", "2"], "min_p (--min-p)"), (["-b", "0"], "-b (--batch-size)"), (["--max-seq-len", "1"], "--max-seq-len"),
                           (["-s", "-1"], "seed (--seed) is -1"), (["--top-p", "nan"], "top_p (--top-p)"),
                           (["--weights-budget-gb", "nan"], "--weights-budget-gb"),
                           (["--weights-budget-gb", "inf"], "--weights-budget-gb"),
@@ -704,7 +707,7 @@ def test_help_mentions_every_flag():
     result = subprocess.run([sys.executable, "-m", "npllama", "--help"], capture_output=True, text=True,
                             timeout=60, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
-    declared = [s for a in run.build_parser()._actions for s in a.option_strings]
+    declared = [s for a in cli.build_parser()._actions for s in a.option_strings]
     for flag in {*FLAGS, *declared}:
         assert flag in result.stdout, flag
 
@@ -718,7 +721,7 @@ def test_help_states_each_default_once(subcommand, capsys):
     for option in text.split("  -")[1:]:
         assert option.count("default") <= 1, option
     if not subcommand:
-        assert "(default: 0.0)" in text and "(default: 2048)" in text  # --temperature, --max-seq-len
+        assert "(default: 0; llama.cpp's is 0.8)" in text and "(default: 2048)" in text  # --temp, -c
 
 
 def test_cli_prompt_file_that_is_not_utf8(tmp_path, capsys):

@@ -47,13 +47,17 @@ def by_hand(model, n_ctx: int) -> float:
     return math.exp(np.mean(nll))
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_perplexity_is_exp_mean_nll_of_the_second_halves(checkpoint, capsys, batch):
-    code, out, _ = run(capsys, "-m", checkpoint, "-f", PASSAGE, "--ctx-size", 32, "--batch", batch)
+@pytest.mark.parametrize("options, per_pass", [(["-np", 1], 1), (["-np", 3], 3), (["--parallel", 2, "-b", 8], 2),
+                                               (["-b", 64], 2), (["-b", 8], 1), (["-b", 2048], 64)])
+def test_perplexity_is_exp_mean_nll_of_the_second_halves(checkpoint, capsys, options, per_pass):
+    """Whatever the windows a pass (-np, or llama-perplexity's -b / -c) and the positions of a
+    window a pass (-b below -c: a window in passes through its cache)."""
+    code, out, _ = run(capsys, "-m", checkpoint, "-f", PASSAGE, "--ctx-size", 32, *options)
     model = npllama.load(checkpoint)
-    n_tokens = len(model.tokenizer.encode(PASSAGE.read_text()))
-    assert code == 0 and f"{n_tokens // 32} windows of 32 tokens, 15 scored in each" in out
-    assert f"({n_tokens // 32 * 15} tokens)" in out
+    n_windows = len(model.tokenizer.encode(PASSAGE.read_text())) // 32
+    assert code == 0 and f"{n_windows} windows of 32 tokens, 15 scored in each" in out
+    assert f"({n_windows * 15} tokens)" in out
+    assert out.split("\n")[1].startswith(f"[{min(per_pass, n_windows)}]")  # the running estimates, a pass each
     assert final(out) == pytest.approx(by_hand(model, 32), rel=1e-5)
 
 

@@ -57,6 +57,42 @@ def add_model_options(p: argparse.ArgumentParser, context: int | None, context_h
                    "free, measured as it runs)")
 
 
+def add_batch_size_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("-b", "--batch-size", type=int, default=2048, metavar="N", help=f"{what}, as llama.cpp's -b: "
+                   "a longer prompt is fed in passes of N, each reading the keys and values the passes before "
+                   "wrote (less memory for activations; the same math, within float rounding)")
+
+
+def check_batch_size(args) -> None:
+    if args.batch_size < 1:
+        raise ArgumentError(f"-b (--batch-size) must be at least 1, got {args.batch_size}")
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """The one Sampler's knobs, under llama.cpp's names. Every filter is off unless given, and the
+    temperature is 0 (greedy): the same prompt gives the same text, as the notebook's argmax."""
+    p.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 is greedy, the argmax (default: 0; llama.cpp's is 0.8)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="keep only the K most probable tokens "
+                   "(default: 0, off; llama.cpp's is 40)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling: keep the smallest set "
+                   "of tokens whose probability reaches P (default: 1, off; llama.cpp's is 0.95)")
+    p.add_argument("--min-p", type=float, default=0.0, metavar="P", help="drop the tokens less than P times as "
+                   "probable as the likeliest (default: 0, off; llama.cpp's is 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, metavar="X", help="divide the logit of each "
+                   "token among the last --repeat-last-n (prompt included) by X if positive, multiply it by X if "
+                   "not; applies to greedy decoding too (default: 1, off, as llama.cpp's)")
+    p.add_argument("--repeat-last-n", type=int, default=64, metavar="N", help="tokens the repeat penalty looks "
+                   "back on; -1: all, 0: none (default: 64, as llama.cpp's)")
+    p.add_argument("-s", "--seed", type=int, help="random seed: the same seed gives the same text")
+
+
+def sampler_of(args):
+    from ..generate import Sampler
+    return Sampler(args.temperature, args.top_p, args.top_k, args.seed, args.min_p, args.repeat_penalty,
+                   args.repeat_last_n)
+
+
 def add_speculation_options(p: argparse.ArgumentParser) -> None:
     """Speculative decoding (npllama/speculative.py): guesses checked several a pass."""
     p.add_argument("--lookup", action="store_true", help="speculative decoding by prompt lookup: guess that the text "
@@ -104,14 +140,12 @@ def check_model_options(args) -> None:
         raise ArgumentError(f"--weights-budget-gb must be a number of GB from 0 to {1 << 20}, got {budget}")
 
 
-def subcommand_parser(name: str, description: str) -> argparse.ArgumentParser:
-    """The parser of `python -m npllama NAME` for a subcommand that runs one prompt: the model
+def add_one_prompt_options(p: argparse.ArgumentParser) -> None:
+    """The options of a subcommand that runs one prompt through one forward pass: the model
     options, and -p."""
-    p = new_parser(f"python -m npllama {name}", description)
     # The math is checked on the weights exactly as stored, unless asked otherwise.
     add_model_options(p, None, "default: the prompt's length", weights="exact")
     p.add_argument("-p", "--prompt", default=THE_PROMPT, help="prompt text")
-    return p
 
 
 def default_model_path() -> Path:

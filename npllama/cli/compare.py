@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import load_for_prompt, subcommand_parser
+from .common import add_one_prompt_options, load_for_prompt
 
 MAX_NAMED = 12  # failing steps named in the summary line; the table marks every one
 INSTALL_ORACLE = ('this runs the torch oracle, which needs torch. Install the CPU build, then the '
@@ -26,18 +26,19 @@ INSTALL_ORACLE = ('this runs the torch oracle, which needs torch. Install the CP
                   '    pip install "npllama[oracle]"')
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = subcommand_parser("compare", "Run npllama and the torch oracle on the same prompt and compare "
-                          "every named intermediate (in float32, or in the bfloat16 flow on both sides); "
-                          "exit 1 if any exceeds its bound.")
+HELP = "every intermediate against the torch oracle (needs torch)"
+DESCRIPTION = ("Run npllama and the torch oracle on the same prompt and compare every named intermediate (in "
+               "float32, or in the bfloat16 flow on both sides); exit 1 if any exceeds its bound.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_one_prompt_options(p)
     p.add_argument("--per-layer", action="store_true",
                    help="start each oracle layer from npllama's own input to that layer, so rounding "
                         "differences do not compound over the layers (bf16 on deep models needs this)")
-    return p
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
     try:
         import torch
 

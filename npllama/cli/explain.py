@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ArgumentError
 from ..generate import next_token_probs, top_tokens
 from ..layers import rope_tables
 from ..model import Llama, rounded_to_bf16
-from .common import load_for_prompt, subcommand_parser
+from .common import add_one_prompt_options, load_for_prompt
 
 TOP_K = 5  # next-token candidates listed in the last step
 
@@ -240,20 +241,20 @@ def write_figures(directory, model: Llama, tokens, trace: dict, layer: int, head
     ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = subcommand_parser("explain", "Walk through one forward pass step by step, in the notebook's "
-                          "order and with its names: every array shown is the forward pass's own "
-                          "intermediate.")
+HELP = "the forward pass step by step, as the notebook tells it (--plots for its figures)"
+DESCRIPTION = ("Walk through one forward pass step by step, in the notebook's order and with its names: every "
+               "array shown is the forward pass's own intermediate.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_one_prompt_options(p)
     p.add_argument("--layer", type=int, default=0, help="the layer to show in detail")
     p.add_argument("--head", type=int, default=0, help="the attention head to show in detail")
     p.add_argument("--plots", type=Path, metavar="DIR", help="also write PNG figures into DIR "
                    "(needs matplotlib: pip install \"npllama[plot]\")")
-    return p
 
 
-def main(argv: list[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run(args) -> int:
     if args.plots is not None:
         from .plots import require_matplotlib
         require_matplotlib()  # before the forward pass, not after it
@@ -261,7 +262,7 @@ def main(argv: list[str]) -> int:
     try:
         check_layer_head(model.args, args.layer, args.head)
     except ValueError as e:
-        parser.error(str(e))
+        raise ArgumentError(str(e)) from None
     trace = {}
     model.forward(tokens, trace=trace)
     a = model.args

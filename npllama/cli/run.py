@@ -12,57 +12,49 @@ from ..chat import chat_format_for
 from ..config import check_fits, fits
 from ..errors import ArgumentError
 from ..generate import GenerationStats, Sampler, next_token_probs, top_tokens
-from ..tokenizer import StreamDecoder
 from ..speculative import DraftModel
-from .common import (THE_PROMPT, add_model_options, add_speculation_options, check_model_options,
-                     check_speculation_options, from_rank0, load_draft, load_model, new_parser, read_prompt_file)
+from ..tokenizer import StreamDecoder
+from .common import (THE_PROMPT, add_batch_size_option, add_model_options, add_sampling_options,
+                     add_speculation_options, check_batch_size, check_model_options, check_speculation_options,
+                     from_rank0, load_draft, load_model, read_prompt_file, sampler_of)
 
 STORY_TOKENS = 32  # continuation length of the story mode
 
+DESCRIPTION = (
+    "Llama 3 inference in NumPy. Without -n, shows the notebook's story: the prompt's tokens, the model's "
+    "top-5 next tokens, then a short continuation. With -n, streams a continuation; with -cnv, chats. "
+    "Sampling is greedy unless --temp is given (llama.cpp samples at --temp 0.8 by default).")
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import SUBCOMMANDS
-    p = new_parser(
-        "python -m npllama",
-        "Llama 3 inference in NumPy. Without -n, shows the notebook's story: the prompt's tokens, the "
-        "model's top-5 next tokens, then a short continuation. With -n, streams a continuation. "
-        "Subcommands (`python -m npllama SUBCOMMAND --help` for theirs): " +
-        "; ".join(f"`{name}`: {what}" for name, what in SUBCOMMANDS.items()) + ".")
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_options(p, 2048, "positions a prompt and its continuation may use")
+    add_batch_size_option(p, "prompt tokens fed a pass")
     p.add_argument("-p", "--prompt", help=f"prompt text (default: {THE_PROMPT!r}); with --chat, the one "
                    "message to answer (default: chat interactively)")
     p.add_argument("-f", "--file", type=Path, help="read the prompt from this file")
-    p.add_argument("-n", "--max-new-tokens", type=int, help="tokens to generate; giving it switches "
-                   f"from the story to plain streaming (story: {STORY_TOKENS}, chat: 512)")
-    p.add_argument("--temperature", "--temp", type=float, default=0.0,
-                   help="sampling temperature; 0 is greedy (argmax)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of "
-                   "tokens whose probability reaches p (1 disables)")
-    p.add_argument("--top-k", type=int, default=0, help="keep only the k most probable tokens (0 disables)")
-    p.add_argument("-s", "--seed", type=int, help="random seed: the same seed gives the same text")
+    p.add_argument("-n", "--n-predict", "--max-new-tokens", dest="max_new_tokens", type=int, metavar="N",
+                   help="tokens to generate, -1: until a stop token or the context's end; giving it switches from "
+                   f"the story to plain streaming (story: {STORY_TOKENS}, chat: 512)")
+    add_sampling_options(p)
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt that does not fit "
                    "in the context (-c) instead of stopping with an error")
-    p.add_argument("--chat", action="store_true", help="chat in the model's own format (Llama 3 headers "
-                   "or ChatML); with -p, answer that one message and exit")
-    p.add_argument("--system", help="system message for --chat")
+    p.add_argument("-cnv", "--conversation", "--chat", dest="chat", action="store_true",
+                   help="chat in the model's own format (Llama 3 headers or ChatML); with -p, answer that one "
+                   "message and exit")
+    p.add_argument("-sys", "--system-prompt", "--system", dest="system", help="system message for --chat")
     p.add_argument("--batch", action="store_true", help="each line of -f (or of -p) is a prompt of its own: "
                    "all are continued together, and each completion is printed under its number")
     add_speculation_options(p)
-    return p
-
-
-def main(argv: list[str]) -> int:
-    return run(build_parser().parse_args(argv))
 
 
 def run(args) -> int:
     # Everything the flags can get wrong is checked before the model loads, which may take a while.
     check_args(args)
-    sampler = Sampler(args.temperature, args.top_p, args.top_k, args.seed)
+    sampler = sampler_of(args)
     prompt = read_prompt_file(args.file) if args.file else args.prompt
     model = load_model(args)
     draft = load_draft(args, model)
-    speculation = {"lookup": args.lookup, "draft": draft, "draft_max": args.draft_max}
+    speculation = {"lookup": args.lookup, "draft": draft, "draft_max": args.draft_max, "batch_size": args.batch_size}
     if args.chat:
         return chat(model, sampler, args, prompt, speculation)
     prompt = THE_PROMPT if prompt is None else prompt
@@ -80,7 +72,7 @@ def run(args) -> int:
         n_new = STORY_TOKENS
         print("\ncontinuation:", flush=True)
     else:
-        n_new = args.max_new_tokens
+        n_new = until_full(args.max_new_tokens, model)
     print(prompt, end="", flush=True)
     stats = GenerationStats()
     stream(model, model.generate(tokens, n_new, sampler, stats=stats, **speculation), stats)
@@ -97,8 +89,8 @@ def run_batch(model, sampler: Sampler, args, text: str, speculation: dict) -> in
         raise ArgumentError("a prompt is empty and this model's tokenizer adds no begin-of-text token")
     start = time.perf_counter()
     stats = GenerationStats()
-    done = model.generate_batch(rows, STORY_TOKENS if args.max_new_tokens is None else args.max_new_tokens, sampler,
-                                stats=stats, **speculation)
+    done = model.generate_batch(rows, STORY_TOKENS if args.max_new_tokens is None else until_full(args.max_new_tokens, model),
+                                sampler, stats=stats, **speculation)
     seconds = time.perf_counter() - start
     stops = model.tokenizer.stop_ids
     for i, (prompt, completion) in enumerate(zip(prompts, done), 1):
@@ -116,10 +108,18 @@ def check_args(args) -> None:
     if args.chat and args.batch:
         raise ArgumentError("--chat and --batch do not go together: a chat is one conversation; give "
                             "--batch prompts to continue each, or --chat to talk")
-    if args.max_new_tokens is not None and args.max_new_tokens < 0:
-        raise ArgumentError(f"-n must be >= 0, got {args.max_new_tokens}")
+    if args.max_new_tokens is not None and args.max_new_tokens < -2:
+        raise ArgumentError(f"-n (--n-predict) must be >= 0, or -1 / -2 (until the context's end), got "
+                            f"{args.max_new_tokens}")
     check_model_options(args)
+    check_batch_size(args)
     check_speculation_options(args)
+
+
+def until_full(n: int, model) -> int:
+    """-n as llama.cpp reads it: -1 (and -2) is every position the context has left; a row stops
+    there anyway."""
+    return model.context_length() if n < 0 else n
 
 
 def fit_prompt(tokens: list[int], context: int, bos_id: int | None) -> list[int]:
@@ -170,7 +170,7 @@ def chat(model, sampler, args, one_shot: str | None, speculation: dict) -> int:
     if speculation["draft"] is not None:  # one for the whole conversation: it holds the earlier turns too
         speculation = {**speculation, "draft": DraftModel(model, speculation["draft"], 1, model.context_length(cache),
                                                            speculation["draft_max"])}
-    n_new = 512 if args.max_new_tokens is None else args.max_new_tokens
+    n_new = 512 if args.max_new_tokens is None else until_full(args.max_new_tokens, model)
     interactive = one_shot is None
     if interactive:
         print("chat: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)

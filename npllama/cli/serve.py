@@ -8,14 +8,17 @@ import sys
 from pathlib import Path
 
 from ..errors import ArgumentError
-from .common import (add_model_options, add_speculation_options, check_model_options, check_speculation_options,
-                     load_draft, load_model, new_parser)
+from .common import (add_batch_size_option, add_model_options, add_speculation_options, check_batch_size,
+                     check_model_options, check_speculation_options, load_draft, load_model)
 
 DEFAULT_CONTEXT = 4096  # a row's positions unless -c says otherwise (llama-server's default -c)
 
 
-def build_parser():
-    p = new_parser("python -m npllama serve", __doc__.split("\n\n")[0].split(": ", 1)[1])
+HELP = "an OpenAI-compatible HTTP server, requests decoding together (needs npllama[serve])"
+DESCRIPTION = __doc__.split("\n\n")[0].split(": ", 1)[1]
+
+
+def add_arguments(p) -> None:
     add_model_options(p, None, f"positions of each request (prompt and answer); default: the model's, at most "
                       f"{DEFAULT_CONTEXT}")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -26,13 +29,13 @@ def build_parser():
                    "with Retry-After")
     p.add_argument("--api-key", help="require the header Authorization: Bearer KEY on /v1/ routes")
     p.add_argument("--alias", help="the model's name in the API (default: its file or directory name)")
+    add_batch_size_option(p, "prompt tokens a prefill pass")
     add_speculation_options(p)
-    return p
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
     check_model_options(args)
+    check_batch_size(args)
     check_speculation_options(args)
     if not 1 <= args.parallel <= 256 or args.queue < 0 or not 0 <= args.port < 65536:
         raise ArgumentError("--parallel must be from 1 to 256, --queue >= 0 and --port from 0 to 65535")
@@ -54,7 +57,8 @@ def main(argv: list[str]) -> int:
     model = load_model(args)
     context = args.max_seq_len or min(model.args.max_seq_len, DEFAULT_CONTEXT)
     model.verbose = False  # no progress lines per request
-    engine = Engine(model, args.parallel, context, args.queue, args.lookup, load_draft(args, model), args.draft_max)
+    engine = Engine(model, args.parallel, context, args.queue, args.lookup, load_draft(args, model), args.draft_max,
+                    args.batch_size)
     model_id = args.alias or Path(args.model or model.source or "npllama").name
     app = make_app(engine, Requests(model, model_id, context), args.api_key)
     engine.thread.start()
