@@ -399,42 +399,6 @@ def test_streamed_logits_do_not_depend_on_the_thread_count(path):
         np.testing.assert_array_equal(other, logits[0])
 
 
-# --- combinations refused before anything loads --------------------------------------------
-
-@pytest.mark.parametrize("argv, message", [
-    (["--chat", "--batch"], "--chat and --batch do not go together"),
-    (["perplexity", "-f", "x.txt", "-c", "1"], "-c, --ctx-size"),
-    (["-t", "0"], "threads (-t) is 0"),
-    (["explain", "--weights-budget-gb", "-1"], "--weights-budget-gb"),
-    (["--weights", "int16", "--dtype", "bfloat16"], "--weights int16 with --dtype bfloat16"),
-])
-def test_a_combination_that_cannot_work_is_one_line(tmp_path, capsys, argv, message):
-    """Refused in one `error:` line, exit status 2, before any model is looked for."""
-    code = cli.main(argv + ["-m", str(tmp_path / "no-model-needed")])
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and message in err, err
-
-
-@pytest.mark.parametrize("subcommand", ["", "explain", "compare", "perplexity", "serve"])
-def test_every_subcommand_takes_the_model_options(subcommand, capsys):
-    """-m, --dtype, -c (--ctx-size, --max-seq-len), --weights-budget-gb and -t, one definition."""
-    with pytest.raises(SystemExit):
-        cli.main([subcommand, "--help"] if subcommand else ["--help"])
-    text = capsys.readouterr().out
-    for option in ("--model", "--dtype", "--ctx-size", "--max-seq-len", "--weights-budget-gb", "--threads"):
-        assert option in text, (subcommand, option)
-
-
-def test_the_top_level_help_lists_every_subcommand(capsys):
-    from npllama.cli import SUBCOMMANDS
-    with pytest.raises(SystemExit):
-        cli.main(["--help"])
-    listed = [line.split()[0] for line in capsys.readouterr().out.split("subcommands:")[1].splitlines()[2:]
-              if line.startswith("    ") and not line.startswith("     ")]
-    assert listed == list(SUBCOMMANDS)
-    assert set(SUBCOMMANDS) == {"explain", "compare", "perplexity", "download", "serve"}
-
-
 # --- the same under mpiexec -n 2 --------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,8 +7,6 @@ import ast
 import copy
 import math
 from dataclasses import replace
-import subprocess
-import sys
 from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,10 +19,9 @@ from hypothesis import strategies as st
 
 import npllama
 import npllama.formats
+import npllama.cli
 import npllama.generate
 import npllama.tokenizer
-from npllama import cli
-from npllama.chat import Llama3Chat
 from npllama.cli import run
 from npllama.config import ModelArgs, RopeScaling
 from npllama.generate import GenerationStats, Sampler, top_k_filter, top_p_filter
@@ -310,6 +307,49 @@ def test_nan_temperature_is_rejected():
         Sampler(temperature=float("nan"))
 
 
+def test_repeat_penalty_is_llama_cpps():
+    """llama.cpp's llama_sampler_penalties: a token in the window, however often, has its logit
+    divided by the penalty if positive and multiplied if not; the window is the last n accepted."""
+    logits = np.array([2.0, -1.0, 0.5, 3.0, -2.0, 0.0], np.float32)
+    sampler = Sampler(repeat_penalty=2.0, repeat_last_n=3)
+    sampler.accept([0, 1, 1, 4, 5])  # the window: 1, 4, 5; token 0 has left it
+    np.testing.assert_array_equal(sampler.penalized(logits), [2.0, -2.0, 0.5, 3.0, -4.0, 0.0])
+    everything = Sampler(repeat_penalty=2.0, repeat_last_n=-1)
+    everything.accept([0, 1, 1, 4, 5])
+    np.testing.assert_array_equal(everything.penalized(logits), [1.0, -2.0, 0.5, 3.0, -4.0, 0.0])
+    for off in (Sampler(repeat_penalty=2.0, repeat_last_n=0), Sampler(repeat_penalty=1.0)):
+        off.accept([0, 3])
+        np.testing.assert_array_equal(off.penalized(logits), logits)
+    greedy = Sampler(repeat_penalty=1.6)
+    greedy.accept([3])
+    assert greedy(logits) == 0  # 3.0 / 1.6 < 2.0: greedy decoding is penalised too
+
+
+def penalised_by_hand(model, prompt, n, penalty, last_n):
+    """Greedy decoding recomputing every logit from the whole sequence, the penalty applied to
+    the distinct tokens among the last last_n of prompt + output."""
+    seq = list(prompt)
+    for _ in range(n):
+        z = model.forward(seq)[-1].copy()  # [V]
+        for t in set(seq[-last_n:]):
+            z[t] = z[t] / penalty if z[t] > 0 else z[t] * penalty
+        seq.append(int(np.argmax(z)))
+    return seq[len(prompt):]
+
+
+def test_repeat_penalty_in_generation_is_by_hand():
+    """generate with --repeat-penalty 1.5 over the last 6 tokens is the by-hand loop, on a prompt
+    whose own last tokens hold the unpenalised first choice: the window counts the prompt."""
+    model, _ = small_model(seed=3)
+    rng = np.random.default_rng(0)
+    prompt = next(p for p in (list(rng.integers(0, 256, 10)) for _ in range(1000))
+                  if np.argmax(model.forward(p)[-1]) in p[-6:])
+    plain = list(model.generate(prompt, 16, Sampler(0), stop_ids=()))
+    expected = penalised_by_hand(model, prompt, 16, 1.5, 6)
+    assert expected[0] != plain[0]  # the prompt's tokens are penalised from the first choice
+    assert list(model.generate(prompt, 16, Sampler(repeat_penalty=1.5, repeat_last_n=6), stop_ids=())) == expected
+
+
 # ---- stopping ----------------------------------------------------------------------------
 
 def test_stops_at_a_stop_id_and_yields_it(model, prompt):
@@ -531,207 +571,7 @@ def test_stream_decoder_releases_each_character_once_complete(text, tok, byte_id
     assert printed + decoder.flush() == text
 
 
-# ---- the command line --------------------------------------------------------------------
-
-@pytest.fixture
-def load_once(monkeypatch):
-    """The CLI tests run main() many times on one checkpoint: load it once per max_seq_len (the
-    models are never modified; loading itself is tested in test_meta.py)."""
-    real_load, loaded = npllama.formats.load, LOADED
-
-    def load(path, **kwargs):
-        key = (str(path), kwargs.get("dtype"), kwargs.get("max_seq_len"))
-        if key not in loaded:
-            loaded[key] = real_load(path, **kwargs)
-        return loaded[key]
-
-    monkeypatch.setattr(npllama.formats, "load", load)
-
-
-LOADED = {}
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
-
-
-def test_cli_story_shows_prompt_tokens_and_top5(load_once, checkpoint, model, tok, capsys):
-    code, out, err = run_cli(capsys, "-m", checkpoint, "-p", "the answer is")
-    assert code == 0
-    ids = tok.encode("the answer is")
-    lines = out.splitlines()
-    assert lines[0] == f"prompt: {len(ids)} tokens"
-    assert [int(line.split()[0]) for line in lines[1:1 + len(ids)]] == ids
-    assert lines[1 + len(ids)] == "next token, top 5:"
-    top5 = [int(line.split()[0]) for line in lines[2 + len(ids):7 + len(ids)]]
-    assert all("p = " in line for line in lines[2 + len(ids):7 + len(ids)])
-    assert top5 == list(np.argsort(-model.forward(ids)[-1])[:5])
-    assert "continuation:" in out and "the answer is" in out.split("continuation:")[1]
-    assert f"{run.STORY_TOKENS} new tokens" in err or "stop_token" in err
-
-
-def visible(tok, ids):
-    return tok.decode([i for i in ids if not tok.is_special(i)])
-
-
-def test_cli_sampling_is_seeded_and_wired_to_the_sampler(load_once, checkpoint, model, tok, capsys):
-    flags = ["-m", checkpoint, "-p", "Once upon a time", "-n", 8, "--temperature", 0.7, "--top-p", 0.9]
-    runs = [run_cli(capsys, *flags, "-s", seed) for seed in (1, 1, 2)]
-    assert all(code == 0 for code, _, _ in runs)
-    assert runs[0][1] == runs[1][1]
-    assert runs[0][1] != runs[2][1]
-    assert "tok/s" in runs[0][2] and "8 new tokens" in runs[0][2]
-    # The same sampler through the library prints the same text: the flags reach it unchanged.
-    ids = list(model.generate(tok.encode("Once upon a time"), 8, Sampler(0.7, 0.9, 0, 1)))
-    assert runs[0][1] == "Once upon a time" + visible(tok, ids) + "\n"
-
-
-def test_cli_chat_one_turn(load_once, checkpoint, model, tok, capsys):
-    code, out, err = run_cli(capsys, "-m", checkpoint, "--chat", "--system", "Be brief.", "-p", "hi", "-n", 6)
-    assert code == 0
-    fmt = Llama3Chat(tok)
-    dialog = fmt.encode_dialog([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
-    assert f"{len(dialog)} prompt tokens" in err
-    reply = list(model.generate(dialog, 6, Sampler(0), stop_ids=fmt.stop_ids))
-    assert out == visible(tok, reply) + "\n"
-
-
-def test_cli_chat_reuses_the_cache_across_turns(load_once, checkpoint, model, tok, capsys, monkeypatch):
-    """Interactive --chat: the second turn feeds only the tokens not yet cached, and still
-    answers exactly what a fresh greedy generation over the whole dialog answers."""
-    typed = iter(["hi", "tell me more", ""])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
-    code, out, err = run_cli(capsys, "-m", checkpoint, "--chat", "-n", 6)
-    assert code == 0
-    fmt = Llama3Chat(tok)
-    messages = [{"role": "user", "content": "hi"}]
-    first = fmt.encode_dialog(messages)
-    reply1 = list(model.generate(first, 6, Sampler(0), stop_ids=fmt.stop_ids))
-    messages += [{"role": "assistant", "content": tok.decode([t for t in reply1 if t not in fmt.stop_ids])},
-                 {"role": "user", "content": "tell me more"}]
-    second = fmt.encode_dialog(messages)
-    reply2 = list(model.generate(second, 6, Sampler(0), stop_ids=fmt.stop_ids))
-    assert out == visible(tok, reply1) + "\n" + visible(tok, reply2) + "\n"
-    fed = [int(line.split()[0].lstrip("[")) for line in err.splitlines() if "prompt tokens" in line]
-    assert fed[0] == len(first)
-    assert fed[1] <= len(second) - len(first)  # the whole first dialog came from the cache
-
-
-def test_cli_missing_model(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "-m", tmp_path / "nowhere", "-p", "hi")
-    assert code == 2
-    assert err.startswith("error:") and "nowhere" in err
-
-
-def test_cli_prompt_and_file_together(tmp_path, capsys):
-    """Flags that contradict each other or make no sense: one line, exit status 2, no model loaded."""
-    (tmp_path / "p.txt").write_text("hi")
-    code, _, err = run_cli(capsys, "-p", "hi", "-f", tmp_path / "p.txt")
-    assert code == 2 and err.startswith("error:") and "-p" in err and "-f" in err
-    for argv, message in ((["-f", tmp_path / "none.txt"], "none.txt not found"),
-                          (["-f", tmp_path], "is a directory"), (["-f", "/dev/null"], "not a regular file"),
-                          (["-n", "-3"], "-n (--n-predict) must be >= 0"),
-                          (["--repeat-penalty", "0"], "repeat_penalty (--repeat-penalty)"),
-                          (["--repeat-last-n", "-2"], "repeat_last_n (--repeat-last-n)"),
-                          (["--min-p", "2"], "min_p (--min-p)"), (["-b", "0"], "-b (--batch-size)"), (["--max-seq-len", "1"], "--max-seq-len"),
-                          (["-s", "-1"], "seed (--seed) is -1"), (["--top-p", "nan"], "top_p (--top-p)"),
-                          (["--weights-budget-gb", "nan"], "--weights-budget-gb"),
-                          (["--weights-budget-gb", "inf"], "--weights-budget-gb"),
-                          (["--weights-budget-gb", "1e300"], "--weights-budget-gb")):
-        code, _, err = run_cli(capsys, "-m", tmp_path / "no-model-needed", *argv)
-        assert code == 2 and err.count("\n") == 1 and err.startswith("error:") and message in err, err
-
-
-def test_cli_prompt_too_long(load_once, checkpoint, capsys):
-    long = "word " * 40
-    for mode in ([], ["-n", 4]):  # story mode fails in its forward pass, -n in generate
-        code, _, err = run_cli(capsys, "-m", checkpoint, "-p", long, "--max-seq-len", 16, *mode)
-        assert code == 2
-        assert err.splitlines()[-1].startswith("error:") and "16" in err.splitlines()[-1]
-    code, out, err = run_cli(capsys, "-m", checkpoint, "-p", long, "--max-seq-len", 16, "-n", 4, "--truncate")
-    assert code == 0 and "truncated from 42 to 7 tokens" in err and "4 new tokens" in err
-
-
-def story_tokens(out: str) -> list[int]:
-    """The prompt token ids story mode prints, one per line after "prompt: N tokens"."""
-    lines = out.splitlines()
-    n = int(lines[0].split()[1])
-    return [int(line.split()[0]) for line in lines[1:1 + n]]
-
-
-def without_bos(model):
-    """The same model with Llama 3's vocabulary minus the begin-of-text convention (as SmolLM2)."""
-    tok = model.tokenizer
-    no_bos = npllama.tokenizer.Tokenizer(tok.name, npllama.tokenizer.LLAMA3_PAT_STR,
-                                         read_bpe_ranks(llama3_tokenizer_path()), tok.special_tokens,
-                                         bos_id=None, eos_id=tok.eos_id, stop_ids=tok.stop_ids, add_bos=False)
-    other = copy.copy(model)
-    other.tokenizer = no_bos
-    return other
-
-
-@pytest.mark.parametrize("bos", [True, False], ids=["with-bos", "without-bos"])
-def test_cli_truncate_keeps_the_end_and_only_a_real_bos(load_once, checkpoint, model, capsys, monkeypatch, bos):
-    """--max-seq-len 16 leaves room for a 15-token prompt; --truncate keeps the last 7 (half of it,
-    the other half to generate), plus BOS in front when the tokenizer has one. A tokenizer
-    without BOS keeps 7 tokens of the end: its first token is text, not a BOS to keep."""
-    if not bos:
-        model = without_bos(model)
-        load = npllama.formats.load
-        monkeypatch.setattr(npllama.formats, "load", lambda *args, **kwargs: without_bos(load(*args, **kwargs)))
-    ids = model.tokenizer.encode(" ".join(f"w{i}" for i in range(30)))
-    code, out, err = run_cli(capsys, "-m", checkpoint, "-p", model.tokenizer.decode(ids[bos:]),
-                             "--max-seq-len", 16, "--truncate")
-    assert code == 0 and f"truncated from {len(ids)} to 7 tokens" in err
-    assert story_tokens(out) == ([ids[0]] + ids[-6:] if bos else ids[-7:])
-
-
-@pytest.mark.parametrize("flag", [["--temperature", "-1"], ["--top-p", "0"], ["--top-k", "-2"]])
-def test_cli_bad_sampling_flags(load_once, checkpoint, capsys, flag):
-    try:
-        code = cli.main(["-m", str(checkpoint), "-p", "hi", "-n", "2", *flag])
-    except SystemExit as e:
-        code = e.code
-    assert code == 2 or (isinstance(code, str) and code.startswith("error:"))
-
-
-FLAGS = ["-m", "--model", "-p", "--prompt", "-f", "--file", "-n", "--max-new-tokens", "--temperature",
-         "--top-p", "--top-k", "-s", "--seed", "--max-seq-len", "--truncate", "--chat", "--system",
-         "--dtype", "--weights-budget-gb", "-t", "--threads", "download"]
-
-
-def test_help_mentions_every_flag():
-    result = subprocess.run([sys.executable, "-m", "npllama", "--help"], capture_output=True, text=True,
-                            timeout=60, cwd=Path(__file__).resolve().parents[1])
-    assert result.returncode == 0, result.stderr
-    declared = [s for a in cli.build_parser()._actions for s in a.option_strings]
-    for flag in {*FLAGS, *declared}:
-        assert flag in result.stdout, flag
-
-
-@pytest.mark.parametrize("subcommand", [[], ["explain"], ["compare"], ["download"]])
-def test_help_states_each_default_once(subcommand, capsys):
-    with pytest.raises(SystemExit):
-        cli.main([*subcommand, "--help"])
-    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
-    assert "(default: None)" not in text and "(default: False)" not in text
-    for option in text.split("  -")[1:]:
-        assert option.count("default") <= 1, option
-    if not subcommand:
-        assert "(default: 0; llama.cpp's is 0.8)" in text and "(default: 2048)" in text  # --temp, -c
-
-
-def test_cli_prompt_file_that_is_not_utf8(tmp_path, capsys):
-    """A binary --file is a one-line error naming the file, before any model is loaded."""
-    (tmp_path / "p.bin").write_bytes(b"caf\xe9 \xff\xfe")
-    code, _, err = run_cli(capsys, "-m", tmp_path / "no-model-needed", "-f", tmp_path / "p.bin")
-    assert code == 2 and err.startswith("error:") and "p.bin" in err and "UTF-8" in err
-
-
-# ---- batches: generate_batch's rows stop, and score their tokens, as model.generate ------
+# ---- batches -----------------------------------------------------------------------------
 
 def test_batch_rows_stop_at_the_context_limit_as_alone():
     """max_seq_len 16 and more new tokens asked than fit: each row's new tokens fill positions
@@ -806,7 +646,8 @@ def test_cli_batch_prints_what_each_prompt_alone_generates(checkpoint, capsys, t
     free = list(base.generate(base.tokenizer.encode(prompts[0]), 5, Sampler(0), stop_ids=()))
     stops = base.tokenizer.stop_ids | {free[2]}
     monkeypatch.setattr(npllama.formats, "load", lambda *a, **kw: with_stop_ids(real_load(*a, **kw), stops))
-    code, out, _ = run_cli(capsys, "-m", checkpoint, "-f", tmp_path / "prompts.txt", "--batch", "-n", 5)
+    code = npllama.cli.main(["-m", str(checkpoint), "-f", str(tmp_path / "prompts.txt"), "--batch", "-n", "5"])
+    out = capsys.readouterr().out
     model = with_stop_ids(base, stops)
     tok = model.tokenizer
     alone = [list(model.generate(tok.encode(p), 5, Sampler(0))) for p in prompts]

@@ -117,6 +117,32 @@ def test_bad_input_is_a_clear_error(checkpoint, capsys, tmp_path, random_checkpo
         assert code == 2 and message in err.splitlines()[-1], err
 
 
+def test_kl_divergence_base_saves_then_compares(checkpoint, capsys, tmp_path):
+    """llama-perplexity's two steps: --kl-divergence-base FILE alone saves the logits (and prints
+    the perplexity); with --kl-divergence they are the reference. The same model against its own
+    saved logits: KL 0, every top token the same. A base from another text, a missing one, and
+    one of another shape are refused naming the file."""
+    base = tmp_path / "base.npy"
+    code, out, _ = run(capsys, "-m", checkpoint, "-f", PASSAGE, "-t", 2, "-c", 32, "--kl-divergence-base", base)
+    assert code == 0 and f"saved the logits to {base}" in out and base.is_file()
+    assert not list(tmp_path.glob("*.part"))
+    saved = np.load(base)
+    n_windows = int(out.split("perplexity: ")[1].split()[0])
+    assert saved.shape == (n_windows, 15, 128256 + 1)
+    code, out2, _ = run(capsys, "-m", checkpoint, "-f", PASSAGE, "-t", 2, "-c", 32, "--kl-divergence",
+                        "--kl-divergence-base", base, "--max-kl", 0, "--min-top1", 100)
+    assert code == 0 and "mean 0, max 0" in out2 and final(out2) == final(out)
+    other = tmp_path / "other.txt"
+    other.write_text(PASSAGE.read_text()[::-1])
+    for argv, message in (([other], "was made from another text"), ([PASSAGE, "-c", 16], "made from another text, context")):
+        code, _, err = run(capsys, "-m", checkpoint, "-f", *argv[:1], *argv[1:] or ["-c", 32], "--kl-divergence",
+                           "--kl-divergence-base", base)
+        assert code == 2 and str(base) in err and message in err, err
+    code, _, err = run(capsys, "-m", tmp_path / "no-model-needed", "-f", PASSAGE, "--kl-divergence",
+                       "--kl-divergence-base", tmp_path / "none.npy")
+    assert code == 2 and "none.npy does not exist" in err and err.count("\n") == 1
+
+
 def test_one_window_is_not_enough():
     """llama-perplexity asks for two windows: one token short of them is an error naming the
     text's length, and exactly two windows' worth is accepted."""

@@ -292,6 +292,21 @@ def test_a_draft_longer_than_the_tokens_left(llama3, byte_level, n, eager):
         assert stats.drafted == max(n - 2, 0), kwargs
 
 
+def test_each_kept_guess_counts_in_the_next_positions_repeat_penalty(byte_level):
+    """Greedy with a repeat penalty, every guess right: verify must penalise position j+1 by the
+    guesses kept up to j (they are the row's tokens by then), or it rejects the right guess."""
+    model = byte_level()
+    base = model.tokenizer.encode("in the ", bos=None)
+    prompt = base + greedy(model, base, 30)  # its own text, which repeats: the penalty bites
+    sampler = lambda: Sampler(repeat_penalty=1.8, repeat_last_n=12)  # noqa: E731
+    reference = list(model.generate(prompt, 16, sampler(), stop_ids=()))
+    assert reference != greedy(model, prompt, 16)  # the penalty changes this text
+    row = Row(list(prompt), 16, sampler(), set())
+    for _ in decode(model, [row], model.new_cache(len(prompt) + 16), Scripted(following(reference))):
+        pass
+    assert row.done.tokens == reference and row.drafting.accepted >= 8
+
+
 def test_a_stop_token_inside_a_run_of_kept_guesses_stops_there(llama3):
     """The greedy continuation guessed 8 at a time with a stop token among them: the output
     ends at the stop token as without speculation, and the cache holds nothing after it."""
