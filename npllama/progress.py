@@ -24,6 +24,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.start = self.drawn = time.monotonic()
         self.shown = False
+        self.width = 0  # the longest line drawn, which the next must cover
 
     def update(self, done: float, note: str = "") -> None:
         if not self.enabled:  # a decode step's layers come here too: nothing else to pay
@@ -37,8 +38,9 @@ class Progress:
         fraction = min(done / self.total, 1.0)
         left = (now - self.start) * (1 - fraction) / fraction if fraction > 0 else float("inf")
         bar = "#" * int(30 * fraction)
-        self.stream.write(f"\r{self.what}: [{bar:<30}] {100 * fraction:5.1f}% {self._amount(done)}"
-                          f" {_seconds(left)} left {note} ")
+        line = f"{self.what}: [{bar:<30}] {100 * fraction:5.1f}% {self._amount(done)} {_seconds(left)} left {note}"
+        self.width = max(self.width, len(line))
+        self.stream.write(f"\r{line:<{self.width}}")
         self.stream.flush()
 
     def __enter__(self) -> Progress:
@@ -46,22 +48,30 @@ class Progress:
         return self
 
     def __exit__(self, *exc) -> None:
-        """The closing line, if the step took long enough to have shown progress."""
+        """The closing line, if the step took long enough to have shown progress: in a log one
+        clean line; on a terminal it overwrites the bar, padded over the bar's longer text."""
         Progress.open_steps -= 1
         if self.enabled and self.shown:
-            end = "\r" if self._is_terminal() else ""
-            self.stream.write(f"{end}{self.what}: done, {self._amount(self.total)} in "
-                              f"{_seconds(time.monotonic() - self.start)}" + " " * 30 + "\n")
+            amount = f", {_number(self.total)} {self.unit}" if self.unit else ""
+            line = f"{self.what}: done{amount} in {_seconds(time.monotonic() - self.start)}"
+            if self._is_terminal():
+                line = f"\r{line:<{self.width}}"
+            self.stream.write(line + "\n")
             self.stream.flush()
 
     def _amount(self, done: float) -> str:
-        return f"({done:.1f}/{self.total:.1f} {self.unit})" if self.unit else ""
+        return f"({_number(done)}/{_number(self.total)} {self.unit})" if self.unit else ""
 
     def _is_terminal(self) -> bool:
         try:
             return self.stream.isatty()
         except (AttributeError, ValueError):
             return False
+
+
+def _number(x: float) -> str:
+    """A count as an integer (20 windows, 30 layers), an amount with one decimal (1.5 G weights)."""
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
 
 
 def _seconds(s: float) -> str:

@@ -131,7 +131,7 @@ def reference_logits(args, model, chunks, parallel: int):
 
 
 def report_kl(kl: dict, bounds: dict) -> int:
-    print(f"KL divergence over {kl['tokens']} tokens: mean {kl['mean_kl']:.6g}, max {kl['max_kl']:.6g}, "
+    print(f"KL divergence (nats) over {kl['tokens']} tokens: mean {kl['mean_kl']:.6g}, max {kl['max_kl']:.6g}, "
           f"99.9th percentile {kl['p99.9_kl']:.6g}; same top token {kl['top1_agreement']:.2f}%; "
           f"largest logit difference {kl['max_logit_error']:.6g}")
     failed = [f"{key} {kl[key]:.6g} is not {op} {bounds[name]:g} (--{name.replace('_', '-')})"
