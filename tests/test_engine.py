@@ -422,6 +422,7 @@ def split(path, tmp_path_factory):
         return dict(results)
 
 
+@pytest.mark.slow  # mpiexec
 @combinations
 def test_two_ranks_compute_what_the_plain_pass_does(split, load, plain, dtype, weights):
     """Every path, on 2 ranks, held to the plain pass by the bounds one process is held to; in
@@ -454,6 +455,7 @@ def test_two_ranks_compute_what_the_plain_pass_does(split, load, plain, dtype, w
         assert float(got["mean_kl"]) > 0.5 * float(kl_by_hand(plain, dtype, chunks, weights))
 
 
+@pytest.mark.slow  # mpiexec
 def test_the_perplexity_command_on_two_ranks(path, capsys):
     """`mpiexec -n 2 python -m npllama perplexity`, with the output matrix streamed: one
     process's numbers, printed once."""
@@ -468,6 +470,7 @@ def test_the_perplexity_command_on_two_ranks(path, capsys):
     assert ppl == pytest.approx(float(alone.split("PPL = ")[1].split()[0]), rel=1e-4)
 
 
+@pytest.mark.slow  # mpiexec
 def test_the_oracle_as_reference_is_refused_under_mpiexec(path):
     """The torch oracle needs the whole model in one process: refused in one line, before loading."""
     done = mpiexec("-m", "npllama", "perplexity", "-m", str(path / "not-even-there"), "-f", str(PASSAGE),

@@ -24,6 +24,8 @@ import npllama
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.slow  # the fuzzer
+
 
 def fuzz(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tests.fuzz", *args], cwd=REPO, capture_output=True,

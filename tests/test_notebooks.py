@@ -65,6 +65,8 @@ ORIGINAL_HEADINGS = [
     "# thank you :)",
 ]
 
+pytestmark = pytest.mark.slow  # Jupyter kernels
+
 
 def headings(nb) -> list[tuple[int, str]]:
     """(cell index, heading line) of every markdown heading."""

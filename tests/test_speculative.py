@@ -715,6 +715,7 @@ def single(*command: str) -> subprocess.CompletedProcess:
                           env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO)
 
 
+@pytest.mark.slow  # mpiexec
 @pytest.mark.skipif(not MPIEXEC.exists(), reason=f"{MPIEXEC} is missing (the test extra installs mpi4py and mpich)")
 def test_two_ranks_print_the_unspeculated_text(tmp_path):
     """mpiexec -n 2 with --lookup, and with -md a sharpened copy of the model (its guesses

@@ -89,6 +89,7 @@ def assert_same_run(split: dict, whole: dict) -> None:
         np.testing.assert_array_equal(split[key], whole[key], err_msg=key)
 
 
+@pytest.mark.slow  # mpiexec
 @pytest.mark.parametrize("model,n", [("meta2", 2), ("meta4", 4), ("meta", 2), ("gguf", 2), ("gguf", 4), ("hf", 2),
                                      ("hf", 4)])
 def test_n_ranks_compute_what_one_process_does(reference, model, n):
@@ -138,6 +139,7 @@ def resident_bytes(args, rank: int, n: int) -> int:
     return total
 
 
+@pytest.mark.slow  # mpiexec
 def test_a_shard_file_is_the_only_weights_file_a_rank_opens(reference, tmp_path):
     """Rank r of a 2-shard checkpoint opens consolidated.0r.pth and no other weights file: with
     one shard replaced by garbage, the error comes from the rank that owns it, naming it."""
@@ -152,6 +154,7 @@ def test_a_shard_file_is_the_only_weights_file_a_rank_opens(reference, tmp_path)
         assert f"rank {broken} of 2" in done.stderr  # the rank that owns the file, and only it, read it
 
 
+@pytest.mark.slow  # mpiexec
 def test_the_command_line_prints_the_same_text(reference):
     """Rank 0 reads, samples and prints; the others stay silent: stdout is the single process's,
     for a seeded stream and for a chat whose messages come on stdin (which mpiexec gives rank 0)."""
@@ -166,6 +169,7 @@ def test_the_command_line_prints_the_same_text(reference):
         assert two.stdout == one.stdout and one.stdout.strip()
 
 
+@pytest.mark.slow  # mpiexec
 def test_a_rank_that_raises_ends_every_rank(reference, tmp_path):
     """Rank 1 fails while rank 0 waits for it inside a forward pass's all-reduce: mpiexec exits
     non-zero within 30 s, and the failing rank's message is shown."""
@@ -184,6 +188,7 @@ def test_a_rank_that_raises_ends_every_rank(reference, tmp_path):
     assert "planted failure on rank 1" in done.stderr
 
 
+@pytest.mark.slow  # mpiexec
 def test_the_command_line_ends_every_rank_on_an_error(reference, tmp_path):
     """An error on one rank only (rank 0 cannot read the prompt file, the others never try) ends all."""
     models, _, _ = reference
@@ -194,6 +199,7 @@ def test_the_command_line_ends_every_rank_on_an_error(reference, tmp_path):
     assert "missing.txt" in done.stderr and "rank 0 of 2" in done.stderr
 
 
+@pytest.mark.slow  # mpiexec
 def test_a_model_that_cannot_be_split_n_ways_is_refused_before_any_weight_is_read(reference, tmp_path):
     """3 ranks for 4 key/value heads: refused from params.json (consolidated.00.pth here is garbage,
     and the error is still this one); a 2-shard checkpoint on 4 ranks: refused, naming the shards."""
