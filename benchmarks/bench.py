@@ -1,271 +1,384 @@
-"""npllama against a torch baseline doing the same work, side by side, in one run.
+"""npllama against a torch eager baseline doing the same work, and llama.cpp beside them: load,
+prefill, decode idle and beside a busy core, decode at long context, memory, and decode as a share of
+the machine's bandwidth limit. Each engine runs in a worker process of its own (engines.py), their
+measurements interleaved round by round. benchmarks/README.md says how each figure is measured.
 
-    python benchmarks/bench.py                      # smollm2 and 1b, 3 repeats (half an hour or more)
-    python benchmarks/bench.py --quick              # tiny model, proves the script works (a minute)
-    python benchmarks/bench.py --models 1b --decode-tokens 32 --contexts 128,1024
-    python benchmarks/bench.py --with-8b --models 8b --contexts 128,1024   # writes a 16 GB file
-    python benchmarks/bench.py --models 1b --profile                      # + cProfile of decode
+    python benchmarks/bench.py --quick                       # tiny model: proves it works (a minute)
+    python benchmarks/bench.py                               # smollm2 and 1b (half an hour or more)
+    python benchmarks/bench.py --with-8b --models 8b,8b-q4km --contexts 128,1024
     python benchmarks/bench.py --models smollm2 --llama-bench ~/llama.cpp/build/bin/llama-bench
-
-The baseline is torch eager with a KV cache (benchmarks/torch_llama.py, written the way Meta's
-reference is; see its docstring for why not oracle.reference.Oracle), given the same weights and
-dtype, with torch.set_num_threads equal to the threads NumPy's BLAS uses. Both engines compute
-logits of the last position only, feed back the argmax (greedy) and use the same token ids.
-
-Figures, for each engine on each model:
-  load            npllama.load(...) until it returns; torch: state dict load + model build
-                  (tokenizer not loaded by torch, KV cache allocation excluded on both sides);
-  prefill         tok/s of one forward pass over a 16-, 128- and 512-token prompt (--prefill);
-  decode          tok/s over --decode-tokens greedy steps after a --decode-prompt-token prompt;
-  under load      the same decode while a busy loop holds the last core (machine.Spinner), and
-                  its ratio to the idle decode: npllama gives BLAS the cores other processes
-                  leave free, torch keeps its threads;
-  decode at ctx   ms/token of --context-steps steps once the cache holds 128 / 1024 / 4096 real
-                  positions (--contexts), filled by real prefill in --prefill-chunk chunks;
-  memory          peak RssAnon and RssFile (sampled from /proc/<pid>/status every 20 ms by this
-                  process) and VmHWM (the kernel's exact peak of the total), per engine in its own
-                  subprocess (benchmarks/worker.py) so the numbers never mix;
-  % of bandwidth  (bytes of weights one decode step reads / decode time per token) / the
-                  bandwidth limit: the fastest of three large float32 matrix-vector products
-                  (NumPy W@x, NumPy x@W.T, torch F.linear; GB/s of matrix bytes). The limit is
-                  probed between decode rounds (same conditions as the decode) and, for the
-                  "run's best" figure, also at the start and end of the run. Also measured:
-                  bf16 -> float32 upcast GB/s (bytes of bf16 read), whole-matrix and through
-                  npllama's streamed tiles (the ceiling of the 8b's streamed decode).
-Each timing is the median of --repeats runs, shown with min-max. Progress goes to stderr; the
-markdown table to stdout (and --markdown PATH); everything, with machine info, to --json PATH.
-
-Fairness on a shared machine: both engines' processes stay alive and their measurements are
-interleaved round by round (alternating which goes first), so load from other processes falls
-on both alike; before each measurement the bench waits until the other engine's BLAS/OpenMP
-threads have stopped spinning, then (up to --max-wait seconds, --wait-budget in all) until
-processes outside the benchmark use under a quarter of a core. The cores those processes used
-during each measurement are recorded next to it (JSON `foreign_cores`) and summarised in the
-table: on 2 cores, one busy neighbour can make a 2-thread BLAS decode several times slower.
-
---profile adds, per model, a cProfile of npllama's decode steps and a table of each weight
-matmul's time and GB/s (npllama's `linear` wrapped with a timer in the profiling process).
-
---llama-bench PATH adds llama.cpp's decode, idle and under load, on smollm2: the given llama-bench
-binary runs an F32 GGUF of npllama's decoded weights, in the decode rounds (benchmarks/llama_cpp.py).
-
-Models (--models, comma-separated): tiny, smollm2 (the default SmolLM2-135M GGUF), 1b (random
-Llama-3.2-1B shape, float32), and, only with --with-8b as they write multi-GB files: 8b (random
-Meta-Llama-3-8B, bf16 file; npllama streams its int16 copy), 8b-exact (the same file, npllama alone
-streaming the bf16 as stored), 8b-tiered (the same file, npllama alone with an 8 GB weights
-budget: part of the layers float32-resident) and 8b-q4km (a random Meta-Llama-3-8B Q4_K_M GGUF,
-npllama alone). The first load of a streamed model makes npllama's int16 copy; --fresh-int16-copy
-deletes it first so that load is timed. An engine a model's spec says cannot run it is reported as not run, with
-the reason. Random checkpoints are written once into --cache-dir (default ~/.cache/npllama/bench).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
+import statistics
+import subprocess
 import sys
-import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+from harness import Quiet, Worker, cell, fmt, machine_info, memory_mb, parser, progress, rounds, stat, summary, table, write
+from prepare import BIG_MODELS, MODELS, default_cache_dir, int16_copies
 
-from interleave import engine_cfg, measure_engines, run_in_worker  # noqa: E402
-from llama_cpp import LlamaBench  # noqa: E402
-from machine import QuietMachine, code_info, machine_info  # noqa: E402
-from prepare import BIG_MODELS, MODEL_NAMES, default_cache_dir, int16_copies  # noqa: E402
-from report import ENGINES, bandwidth_summary, check_targets, derive, render  # noqa: E402
-from stats import progress  # noqa: E402
+ENGINES = ("npllama", "torch")
+QUICK = dict(models="tiny", rounds=2, prefill="8,16", decode_tokens=4, decode_prompt=8, contexts="32,64", context_steps=2,
+             prefill_chunk=32, max_wait=0, bw_mb=16)
 
 
-# --- Command line ---------------------------------------------------------------------------
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def positive_ints(text: str) -> list[int]:
-    return [positive_int(v) for v in text.split(",")]
-
-
-def name_list(choices):
+def names(choices):
     def parse(text: str) -> list[str]:
-        names = [v.strip() for v in text.split(",") if v.strip()]
-        bad = [n for n in names if n not in choices]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(f"unknown {bad or text!r}: choose from {', '.join(choices)}")
-        return names
+        if set(text.split(",")) - set(choices):
+            raise argparse.ArgumentTypeError(f"{text}: choose from {', '.join(choices)}")
+        return text.split(",")
     return parse
 
 
-# The options whose default --quick shrinks: name: (type, default, default with --quick, help).
-SIZES = {
-    "models": (name_list(MODEL_NAMES), "smollm2,1b", "tiny",
-               "comma-separated models: " + ", ".join(MODEL_NAMES)),
-    "repeats": (positive_int, "3", "2", "timed runs per figure (median, min, max)"),
-    "prefill": (positive_ints, "16,128,512", "8,16", "prompt lengths for prefill tok/s"),
-    "decode_tokens": (positive_int, "128", "4", "greedy decode steps timed per repeat"),
-    "decode_prompt": (positive_int, "16", "8", "prompt length before the decode steps"),
-    "contexts": (positive_ints, "128,1024,4096", "32,64", "cache lengths at which decode time per token "
-                 "is measured"),
-    "context_steps": (positive_int, "16", "2", "decode steps timed per repeat at each context length"),
-    "prefill_chunk": (positive_int, "512", "32", "tokens per forward pass when filling the cache to a "
-                      "context length"),
-    "max_wait": (float, "30", "0", "before each measurement, wait up to this many seconds for other "
-                 "processes to use under 0.25 cores (0: never wait); the cores they used during each "
-                 "measurement are recorded either way"),
-    "bw_mb": (positive_int, "256", "16", "MB of the float32 matrix of the bandwidth probe (far larger "
-              "than the caches)"),
-    "profile_steps": (positive_int, "8", "2", "decode steps profiled"),
-    "profile_context": (positive_int, "128", "16", "cache length when profiling"),
-}
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Benchmark npllama against a torch eager baseline (same weights, same dtype, "
-                    "same threads): load, prefill, decode, decode at long context, memory, and "
-                    "decode as a percentage of the machine's measured bandwidth limit.",
-        epilog="How each figure is measured: see the docstring of benchmarks/bench.py.")
-    p.add_argument("--with-8b", action="store_true",
-                   help="allow the models that write multi-GB files once: " +
-                        "; ".join(f"{k}: {v}" for k, v in BIG_MODELS.items()) +
-                        " (the 8b's checkpoint needs 33 GB free disk while writing); adds 8b to "
-                        "--models if none of them is listed")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny model, a few tokens, short contexts, small bandwidth matrix: proves "
-                        "the script works (CI), in under a minute; its figures mean nothing")
-    p.add_argument("--engines", type=name_list(ENGINES), default=list(ENGINES),
-                   help="engines to run [default: npllama,torch]")
-    for key, (kind, default, quick, text) in SIZES.items():
-        p.add_argument("--" + key.replace("_", "-"), type=kind,
-                       help=f"{text} [default: {default}; {quick} with --quick]")
-    p.add_argument("--threads", type=int, default=None, help="threads for both engines: "
-                   "torch.set_num_threads, and OPENBLAS/OMP_NUM_THREADS for NumPy [default: the "
-                   "threads NumPy's BLAS uses]")
-    p.add_argument("--torch-gqa", choices=("sdpa", "repeat_kv"), default="sdpa",
-                   help="torch attention: SDPA with enable_gqa (no copies), or Meta's repeat_kv copies "
-                        "[default: sdpa]")
-    p.add_argument("--wait-budget", type=float, default=900,
-                   help="stop waiting for a quiet machine once this many seconds have been spent "
-                        "waiting in the whole run [default: 900]")
+def parse_args(argv=None):
+    p = parser(__doc__, "latest", loads="idle,busy")
+    p.add_argument("--quick", action="store_true", help="tiny model, a few tokens: proves the script works (CI); "
+                   + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
+    p.add_argument("--models", type=names(MODELS), default="smollm2,1b", help=", ".join(MODELS))
+    p.add_argument("--with-8b", action="store_true", help="allow the models that write multi-GB files once: "
+                   + "; ".join(f"{k}: {v}" for k, v in BIG_MODELS.items()) + " (adds 8b if none is listed)")
+    p.add_argument("--engines", type=names(ENGINES), default="npllama,torch")
+    p.add_argument("--prefill", type=ints, default="16,128,512", help="prompt lengths of the prefill figures")
+    p.add_argument("--decode-tokens", type=int, default=128, help="greedy decode steps timed")
+    p.add_argument("--decode-prompt", type=int, default=16, help="prompt length before them")
+    p.add_argument("--contexts", type=ints, default="128,1024,4096", help="cache lengths a decode step is timed at")
+    p.add_argument("--context-steps", type=int, default=16, help="decode steps timed at each")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="tokens a pass when filling the cache to them")
+    p.add_argument("--bw-mb", type=int, default=256, help="MB of the bandwidth probes' matrix (beyond the caches)")
+    p.add_argument("--threads", type=int, help="threads of both engines [default: those NumPy's BLAS uses]")
+    p.add_argument("--torch-gqa", choices=("sdpa", "repeat_kv"), default="sdpa", help="torch attention [sdpa]")
+    p.add_argument("--wait-budget", type=float, default=900, help="seconds of waiting for a quiet machine in all")
     p.add_argument("--fresh-int16-copy", action="store_true",
-                   help="delete npllama's int16 copy of a streamed model (8b, 8b-q4km) before its loads, "
-                        "so that the first load, which makes it again, is timed")
-    p.add_argument("--llama-bench", metavar="PATH", default=None,
-                   help="a llama.cpp llama-bench binary: adds llama.cpp's decode, idle and under "
-                        "load, on smollm2 (an F32 GGUF of npllama's decoded weights, written once)")
-    p.add_argument("--profile", action="store_true",
-                   help="also cProfile npllama's decode steps on each model (stats in the JSON, "
-                        ".prof files next to it)")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
-                   help="where random checkpoints and converted weights are written once "
-                        "[default: $NPLLAMA_BENCH_CACHE or ~/.cache/npllama/bench]")
-    p.add_argument("--json", type=Path, default=HERE / "results" / "latest.json",
-                   help="JSON results [default: benchmarks/results/latest.json]")
-    p.add_argument("--markdown", type=Path, default=None, help="also write the markdown tables here")
+                   help="delete npllama's int16 copy of a streamed model first, so that the load making it is timed")
+    p.add_argument("--llama-bench", metavar="PATH", help="a llama.cpp llama-bench binary: its decode on smollm2")
+    p.add_argument("--cache-dir", default=str(default_cache_dir()), help="where the models are written once")
+    if "--quick" in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(**QUICK)  # strings pass through each option's type, as typed ones do
     a = p.parse_args(argv)
-    for key, (kind, default, quick, _) in SIZES.items():
-        if getattr(a, key) is None:
-            setattr(a, key, kind(quick if a.quick else default))
     if a.llama_bench and not os.access(a.llama_bench, os.X_OK):
         p.error(f"--llama-bench {a.llama_bench}: not an executable file")
     big = [m for m in a.models if m in BIG_MODELS]
-    if a.with_8b and not big:
-        a.models.append("8b")
     if big and not a.with_8b:
         p.error("; ".join(f"{m} writes {BIG_MODELS[m]}" for m in big) + ": pass --with-8b to confirm")
+    a.models += [] if big or not a.with_8b else ["8b"]
     return a
 
 
-# --- The run --------------------------------------------------------------------------------
-
-def bandwidth_probe(a: argparse.Namespace, threads: int, when: str) -> dict:
-    tag = f"bandwidth/{when}"
-    progress("bench", f"bandwidth probe ({when}, {a.bw_mb} MB float32 matrix)")
-    probe = run_in_worker(tag, a.threads, ("probes", dict(threads=threads, mb=a.bw_mb)),
-                          ("bandwidth", dict(repeats=a.repeats)))
-    for p in probe.get("probes", {}).values():
-        progress(tag, f"{p['label']}: {p['median']:.2f} GB/s")
-    return probe
+def engine_cfg(a, threads: int) -> dict:
+    keys = ("prefill", "decode_prompt", "decode_tokens", "contexts", "prefill_chunk", "torch_gqa")
+    return dict({k: getattr(a, k) for k in keys}, threads=threads, max_seq_len=1 + max(
+        max(a.prefill), a.decode_prompt + a.decode_tokens + 2, max(a.contexts) + a.context_steps))
 
 
-def benchmark_model(a: argparse.Namespace, name: str, threads: int, quiet: QuietMachine) -> dict:
-    progress("bench", f"=== {name}: preparing ===")
-    prep = run_in_worker(f"{name}/prepare", a.threads, ("prepare", dict(
-        name=name, cache_dir=str(a.cache_dir), llama_cpp=a.llama_bench is not None)))
-    if prep["status"] != "ok":
-        reason = prep.get("reason") or prep.get("error")
-        progress("bench", f"{name} skipped: {reason}")
-        return {"status": prep["status"], "reason": reason}
-    spec = prep["spec"]
+class LlamaBench:
+    """llama.cpp's decode: a `llama-bench -p 0 -n N -r 1` run a call (N tokens from an empty cache, the
+    engines' threads) on an F32 GGUF of npllama's decoded weights; a failure is kept, as a Worker's."""
+
+    def __init__(self, binary: str, gguf: str, threads: int):
+        self.cmd, self.error = [binary, "-m", gguf, "-p", "0", "-t", str(threads), "-r", "1", "-o", "json"], None
+        self.results = {"engine": "llama.cpp", "binary": binary, "gguf": gguf, "threads": threads}
+
+    def decode(self, n: int) -> dict | None:
+        try:
+            if not self.error:
+                result = json.loads(subprocess.run([*self.cmd, "-n", str(n)], capture_output=True, text=True).stdout)[0]
+                self.results["build"] = {k: result.get(k) for k in ("build_commit", "backends", "model_type", "type_k")}
+                return {"seconds": n / result["avg_ts"]}
+        except (OSError, ValueError, LookupError, ZeroDivisionError) as e:
+            self.error = f"{' '.join(self.cmd)}: {type(e).__name__}: {e}"
+            progress("llama.cpp", f"FAILED: {self.error}")
+
+    def close(self) -> dict:
+        return dict(self.results, status="error" if self.error else "ok", **({"error": self.error} if self.error else {}))
+
+
+def measure_model(a, name: str, spec: dict, threads: int, quiet: Quiet, llama=None) -> dict:
+    """Every figure of every engine on one model, the engines' measurements interleaved round by round;
+    llama.cpp's decode and the bandwidth limit are measured in the decode rounds."""
+    unavailable = spec.get("unavailable", {})
+    env = {"OPENBLAS_NUM_THREADS": str(a.threads), "OMP_NUM_THREADS": str(a.threads)} if a.threads else {}
+    workers = {e: Worker(f"{name}/{e}", "engines", env) for e in a.engines if e not in unavailable}
+    for e, w in workers.items():
+        w.ask("Session", engine=e, spec=spec, cfg=engine_cfg(a, threads))
+    probe = Worker(f"{name}/probe", "engines", env)
+    probe.ask("Probes", threads=threads, mb=a.bw_mb)
+    res = {e: {"memory": {}} for e in [*workers, "llama.cpp", "probe"]}
+    own = lambda: [w.pid for w in (*workers.values(), probe)]  # noqa: E731
+
+    def each(label: str, asks: dict, loads=("idle",)) -> list[dict]:
+        cases = [{"engine": e, "load": load} for load in loads for e in asks]
+        return rounds(cases, lambda c: asks[c["engine"]](), a.rounds, quiet, own, f"{name} {label}")
+
+    def every_engine(fn: str, **kwargs) -> dict:
+        return {e: lambda w=w: w.ask(fn, **kwargs) for e, w in workers.items()}
+
+    def record(case: dict, unit: str, value, key: str, sub: str | None = None) -> None:
+        """The summary of a case's runs as its engine's figure `key` (or key[sub]), with the load of each."""
+        if (s := stat(case, unit, value)) is None:
+            return
+        s.update({f: [x[f] for x in case["runs"]] for f in ("cpu_seconds", "foreign_cores", "spinner_cores")
+                  if f in case["runs"][0]})
+        figures = res[case["engine"]]
+        figures.setdefault("foreign_cores", []).extend(s.get("foreign_cores", []))
+        (figures.setdefault(key, {}) if sub else figures)[sub or key] = s
+
+    def memory(label: str) -> None:
+        for e, w in workers.items():
+            res[e]["memory"][label] = None if w.error else memory_mb(w.pid)
+
+    memory("start")
+    for c in each("load", every_engine("load")):
+        record(c, "s", "seconds", "load_s")
+        for how in ("made", "mapped"):  # a streamed model's first load makes npllama's int16 copy
+            seconds = [x["seconds"] for x in c.get("runs", []) if x.get("int16_copy") == how]
+            res[c["engine"]].update({f"load_{how}_int16_copy_s": summary(seconds, "s")} if seconds else {})
+    memory("after_load")
+    for e, w in workers.items():
+        quiet.wait(own())
+        setup = w.ask("setup") or {}
+        res[e].update(info=setup.get("info"), model_args=setup.get("model_args"))
+    for n in a.prefill:
+        for c in each(f"prefill {n}", every_engine("prefill", n=n)):
+            record(c, "tok/s", lambda x: n / x["seconds"], "prefill_tok_s", str(n))
+    memory("after_prefill")
+    n = a.decode_tokens
+    asks = dict(every_engine("decode", prompt=a.decode_prompt, n=n), probe=lambda: probe.ask("matvec"),
+                **({"llama.cpp": lambda: llama.decode(n)} if llama else {}))
+    for c in each(f"decode {n}", asks, a.loads):
+        key = "decode_tok_s" if c["load"] == "idle" else "decode_under_load_tok_s"
+        record(c, *(("GB/s", "gb_s") if c["engine"] == "probe" else ("tok/s", lambda x: n / x["seconds"])), key)
+        if c["engine"] in workers and c["load"] == "idle" and c.get("runs"):
+            res[c["engine"]]["greedy_tokens"] = c["runs"][0]["tokens"]
+    memory("after_decode")
+    filled, steps = 0, a.context_steps
+    for ctx in sorted(a.contexts):
+        for e, w in workers.items():
+            reply = quiet.measure(lambda: w.ask("fill", start=filled, end=ctx), own())
+            res[e].setdefault("fill_s", {})[str(ctx)] = reply and reply["seconds"]
+        filled = ctx
+        for c in each(f"decode at {ctx}", every_engine("decode_at", ctx=ctx, steps=steps)):
+            record(c, "ms/token", lambda x: 1e3 * x["seconds"] / steps, "decode_ms_at_context", str(ctx))
+    memory("end")
+    probe.close()
+    limit, lc = res.pop("probe"), res.pop("llama.cpp")
+    engines = {e: dict(res[e], engine=e, **w.close()) if e in workers else
+               {"engine": e, "status": "skipped", "reason": unavailable[e]} for e, w in
+               ((e, workers.get(e)) for e in a.engines)}
+    return {"engines": engines, "bandwidth_during_decode": limit.get("decode_tok_s"),
+            "bandwidth_during_busy_decode": limit.get("decode_under_load_tok_s"),
+            **({"llama_cpp": dict(llama.close(), **lc)} if llama else {})}
+
+
+def benchmark_model(a, name: str, threads: int, quiet: Quiet) -> dict:
+    prep = Worker(f"{name}/prepare", "prepare")
+    spec = prep.ask("prepare", name=name, cache_dir=a.cache_dir, llama_cpp=a.llama_bench is not None)
+    cost = prep.close()
+    if spec is None:
+        return {"status": "skipped" if "Skip:" in cost["error"] else "error", "reason": cost["error"]}
     if a.fresh_int16_copy and spec.get("weights") != "exact":  # 8b-exact makes no copy: keep the 8b's
         for copy in int16_copies(spec):
-            progress("bench", f"deleting {copy} (--fresh-int16-copy): the first load makes it again")
+            progress("bench", f"deleting {copy} (--fresh-int16-copy)")
             copy.unlink()
-    llama = LlamaBench(f"{name}/llama.cpp", a.llama_bench, spec["f32_gguf"], threads) \
-        if spec.get("f32_gguf") else None
-    runs = [e for e in a.engines if e not in spec.get("unavailable", {})] + (["llama.cpp"] if llama else [])
-    progress("bench", f"=== {name}: {' and '.join(runs)}, interleaved ===")
-    measured = measure_engines(a, name, spec, threads, quiet, llama)
-    return {"status": "ok", "spec": spec, "settings": engine_cfg(a, threads),
-            "prepare_peak_memory_mb": prep["peak_memory_sampled_mb"], **measured}
+    llama = LlamaBench(a.llama_bench, spec["f32_gguf"], threads) if spec.get("f32_gguf") else None
+    return {"status": "ok", "spec": spec, "settings": engine_cfg(a, threads), "prepare_peak_memory_mb":
+            cost["peak_memory_mb"], **measure_model(a, name, spec, threads, quiet, llama)}
 
 
-def profile_decode(a: argparse.Namespace, name: str, spec: dict, threads: int) -> dict:
-    tag = f"{name}/profile"
-    progress("bench", f"=== {name}: profiling npllama decode ===")
-    prof = run_in_worker(tag, a.threads,
-                         ("engine", dict(engine="npllama", spec=spec, cfg=engine_cfg(a, threads))),
-                         ("load", {}), ("profile", dict(out=str(a.json.parent / f"profile-{name}.prof"))))
-    if prof["status"] == "ok":
-        mm = prof["matmuls"]
-        progress(tag, f"{prof['steps']} decode steps at context {prof['context']}: "
-                 f"{prof['ms_per_token_profiled']:.1f} ms/token under cProfile (stats in "
-                 f"{prof['prof_file']}); matmuls {mm['matmul_ms_per_token']:.1f} of "
-                 f"{mm['ms_per_token']:.1f} ms/token without it")
-    return prof
+def derive(model: dict, run_limit: float | None) -> None:
+    """% of the bandwidth limit (probed alongside the decode, and the run's best), weight traffic, under
+    load / idle, the slowdown at the longest context, and how many greedy tokens the engines agree on."""
+    during = (model.get("bandwidth_during_decode") or {}).get("median")
+    for e in [*model["engines"].values(), model.get("llama_cpp", {})]:
+        if e.get("decode_under_load_tok_s") and e.get("decode_tok_s"):
+            e["decode_under_load_vs_idle"] = e["decode_under_load_tok_s"]["median"] / e["decode_tok_s"]["median"]
+        if e.get("status") != "ok" or "info" not in e:
+            continue
+        n_bytes = e["info"]["weight_bytes"]
+        for key, limit in (("decode_bandwidth_pct", during or run_limit),
+                           ("decode_bandwidth_pct_of_run_best", max(filter(None, [during, run_limit])))):
+            e[key] = dict(summary([100 * n_bytes * r / (limit * 1e9) for r in e["decode_tok_s"]["samples"]], "%"),
+                          limit_gb_s=limit)
+        e["decode_gb_s"] = n_bytes * e["decode_tok_s"]["median"] / 1e9
+        ctx = e["decode_ms_at_context"]
+        lo, hi = min(ctx, key=int), max(ctx, key=int)
+        e["context_slowdown"] = {"from": int(lo), "to": int(hi), "ratio": ctx[hi]["median"] / ctx[lo]["median"]}
+    tokens = [e["greedy_tokens"] for e in model["engines"].values() if "greedy_tokens" in e]
+    if len(tokens) == 2:
+        same = next((i for i, (x, y) in enumerate(zip(*tokens)) if x != y), min(map(len, tokens)))
+        model["greedy_agreement"] = {"leading_tokens_equal": same, "of": min(map(len, tokens))}
+
+
+def med(m: dict, key: str, sub: str | None = None, engine: str = "npllama") -> float:
+    f = m["llama_cpp"] if engine == "llama.cpp" else m["engines"][engine]
+    return (f[key][sub] if sub else f[key])["median"]
+
+
+def vs(m: dict, key: str, sub: str | None = None, other: str = "torch") -> float:
+    return med(m, key, sub) / med(m, key, sub, other)
+
+
+# The issue's targets for npllama: model, target, the measured value, comparison, threshold, unit.
+TARGETS = [("smollm2", "decode >= 80% of bandwidth limit", lambda m: med(m, "decode_bandwidth_pct"), ">=", 80, "%"),
+           ("smollm2", "decode >= 65% of bandwidth limit (issue 12)", lambda m: med(m, "decode_bandwidth_pct"), ">=", 65, "%"),
+           ("smollm2", "decode under load >= 0.6x its idle decode",
+            lambda m: m["engines"]["npllama"]["decode_under_load_vs_idle"], ">=", 0.6, "x"),
+           ("smollm2", "decode under load ahead of llama.cpp under load",
+            lambda m: vs(m, "decode_under_load_tok_s", other="llama.cpp"), ">", 1.0, "x"),
+           ("smollm2", "decode >= 2.5x torch", lambda m: vs(m, "decode_tok_s"), ">=", 2.5, "x"),
+           ("smollm2", "prefill 128 >= 1.2x torch", lambda m: vs(m, "prefill_tok_s", "128"), ">=", 1.2, "x"),
+           ("smollm2", "decode at 4096 <= 1.5x time at 128", lambda m: med(m, "decode_ms_at_context", "4096")
+            / med(m, "decode_ms_at_context", "128"), "<=", 1.5, "x"),
+           ("1b", "decode >= 80% of bandwidth limit", lambda m: med(m, "decode_bandwidth_pct"), ">=", 80, "%"),
+           ("8b", "peak RssAnon <= 3 GB (beyond mapped weights)",
+            lambda m: m["engines"]["npllama"]["peak_memory_mb"]["RssAnon"] / 1024, "<=", 3.0, "GB"),
+           ("8b", "load < 2 s", lambda m: med(m, "load_s"), "<", 2.0, "s"),
+           ("8b", "decode time <= 1.2x torch bf16 (issue 20)", lambda m: 1 / vs(m, "decode_tok_s"), "<=", 1.2, "x"),
+           ("8b-q4km", "peak RSS <= 20 GB", lambda m: m["engines"]["npllama"]["peak_memory_mb"]["VmHWM"] / 1024,
+            "<=", 20, "GB"),
+           ("8b-q4km", "first load (makes the int16 copy) <= 2 min", lambda m: med(m, "load_made_int16_copy_s"),
+            "<=", 120, "s"),
+           ("8b-q4km", "later load (maps the int16 copy) <= 10 s", lambda m: med(m, "load_mapped_int16_copy_s"),
+            "<=", 10, "s"),
+           ("8b-q4km", "decode <= 1.0 s/token (issue 20)", lambda m: 1 / med(m, "decode_tok_s"), "<=", 1.0, "s")]
+
+
+def check_targets(models: dict) -> list[dict]:
+    out = []
+    for name, target, get, op, threshold, unit in TARGETS:
+        try:
+            value = float(get(models[name]))
+        except (KeyError, TypeError, ZeroDivisionError):  # not measured in this run
+            continue
+        met = {">=": value >= threshold, "<=": value <= threshold, "<": value < threshold, ">": value > threshold}[op]
+        out.append({"model": name, "target": target, "value": value, "unit": unit, "met": met})
+    return out
+
+
+def model_table(model: dict) -> str:
+    ok = {k: e for k, e in model["engines"].items() if e.get("status") == "ok"}
+    ref = next(iter(ok.values()), {})
+
+    def row(label, get, higher_is_better=None):
+        """A figure of every engine; the first one's speedup over the second, where it has one."""
+        try:
+            stats = [get(e) for e in ok.values()]
+        except (KeyError, TypeError, ValueError):  # not measured on this model
+            return None
+        ratio = f"{(stats[0]['median'] / stats[1]['median']) ** (1 if higher_is_better else -1):.2f}x" \
+            if higher_is_better is not None and len(stats) == 2 else ""
+        return [label, *(cell(s) if isinstance(s, dict) else s for s in stats), ratio]
+    rows = [row("load (s)", lambda e: e["load_s"], False),
+            row("first load, making npllama's int16 copy (s)", lambda e: e["load_made_int16_copy_s"], False),
+            row("load mapping npllama's int16 copy (s)", lambda e: e["load_mapped_int16_copy_s"], False),
+            *[row(f"prefill {n} tokens (tok/s)", lambda e, n=n: e["prefill_tok_s"][n], True) for n in ref["prefill_tok_s"]],
+            row(f"decode {model['settings']['decode_tokens']} tokens (tok/s)", lambda e: e["decode_tok_s"], True),
+            row("the same decode beside a busy core (tok/s)", lambda e: e["decode_under_load_tok_s"], True),
+            row("decode under load / idle", lambda e: f"{e['decode_under_load_vs_idle']:.2f}x"),
+            *[row(f"decode at context {n} (ms/token)", lambda e, n=n: e["decode_ms_at_context"][n], False)
+              for n in ref["decode_ms_at_context"]],
+            row("decode slowdown, longest context vs shortest", lambda e: f"{e['context_slowdown']['ratio']:.2f}x"),
+            row("weights read per decode step (MB)", lambda e: fmt(e["info"]["weight_bytes"] / 2**20)),
+            row("decode weight traffic (GB/s)", lambda e: fmt(e["decode_gb_s"])),
+            row("bandwidth limit probed between decode rounds (GB/s)", lambda e: model["bandwidth_during_decode"]),
+            row("decode, % of bandwidth limit (probed alongside)", lambda e: e["decode_bandwidth_pct"]),
+            row("decode, % of the run's best probe", lambda e: e["decode_bandwidth_pct_of_run_best"]),
+            row("other processes' CPU during measurements (cores: median, max)",
+                lambda e: f"{statistics.median(e['foreign_cores']):.2f}, {max(e['foreign_cores']):.2f}"),
+            *[row(f"peak {k} (MB{', sampled' if k != 'VmHWM' else ''})", lambda e, k=k: fmt(e["peak_memory_mb"][k]))
+              for k in ("RssAnon", "RssFile", "VmHWM")],
+            row("RssAnon / RssFile after load (MB)",
+                lambda e: " / ".join(fmt(e["memory"]["after_load"][k]) for k in ("RssAnon", "RssFile")))]
+    return table(["figure", *ok, f"{next(iter(ok))} speedup" if len(ok) == 2 else ""], filter(None, rows))
+
+
+def model_notes(model: dict) -> list[str]:
+    notes = []
+    for name, e in model["engines"].items():
+        info = e.get("info") or {}
+        if e["status"] != "ok":
+            notes.append(f"{name} not run: {e['reason']}" if e["status"] == "skipped" else f"{name} failed: {e['error']}")
+            continue
+        how = (f"{info['dtype']}, attention {info['gqa']}, {info['num_threads']} threads" if name == "torch" else
+               f"{info['dtype']} compute, weights " + ("resident float32" if info["resident"] else
+               f"{info['resident_layers']} of {info['n_layers']} layers resident float32, the rest streamed "
+               f"{info['streamed_as']}"))
+        notes.append(f"{name}: {how}; worker {e['wall_s']:.0f} s wall, {e['cpu_s']:.0f} s CPU, load average "
+                     f"{e['loadavg_1min'][0]:.1f} -> {e['loadavg_1min'][1]:.1f}")
+    if "greedy_agreement" in model:
+        ga = model["greedy_agreement"]
+        notes.append(f"greedy tokens: the first {ga['leading_tokens_equal']} of {ga['of']} agree between the engines")
+    if "llama_cpp" in model:
+        lc, b = model["llama_cpp"], model["llama_cpp"].get("build", {})
+        notes.append(f"llama.cpp failed: {lc['error']}" if lc["status"] != "ok" else
+                     f"llama.cpp: llama-bench {b.get('build_commit')} ({b.get('backends')}), {lc['threads']} threads, "
+                     f"`-p 0 -r 1` (from an empty cache, {b.get('type_k')} KV cache) on an F32 GGUF of npllama's weights")
+    return [f"- {n}" for n in notes]
+
+
+def llama_cpp_table(model: dict) -> str:
+    engines = {**{k: e for k, e in model["engines"].items() if e["status"] == "ok"}, "llama.cpp": model["llama_cpp"]}
+    return table([f"decode {model['settings']['decode_tokens']} tokens (tok/s)", *engines], [
+        ["idle", *(cell(e.get("decode_tok_s")) for e in engines.values())],
+        ["beside a busy core", *(cell(e.get("decode_under_load_tok_s")) for e in engines.values())],
+        ["under load / idle", *(f"{e.get('decode_under_load_vs_idle', 0):.2f}x" for e in engines.values())]])
+
+
+def render(results: dict) -> str:
+    s, bw = results["settings"], results["bandwidth"]
+    out = [f"Both engines {s['threads']} threads. Timings: median (min-max) of {s['rounds']} runs.", ""]
+    whens = [w for w, p in bw.items() if p["status"] == "ok"]
+    if whens:
+        rows, cols = bw[whens[0]]["matrix"]
+        out += [table([f"bandwidth probe ({rows}x{cols} float32 = {rows * cols * 4 / 2**20:.0f} MB)",
+                       *(f"GB/s, {w} of run" for w in whens)],
+                      [[p["label"], *(cell(bw[w]["probes"][k]) for w in whens)] for k, p in bw[whens[0]]["probes"].items()]),
+                "", f"Bandwidth limit: {results['limit_gb_s']:.2f} GB/s, the best median of the matrix-vector probes.", ""]
+    for name, model in results["models"].items():
+        if model["status"] != "ok":
+            out += [f"## {name}: not run", "", model["reason"], ""]
+            continue
+        out += [f"## {name}: {model['spec']['label']}", "", model_table(model), "", *model_notes(model), ""]
+        if model.get("llama_cpp", {}).get("status") == "ok":
+            out += [f"### {name}: llama.cpp beside npllama and torch", "", llama_cpp_table(model), ""]
+    if results["targets"]:
+        out += ["## Issue targets (npllama)", "", table(["model", "target", "measured", "met"], [
+            [t["model"], t["target"], f"{fmt(t['value'])} {t['unit']}", "yes" if t["met"] else "NO"]
+            for t in results["targets"]]), ""]
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    started = time.perf_counter()
     machine = machine_info()
-    threads = a.threads or machine.get("numpy_blas_threads") or machine["cores_available"]
-    settings = dict(vars(a), threads=threads, cache_dir=str(a.cache_dir), json=str(a.json),
-                    markdown=str(a.markdown) if a.markdown else None)
-    results = {"created": datetime.datetime.now().isoformat(timespec="seconds"),
-               "command": [sys.executable, *sys.argv], "settings": settings, "machine": machine,
-               "code": code_info(), "models": {}, "profiles": {}}
-    quiet = QuietMachine(a.max_wait, a.wait_budget)
-    # Probed before and after the models: the limit is the best median of the two, so a busy
-    # moment during one probe does not make every engine look closer to the limit than it is.
-    probes = {"start": bandwidth_probe(a, threads, "start")}
+    threads = a.threads or machine["numpy_blas_threads"] or machine["cores_available"]
+    quiet = Quiet(a.max_wait, a.wait_budget)
+    results = {"settings": dict(vars(a), threads=threads, out=str(a.out)), "models": {}, "bandwidth": {}}
+
+    def probe(when: str) -> None:  # before and after the models: a busy moment in one does not set the limit
+        worker = Worker(f"bandwidth/{when}", "engines")
+        worker.ask("Probes", threads=threads, mb=a.bw_mb)
+        results["bandwidth"][when] = dict(worker.ask("bandwidth", repeats=a.rounds) or {}, **worker.close())
+    probe("start")
     for name in a.models:
-        model = results["models"][name] = benchmark_model(a, name, threads, quiet)
-        if a.profile and model["status"] == "ok":
-            results["profiles"][name] = profile_decode(a, name, model["spec"], threads)
-    probes["end"] = bandwidth_probe(a, threads, "end")
-    results["bandwidth"] = bandwidth_summary(probes)
+        results["models"][name] = benchmark_model(a, name, threads, quiet)
+    probe("end")
+    limits = [p["probes"][k]["median"] for p in results["bandwidth"].values() if p["status"] == "ok"
+              for k in p["probes"] if k.startswith("matvec")]
+    results["limit_gb_s"] = max(limits, default=None)
     for model in results["models"].values():
         if model["status"] == "ok":
-            derive(model, results["bandwidth"].get("limit_gb_s"))
-    results["targets"] = check_targets(results["models"])
-    results["wall_s"] = time.perf_counter() - started
+            derive(model, results["limit_gb_s"])
+    results["targets"] = check_targets({k: m for k, m in results["models"].items() if m["status"] == "ok"})
     results["waited_for_quiet_machine_s"] = quiet.waited
-    text = render(results)
-    print(text)
-    if a.markdown:
-        a.markdown.parent.mkdir(parents=True, exist_ok=True)
-        a.markdown.write_text(text + "\n")
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(results, indent=1))
-    progress("bench", f"done in {results['wall_s']:.0f}s; JSON in {a.json}")
+    write(a.out, "npllama against torch (and llama.cpp)", render(results), results)
     return 0
 
 

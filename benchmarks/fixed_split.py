@@ -1,62 +1,33 @@
 """What thread-count-independent products would cost: a decode step's weight products (one row
 times every matrix of a model's shape, float32) computed four ways, in one process:
 
-  openblas N threads   each product one call, split by OpenBLAS between its N threads (what
-                       npllama does for resident weights; its sums depend on N);
-  openblas 1 thread    each product one call, single-threaded;
-  fixed halves         each product cut into 2 fixed row blocks (boundaries at multiples of 16,
-                       whatever the thread count), one single-threaded call each, on npllama-style
-                       worker threads (the main thread and one more): the same bits on 1 or 2
-                       threads, as streamed weights are multiplied;
-  fixed halves, 1      the same blocks, all on the main thread (what one free core gives).
+  openblas N threads      each product one call, split by OpenBLAS between its N threads (npllama's
+                          resident weights; the sums depend on N);
+  openblas 1 thread       each product one call, single-threaded;
+  fixed halves            each product cut into 2 fixed row blocks (boundaries at multiples of 16),
+                          one single-threaded call each, on npllama's 2 tile threads (TilePool): the
+                          same bits on 1 or 2 threads, as streamed weights are multiplied;
+  fixed halves, 1 thread  the same blocks, both on one thread (what one free core gives).
 
     python benchmarks/fixed_split.py [--models smollm2,1b] [--rounds 3] [--under-load]
 
-Milliseconds per decode step's products, median of --rounds rounds (each the median of 15 steps).
+Milliseconds a decode step's products, median of --rounds rounds (each the median of 15 steps).
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
+from harness import Quiet, parser, rounds, stat, table, write
 from threadpoolctl import threadpool_limits
 
-HERE = Path(__file__).resolve().parent
+from npllama.resident_or_streamed import TilePool
+from npllama.threads import Threads
+
+# dim, hidden, layers, vocab, query width, key/value width
 SHAPES = {"smollm2": (576, 1536, 30, 49152, 576, 192), "1b": (2048, 8192, 16, 128256, 2048, 512)}
-
-
-class Halves:
-    """The main thread and one worker, each computing its own blocks of every product."""
-
-    def __init__(self):
-        self.go, self.done = threading.Semaphore(0), threading.Semaphore(0)
-        self.job = None
-        threading.Thread(target=self.work, daemon=True).start()
-
-    def work(self):
-        while True:
-            self.go.acquire()
-            fn, blocks = self.job
-            for b in blocks:
-                fn(b)
-            self.done.release()
-
-    def run(self, fn, blocks, threads: int):
-        if threads == 1:
-            for b in blocks:
-                fn(b)
-            return
-        self.job = (fn, blocks[1::2])
-        self.go.release()
-        for b in blocks[0::2]:
-            fn(b)
-        self.done.acquire()
 
 
 def matrices(shape) -> list[np.ndarray]:
@@ -64,15 +35,11 @@ def matrices(shape) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     per_layer = [(q + 2 * kv, dim), (dim, q), (2 * hidden, dim), (dim, hidden)]  # q|k|v, wo, w1|w3, w2
     return [rng.standard_normal(s, dtype=np.float32) for _ in range(layers) for s in per_layer] + \
-        [rng.standard_normal((vocab, dim), dtype=np.float32)]
-
-
-def halves(n: int) -> list[tuple[int, int]]:
-    cut = min(n, (n // 2 + 15) // 16 * 16)
-    return [(0, cut), (cut, n)]
+        ([rng.standard_normal((vocab, dim), dtype=np.float32)] if vocab else [])
 
 
 def step_ms(fn, reps: int = 15) -> float:
+    """Median milliseconds of fn() after a warm-up call."""
     fn()
     times = []
     for _ in range(reps):
@@ -82,7 +49,8 @@ def step_ms(fn, reps: int = 15) -> float:
     return 1e3 * statistics.median(times)
 
 
-def measure(ws: list[np.ndarray], threads: int, pool: Halves) -> dict[str, float]:
+def ways(ws: list[np.ndarray], threads: int = 2) -> dict:
+    """way: (BLAS threads, or None to leave them, and one decode step's products)."""
     xs = {w.shape[1]: np.ones((1, w.shape[1]), np.float32) for w in ws}
     ys = {w.shape[0]: np.empty((1, w.shape[0]), np.float32) for w in ws}
 
@@ -90,50 +58,49 @@ def measure(ws: list[np.ndarray], threads: int, pool: Halves) -> dict[str, float
         for w in ws:
             np.matmul(xs[w.shape[1]], w.T, out=ys[w.shape[0]])
 
-    def split(n_threads):
-        def run():
+    def halves(pool: TilePool):  # npllama's worker threads, as streamed weights are multiplied
+        def step():
             for w in ws:
-                x, y = xs[w.shape[1]], ys[w.shape[0]]
-                pool.run(lambda b: np.matmul(x, w[b[0]:b[1]].T, out=y[:, b[0]:b[1]]), halves(len(w)), n_threads)
-        return run
+                x, y, cut = xs[w.shape[1]], ys[w.shape[0]], min(len(w), (len(w) // 2 + 15) // 16 * 16)
+                pool.run(lambda b: np.matmul(x, w[b[0]:b[1]].T, out=y[:, b[0]:b[1]]), [(0, cut), (cut, len(w))])
+        return step
+    return {f"openblas {threads} threads": (threads, whole), "openblas 1 thread": (1, whole),
+            "fixed halves": (None, halves(TilePool(Threads(threads)))),
+            "fixed halves, 1 thread": (None, halves(TilePool(Threads(1))))}
 
-    out = {}
-    with threadpool_limits(threads, user_api="blas"):
-        out[f"openblas {threads} threads"] = step_ms(whole)
-    with threadpool_limits(1, user_api="blas"):
-        out["openblas 1 thread"] = step_ms(whole)
-        out["fixed halves"] = step_ms(split(threads))
-        out["fixed halves, 1 thread"] = step_ms(split(1))
-    return out
+
+def measure(a, name: str, forms: dict, scale: float = 1.0, reps: int = 15) -> list[dict]:
+    """Rounds of every form (name: (BLAS threads or None, step)) under every load: ms a decode step."""
+    def run(case):
+        threads, fn = forms[case["form"]]
+        with threadpool_limits(threads, user_api="blas"):
+            return {"ms": scale * step_ms(fn, reps)}
+    cases = [{"model": name, "form": f, "load": load} for load in a.loads for f in forms]
+    return rounds(cases, run, a.rounds, Quiet(a.max_wait), tag=name)
+
+
+def report(a, cases: list[dict], title: str, ratios: dict) -> None:
+    """One table a load: a row a model, a column a form, then the ratios (label: load -> (form, form))."""
+    ms = {(c["load"], c["model"], c["form"]): stat(c, "ms", "ms")["median"] for c in cases}
+    forms, body = list(dict.fromkeys(c["form"] for c in cases)), []
+    for load in a.loads:
+        models = dict.fromkeys(m for ld, m, _ in ms if ld == load)
+        body += [f"{load}:", "", table(["model", *forms, *ratios], [
+            [m, *(f"{ms[load, m, f]:.1f}" for f in forms),
+             *(f"{ms[(load, m, top)] / ms[(load, m, bottom)]:.2f}x" for top, bottom in (r(load) for r in ratios.values()))]
+            for m in models]), ""]
+    write(a.out, f"{title}: ms a decode step's weight products, median of {a.rounds} rounds "
+          "(busy: beside a busy loop on one core)", "\n".join(body), {"rounds": a.rounds, "runs": cases})
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__, "fixed_split")
     p.add_argument("--models", default="smollm2,1b")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--under-load", action="store_true", help="with a busy loop on one core (machine.Spinner)")
     a = p.parse_args()
-    sys.path.insert(0, str(HERE))
-    from machine import Spinner, products_title
-    pool, threads = Halves(), 2
-    spinner = Spinner() if a.under_load else None
-    try:
-        results = {}
-        for name in a.models.split(","):
-            ws = matrices(SHAPES[name])
-            rounds = [measure(ws, threads, pool) for _ in range(a.rounds)]
-            results[name] = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    finally:
-        if spinner:
-            spinner.stop()
-    print(products_title(a.under_load, a.rounds))
-    keys = list(next(iter(results.values())))
-    print("| model | " + " | ".join(keys) + " | fixed halves / openblas |")
-    print("|---" * (len(keys) + 2) + "|")
-    for name, r in results.items():
-        base = r["openblas 1 thread" if a.under_load else f"openblas {threads} threads"]
-        best = r["fixed halves, 1 thread" if a.under_load else "fixed halves"]
-        print(f"| {name} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + f" | {best / base:.2f}x |")
+    cases = [c for name in a.models.split(",") for c in measure(a, name, ways(matrices(SHAPES[name])))]
+    # Against what npllama does: both threads when idle, one beside a busy core.
+    report(a, cases, "Fixed row blocks against OpenBLAS's own split", {"fixed halves / openblas": lambda load: (
+        ("fixed halves", "openblas 2 threads") if load == "idle" else ("fixed halves, 1 thread", "openblas 1 thread"))})
 
 
 if __name__ == "__main__":

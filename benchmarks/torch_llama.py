@@ -1,19 +1,10 @@
-"""A compact torch Llama 3 with a KV cache: the benchmark's baseline, written the way Meta's
-reference (llama_models/llama3/model.py) is, without fairscale and without nn.Module copies.
+"""The torch baseline: Llama 3 with a KV cache as Meta's reference writes it, without fairscale.
 
-Why not oracle.reference.Oracle? It is built to be checked, not timed: it computes the logits of
-every prompt position (a [512, vocab] matmul in a 512-token prefill where one row is needed),
-repeats each key/value head for its query heads (Meta's repeat_kv copies the whole cache every
-step, so at long context the copy, not the attention, sets the decode time), and keeps keys
-token-major. A baseline that slow would flatter npllama. So this one:
-
-- F.linear with the checkpoint's [out, in] weights, used in place (no nn.Linear copies): a
-  memory-mapped bf16 state dict stays memory-mapped;
-- RMSNorm in float32 and cast back (`.type_as(x)`), RoPE by complex multiplication, as Meta;
-- a preallocated heads-first cache [KV, max_seq_len, hd] (contiguous per head, like npllama's);
-- F.scaled_dot_product_attention with enable_gqa=True, so grouped-query attention reads each key
-  head once; `gqa="repeat_kv"` selects Meta's literal repeat_kv instead;
-- logits for the last position only when asked (as npllama's `last_only`), in float32.
+Not oracle.reference.Oracle, which is built to be checked, not timed: it computes every position's
+logits and copies each key/value head for its query heads every step, a baseline slow enough to
+flatter npllama. This one multiplies by the checkpoint's [out, in] weights in place (a mapped bf16
+state dict stays mapped), keeps a heads-first cache [KV, max_seq_len, hd] as npllama does, and
+attends with SDPA's enable_gqa (gqa="repeat_kv": Meta's copies); logits of the last position only.
 """
 
 from __future__ import annotations
@@ -21,34 +12,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from npllama.config import EMBEDDING, LAYER_TENSORS, NORM, OUTPUT, ModelArgs, RopeScaling, layer_name
+from npllama.config import EMBEDDING, LAYER_TENSORS, NORM, OUTPUT, ModelArgs, layer_name
 from oracle.reference import rope_frequencies, rope_tables
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Meta's RMSNorm: computed in float32, cast back to the activations' dtype."""
+    """Meta's RMSNorm: computed in float32, cast back to the activations' dtype, then scaled."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight  # [T, D]
-
-
-def precompute_freqs_cis(head_dim: int, n_positions: int, theta: float,
-                         scaling: RopeScaling | None) -> torch.Tensor:
-    """The oracle's RoPE table (Meta's precompute_freqs_cis): the baseline differs only in speed."""
-    return rope_tables(rope_frequencies(head_dim, theta, scaling), n_positions)  # [P, hd/2] complex64
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Adjacent pairs as complex numbers times e^(i*angle); x [H, T, hd], freqs_cis [T, hd/2]."""
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [H, T, hd/2]
     return torch.view_as_real(pairs * freqs_cis).flatten(-2).type_as(x)  # [H, T, hd]
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """Meta's repeat_kv on a heads-first tensor: [KV, S, hd] -> [KV*n_rep, S, hd] (a copy)."""
-    if n_rep == 1:
-        return x
-    kv, s, hd = x.shape
-    return x[:, None].expand(kv, n_rep, s, hd).reshape(kv * n_rep, s, hd)
 
 
 class TorchLlama:
@@ -66,8 +43,9 @@ class TorchLlama:
         self.norm = w[NORM.meta]  # [D]
         self.layers = [{t.key: w[layer_name(t.meta, i)] for t in LAYER_TENSORS} for i in range(args.n_layers)]
         self.max_seq_len = max_seq_len or args.max_seq_len
-        self.freqs_cis = precompute_freqs_cis(args.head_dim, self.max_seq_len, args.rope_theta,
-                                              args.rope_scaling)  # [P, hd/2]
+        # The oracle's RoPE table (Meta's precompute_freqs_cis): the baseline differs only in speed.
+        self.freqs_cis = rope_tables(rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling),
+                                     self.max_seq_len)  # [P, hd/2] complex64
         self.cache_k = self.cache_v = None
 
     def new_cache(self):
@@ -97,7 +75,8 @@ class TorchLlama:
             cv[:, start_pos:end] = v
             keys, values = ck[:, :end], cv[:, :end]  # [KV, S, hd]
             if self.gqa == "repeat_kv":
-                keys, values = repeat_kv(keys, args.n_rep), repeat_kv(values, args.n_rep)  # [H, S, hd]
+                # Meta's repeat_kv: each key/value head copied for its query heads.
+                keys, values = keys.repeat_interleave(args.n_rep, 0), values.repeat_interleave(args.n_rep, 0)  # [H, S, hd]
             # With a batch axis SDPA takes its fused CPU kernel (3-D inputs fall back to the
             # unfused math path).
             attn = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import struct
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGUFWriter
+from gguf import GGUFWriter
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 from hypothesis import example, given, settings
@@ -36,6 +37,9 @@ from npllama.formats.gguf import read_gguf
 from npllama.formats.int16 import Int16Matrix, identity, to_int16, with_int16_copy
 from npllama.formats.meta import read_meta
 from oracle.checkpoints import _stored_name, _tiny_weights, tiny_args, tiny_gguf, tiny_gguf_metadata
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from prepare import random_k_blocks  # noqa: E402  random blocks with about a real layer's spread (as the 8B Q4_K_M's)
 
 BF16 = ml_dtypes.bfloat16
 PASSAGE = Path(__file__).parent / "data" / "passage.txt"
@@ -217,25 +221,6 @@ def test_the_copys_name_follows_the_files_identity(tmp_path):
 # One layer whose every matrix row is whole 256-value K-quant blocks (dim 256, hidden 768).
 K_ARGS = ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=265, norm_eps=1e-5,
                    rope_theta=500000.0, multiple_of=256)
-# Root mean square of value / d over random blocks (benchmarks/prepare.py derives them), and
-# Q4_K's dmin / d that centres its values: random blocks with about a real layer's spread.
-RMS_OVER_D = {Q.Q4_K: 258.3, Q.Q6_K: 1365.7}
-
-
-def random_k_blocks(qtype, shape: tuple[int, int], std: float, rng) -> np.ndarray:
-    """Random blocks of a K-quant matrix, uint8 [rows, bytes per row], their float16 d drawn so the
-    values have about this standard deviation (as benchmarks/prepare.py's random_k_blocks)."""
-    block, size = GGML_QUANT_SIZES[qtype]
-    blocks = rng.integers(0, 256, (shape[0] * shape[1] // block, size), dtype=np.uint8)  # [blocks, bytes]
-    d = std / RMS_OVER_D[qtype] * rng.uniform(0.5, 1.5, len(blocks))  # [blocks]
-    if qtype == Q.Q4_K:  # d, dmin, then scales and quants
-        blocks[:, 0:2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
-        blocks[:, 2:4] = (7.5 * d).astype(np.float16).view(np.uint8).reshape(-1, 2)
-    else:  # Q6_K: quants and scales, then d
-        blocks[:, size - 2:] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
-    return blocks.reshape(shape[0], -1)
-
-
 def write_gguf(path: Path, args: ModelArgs, tensors: dict, qtypes: dict) -> Path:
     """A GGUF of the tiny tokenizer and these Meta-named tensors: float32 arrays stored as F32,
     or quantized to qtypes[name] (uint8 rows of blocks already of that type, else quantized here)."""
@@ -269,7 +254,7 @@ def q4_k_m_like_gguf(path: Path) -> tuple[Path, dict, dict]:
         if w.ndim == 2:
             six = name == matrix_names(K_ARGS)[-1] or name.endswith(("wv.weight", "w2.weight"))
             qtypes[name] = Q.Q6_K if six else Q.Q4_K
-            blocks[name] = random_k_blocks(qtypes[name], w.shape, w.shape[1] ** -0.5, rng)
+            blocks[name] = random_k_blocks(qtypes[name].name, w.shape, w.shape[1] ** -0.5, rng)
     return write_gguf(path, K_ARGS, {**weights, **blocks}, qtypes), blocks, qtypes
 
 

@@ -1,0 +1,191 @@
+"""Inside bench.py's worker processes: an engine on a model (`Session`) and the bandwidth probes
+(`Probes`). npllama and torch get the same weights, dtype and threads, compute the last position's
+logits only and feed back the argmax; prompts are fixed pseudo-random ids."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from pathlib import Path
+
+import numpy as np
+from harness import summary
+
+import npllama
+from npllama.formats.meta import load_params
+
+
+def read_weights(layer) -> list:
+    """The arrays a decode step multiplies by (the engine's stacked wqkv and w13 hold wq..w3's weights)."""
+    return [w for name, w in vars(layer).items() if name not in ("wq", "wk", "wv", "w1", "w3")]
+
+
+def weight_bytes(model, unwrap=lambda w: w) -> int:
+    """Bytes of weights a decode step reads as the matmuls read them (float32, or a streamed matrix's
+    stored bytes); not the embedding table, of which one row is read."""
+    return sum(unwrap(w).nbytes for layer in model.layers for w in read_weights(layer)) + unwrap(model.output).nbytes
+
+
+class Npllama:
+    def __init__(self, spec: dict, cfg: dict):
+        self.spec, self.cfg = spec, cfg
+
+    def load(self):
+        budget = self.spec["weights_budget"]
+        self.model = npllama.load(self.spec["path"], max_seq_len=self.cfg["max_seq_len"], weights=self.spec.get(
+            "weights", "auto"), **({} if budget is None else {"weights_budget": budget}))
+
+    def new_cache(self):
+        self.cache = self.model.new_cache(self.cfg["max_seq_len"])
+
+    def forward(self, tokens, start_pos: int) -> np.ndarray:
+        return self.model.forward(tokens, start_pos, self.cache, last_only=True)[-1]  # [V]
+
+    def describe(self) -> dict:
+        m = self.model
+        return {"resident": m.resident, "resident_layers": m.resident_layers, "n_layers": m.args.n_layers,
+                "dtype": m.dtype, "streamed_as": getattr(m, "streamed_as", ""), "weight_bytes": weight_bytes(m)}
+
+
+class Torch:
+    def __init__(self, spec: dict, cfg: dict):
+        import torch
+        torch.set_num_threads(cfg["threads"])
+        self.torch, self.spec, self.cfg, self.dtype = torch, spec, cfg, getattr(torch, spec["torch_dtype"])
+
+    def load(self):
+        """A Meta .pth memory-mapped (bf16 stays mapped; float32 compute copies it, as npllama does), or
+        npllama's decoded float32 weights of a GGUF, read into RAM."""
+        from prepare import args_from_json
+        from torch_llama import TorchLlama
+        path, n = Path(self.spec["path"]), self.cfg["max_seq_len"]
+        if self.spec["kind"] == "meta":
+            args = dataclasses.replace(load_params(path / "params.json"), max_seq_len=n)
+            state = self.torch.load(path / "consolidated.00.pth", mmap=True, weights_only=True)
+        else:
+            saved = self.torch.load(self.spec["torch_weights"], weights_only=True)
+            args, state = args_from_json(saved["args"]), saved["state_dict"]
+        self.model = TorchLlama(args, state, self.dtype, n, gqa=self.cfg["torch_gqa"])
+
+    def new_cache(self):
+        self.model.new_cache()
+
+    def forward(self, tokens, start_pos: int) -> np.ndarray:
+        return self.model.forward(self.torch.from_numpy(np.asarray(tokens, np.int64)), start_pos)[-1].numpy()  # [V]
+
+    def describe(self) -> dict:
+        m = self.model
+        return {"dtype": str(self.dtype)[6:], "gqa": self.model.gqa, "num_threads": self.torch.get_num_threads(),
+                "weight_bytes": sum(w.nbytes for layer in m.layers for w in layer.values()) + m.output.nbytes}
+
+
+def decode_steps(engine, token: int, start_pos: int, n: int) -> tuple[float, list[int]]:
+    """n greedy steps from start_pos, each argmax fed back: (seconds, token ids)."""
+    out, t0 = [], time.perf_counter()
+    for i in range(n):
+        out.append(token := int(np.argmax(engine.forward(np.array([token]), start_pos + i))))
+    return time.perf_counter() - t0, out
+
+
+def timed(fn, *args) -> dict:
+    t0 = time.perf_counter()
+    fn(*args)
+    return {"seconds": time.perf_counter() - t0}
+
+
+class Session:
+    """One engine on one model, measured a call at a time so that bench.py can interleave the engines."""
+
+    def __init__(self, engine: str, spec: dict, cfg: dict):
+        self.engine, self.cfg = {"npllama": Npllama, "torch": Torch}[engine](spec, cfg), cfg
+
+    def load(self) -> dict:
+        """Seconds, and whether the load made or mapped npllama's int16 copy of the streamed matrices."""
+        from prepare import int16_copies  # here: npllama's worker imports no torch, its memory is its own
+        self.engine.model = None  # the last round's model, freed before this one is timed
+        gc.collect()
+        before = int16_copies(self.engine.spec)
+        reply = timed(self.engine.load)
+        if "int16" in getattr(self.engine.model, "streamed_as", ""):
+            reply["int16_copy"] = "made" if len(int16_copies(self.engine.spec)) > len(before) else "mapped"
+        return reply
+
+    def setup(self) -> dict:
+        """The KV cache, the prompts, and an untimed warm-up (thread pools, page faults in new buffers)."""
+        cfg, engine, vocab = self.cfg, self.engine, self.engine.model.args.vocab_size
+        engine.new_cache()
+        rng = np.random.default_rng(1)
+        self.prompt = rng.integers(0, vocab, max(cfg["prefill"] + [cfg["decode_prompt"]]))
+        self.context_prompt = rng.integers(0, vocab, max(cfg["contexts"]))
+        decode_steps(engine, int(np.argmax(engine.forward(self.prompt[:cfg["decode_prompt"]], 0))), cfg["decode_prompt"], 2)
+        return {"info": engine.describe(), "model_args": dataclasses.asdict(engine.model.args)}
+
+    def prefill(self, n: int) -> dict:
+        return timed(self.engine.forward, self.prompt[:n], 0)
+
+    def decode(self, prompt: int, n: int) -> dict:
+        first = int(np.argmax(self.engine.forward(self.prompt[:prompt], 0)))  # untimed
+        seconds, ids = decode_steps(self.engine, first, prompt, n)
+        return {"seconds": seconds, "tokens": [first] + ids}
+
+    def fill(self, start: int, end: int) -> dict:
+        """Positions [start, end) in chunks (bounding the [H, T, S] attention temporaries)."""
+        chunk, tokens = self.cfg["prefill_chunk"], self.context_prompt
+        return timed(lambda: [self.engine.forward(tokens[s:min(s + chunk, end)], s) for s in range(start, end, chunk)])
+
+    def decode_at(self, ctx: int, steps: int) -> dict:
+        """Steps at positions ctx.. (the next fill overwrites them)."""
+        return {"seconds": decode_steps(self.engine, int(self.context_prompt[ctx - 1]), ctx, steps)[0]}
+
+
+class Probes:
+    """GB/s over an `mb`-megabyte matrix, far larger than the caches: float32 matrix-vector products
+    three ways (the fastest is the bandwidth limit), bf16 upcasts, npllama's streamed bf16 and int16
+    tiles; and on one core, the rate of casting a 128-row tile of each storage to float32 (G
+    elements/s), which decides which storage streams faster."""
+
+    def __init__(self, threads: int, mb: int):
+        import ml_dtypes
+        import torch
+        import torch.nn.functional as F
+
+        from npllama.formats.int16 import Int16Matrix, to_int16
+        from npllama.resident_or_streamed import StreamedWeight, TilePool
+        from npllama.threads import Threads
+        torch.set_num_threads(threads)
+        cols = 4096 if mb >= 64 else 1024
+        rng = np.random.default_rng(0)
+        w = rng.standard_normal((mb * 2**20 // (4 * cols), cols), dtype=np.float32)  # [out, in]
+        x, b, q = rng.standard_normal(cols, dtype=np.float32), w.astype(ml_dtypes.bfloat16), Int16Matrix(*to_int16(w))
+        wt, xt, out = torch.from_numpy(w), torch.from_numpy(x)[None], np.zeros_like(w)  # out: its pages touched
+        sb, sq = (StreamedWeight(m, TilePool(Threads(threads))).T for m in (b, q))
+        tile = np.empty((128, cols), np.float32)  # 2 MB at 4096 columns: npllama's tile
+        self.matrix, self.probes = list(w.shape), {
+            "matvec_numpy_gemv": ("float32 W @ x (NumPy, sgemv)", w.nbytes, lambda: w @ x),
+            "matvec_numpy_linear": ("float32 x[None] @ W.T (NumPy, npllama's linear)", w.nbytes, lambda: x[None] @ w.T),
+            "matvec_torch_linear": ("float32 F.linear(x[None], W) (torch)", w.nbytes, lambda: F.linear(xt, wt)),
+            "upcast_astype": ("bf16 -> float32, .astype (new array)", b.nbytes, lambda: b.astype(np.float32)),
+            "upcast_into": ("bf16 -> float32 into a preallocated array", b.nbytes, lambda: np.copyto(out, b)),
+            "streamed_matvec": ("bf16 x[None] @ W.T streamed by npllama's tiles (GB/s of bf16)", b.nbytes,
+                                lambda: x[None] @ sb),
+            "streamed_matvec_int16": ("int16 x[None] @ W.T streamed by npllama's tiles", q.nbytes, lambda: x[None] @ sq),
+            **{f"cast_{name}": (f"{name} -> float32 tile cast, one core (G elements/s)", tile.size,
+                                lambda part=stored[:128]: np.copyto(tile, part))
+               for name, stored in (("bf16", b), ("float16", w.astype(np.float16)), ("int16", q.q),
+                                    ("int8", (q.q >> 8).astype(np.int8)))}}
+
+    def run(self, keys, repeats: int) -> dict:
+        res = {}
+        for key in keys:
+            label, n_bytes, fn = self.probes[key]
+            fn()  # warm-up
+            res[key] = dict(summary([n_bytes / timed(fn)["seconds"] / 1e9 for _ in range(repeats)], "GB/s"), label=label)
+        return res
+
+    def bandwidth(self, repeats: int) -> dict:
+        return {"matrix": self.matrix, "probes": self.run(self.probes, max(repeats, 5))}
+
+    def matvec(self) -> dict:
+        """The limit alone, between decode rounds: under the same conditions as they."""
+        return {"gb_s": max(r["median"] for r in self.run([k for k in self.probes if k.startswith("matvec")], 5).values())}

@@ -1,0 +1,306 @@
+"""The harness every suite runs on: measurements in processes of their own, interleaved round by round,
+idle or beside a busy core, summarised (median, min-max) and written as JSON and markdown beside the
+machine's name. `python harness.py MODULE` serves calls of MODULE's functions, a JSON line each way;
+`python harness.py MODULE FUNCTION JSON` makes one call (under mpiexec too). No npllama import at the
+top: commits.py's workers import it from another tree."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import psutil
+from tabulate import tabulate
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.append(str(ROOT))  # npllama and oracle, installed or not (last: commits.py puts another tree first)
+MB = 2**20
+
+
+def progress(tag: str, msg: str) -> None:
+    print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
+
+
+def summary(samples, unit: str) -> dict:
+    """Median with min and max: the median resists a shared machine's noise, min-max shows it."""
+    samples = [float(s) for s in samples]
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples),
+            "unit": unit, "samples": samples}
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}" if abs(x) >= 1 else f"{x:.3g}"
+
+
+def cell(s: dict | None) -> str:
+    """A summary as "median (min-max)"."""
+    return "-" if not s else fmt(s["median"]) + ("" if s["min"] == s["max"] else f" ({fmt(s['min'])}-{fmt(s['max'])})")
+
+
+def table(headers, rows) -> str:
+    return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
+
+
+def machine_info() -> dict:
+    """The CPU, its vector instructions, cores, RAM, and the BLAS NumPy multiplies with."""
+    import numpy as np
+    from threadpoolctl import threadpool_info
+    cpu = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in Path("/proc/cpuinfo").read_text()
+                                             .splitlines() if ":" in line)}
+    info = {"cpu": cpu.get("model name", platform.processor()), "cpu_count": os.cpu_count(),
+            "simd": [f for f in cpu.get("flags", "").split() if f.startswith(("avx", "fma", "amx"))],
+            "cores_available": len(os.sched_getaffinity(0)), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "platform": platform.platform(), "numpy": np.__version__,
+            "blas": next(({k: p[k] for k in ("internal_api", "version", "architecture", "num_threads")}
+                          for p in threadpool_info() if p["user_api"] == "blas" and "numpy" in p["filepath"]), {})}
+    info["numpy_blas_threads"] = info["blas"].get("num_threads")
+    with contextlib.suppress(ImportError):
+        import torch
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    return info
+
+
+def machine_line(m: dict) -> str:
+    b = m["blas"]
+    return (f"{m['cpu']} ({' '.join(m['simd'])}), {m['cores_available']} cores, {m['ram_gb']} GB RAM; Python "
+            f"{m['python']}, numpy {m['numpy']} ({b.get('internal_api')} {b.get('version')}, {b.get('architecture')}, "
+            f"{b.get('num_threads')} threads)" + (f", torch {m['torch']}" if "torch" in m else ""))
+
+
+def code_info() -> dict:
+    """Which npllama was measured: others edit it while a benchmark runs."""
+    git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()  # noqa
+    return {"commit": git("rev-parse", "HEAD"), "dirty": git("status", "--porcelain", "npllama").splitlines()}
+
+
+def memory_mb(pid: int | None = None) -> dict:
+    """Resident memory (this process's by default): anonymous (heap, float32 copies, KV cache) and
+    file-backed (mapped weights, libraries)."""
+    m = psutil.Process(pid).memory_info()
+    return {"RssAnon": (m.rss - m.shared) / MB, "RssFile": m.shared / MB, "VmRSS": m.rss / MB}
+
+
+def cpu_seconds(pids, own: bool = False) -> float:
+    """CPU time of the processes `pids`, and with `own` of this one and its children that have ended."""
+    total = sum(psutil.Process().cpu_times()[:4]) if own else 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            total += sum(psutil.Process(pid).cpu_times()[:2])
+    return total
+
+
+class ForeignLoad:
+    """Cores that processes other than the benchmark's kept busy since it was made: the machine's busy
+    time (as npllama.threads reads it) less the benchmark's own, a wall second."""
+
+    def __init__(self, own=()):
+        from npllama.threads import machine_busy_seconds
+        self.busy, self.own = machine_busy_seconds, list(own)
+        self.start = self.read()
+
+    def read(self):
+        return time.perf_counter(), self.busy(), cpu_seconds(self.own, own=True)
+
+    def cores(self) -> float:
+        (t0, busy0, own0), (t1, busy1, own1) = self.start, self.read()
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0) if busy0 is not None else 0.0
+
+
+class Spinner:
+    """A busy loop pinned to the last core, as a browser or a build holds one on a user's machine; it
+    ends with its parent."""
+
+    CODE = "import os\nos.sched_setaffinity(0, {%d})\nprint(flush=True)\nwhile os.getppid() == %d: sum(range(9999))"
+
+    def __enter__(self):
+        code = self.CODE % (max(os.sched_getaffinity(0)), os.getpid())
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        self.proc.stdout.readline()  # spinning from here on
+        self.pid, self.t0 = self.proc.pid, time.perf_counter()
+        return self
+
+    def cores(self) -> float:
+        return cpu_seconds([self.pid]) / (time.perf_counter() - self.t0)
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Quiet:
+    """Before each measurement, waits until the benchmark's own processes have stopped spinning (BLAS and
+    OpenMP threads spin a while after each call) and others use under a quarter of a core (on 2 cores a
+    busy neighbour halves what an engine gets), up to `max_wait` seconds each time and `budget` in all."""
+
+    def __init__(self, max_wait: float = 30, budget: float = 900):
+        self.max_wait, self.budget, self.waited = max_wait, budget, 0.0
+
+    def wait(self, own) -> float:
+        t0 = time.perf_counter()
+        while own and time.perf_counter() - t0 < 3:  # under a tick of CPU in 50 ms
+            before = cpu_seconds(own)
+            time.sleep(0.05)
+            if cpu_seconds(own) - before <= 0.01:
+                break
+        limit = min(self.max_wait, self.budget - self.waited) + time.perf_counter()
+        while time.perf_counter() < limit:
+            load = ForeignLoad(own)
+            time.sleep(0.5)
+            if load.cores() < 0.25:
+                break
+        self.waited += time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    def measure(self, call, own=(), busy: bool = False) -> dict | None:
+        """call()'s reply, with the cores others used meanwhile (and the busy loop's, when `busy`)."""
+        waited = self.wait(own)
+        with Spinner() if busy else contextlib.nullcontext() as spinner:
+            load = ForeignLoad([*own, *([spinner.pid] if spinner else [])])
+            reply = call()
+            if reply is not None:
+                reply.update(foreign_cores=load.cores(), waited_s=waited, **({"spinner_cores": spinner.cores()}
+                                                                              if spinner else {}))
+        return reply
+
+
+def rounds(cases: list[dict], run, n: int, quiet: Quiet, own=lambda: (), tag: str = "bench") -> list[dict]:
+    """n rounds of run(case) for every case, the order reversed every other round so that a drift in the
+    machine's load falls on all alike, a case beside a busy core if its "load" is "busy". The replies
+    go to case["runs"] (a failed one, None, is left out)."""
+    for r in range(n):
+        for case in cases if r % 2 == 0 else cases[::-1]:
+            reply = quiet.measure(lambda: run(case), own(), case.get("load") == "busy")
+            if reply is not None:
+                case.setdefault("runs", []).append(reply)
+                shown = ", ".join(f"{k} {fmt(v)}" for k, v in reply.items() if isinstance(v, (int, float)))
+                progress(tag, f"round {r + 1}/{n}, {' '.join(str(v) for k, v in case.items() if k != 'runs')}: {shown}")
+    return cases
+
+
+def stat(case: dict, unit: str, value) -> dict | None:
+    """The summary of a case's runs: value(reply), or reply[value]."""
+    runs = case.get("runs")
+    return summary([value(x) if callable(value) else x[value] for x in runs], unit) if runs else None
+
+
+class Worker:
+    """A `python harness.py MODULE` process asked one call at a time; a call that returns something other
+    than a dict makes it the subject that later calls are methods of. Its memory is sampled from here
+    every 20 ms, the measured process undisturbed. A failure is kept, not raised: the worker is asked
+    nothing more, and its error goes into the results beside the others' figures."""
+
+    def __init__(self, tag: str, module: str, env: dict | None = None):
+        self.tag, self.error, self.peak, self.last = tag, None, {}, {}
+        self.t0, self.load0 = time.perf_counter(), os.getloadavg()[0]
+        self.proc = subprocess.Popen([sys.executable, __file__, module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env={**os.environ, **(env or {})})
+        self.pid = self.proc.pid
+        self.sampler = threading.Thread(target=self.sample, daemon=True)
+        self.sampler.start()
+
+    def sample(self):
+        while self.proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                self.peak.update({k: max(v, self.peak.get(k, 0.0)) for k, v in memory_mb(self.pid).items()})
+            time.sleep(0.02)
+
+    def ask(self, fn: str, **kwargs) -> dict | None:
+        if self.error:
+            return None
+        try:
+            self.proc.stdin.write(json.dumps({"fn": fn, **kwargs}) + "\n")
+            self.proc.stdin.flush()
+            reply = json.loads(self.proc.stdout.readline() or '{"error": "the worker exited"}')
+        except OSError as e:
+            reply = {"error": f"the worker died: {e}"}
+        if "error" not in reply:
+            self.last = reply
+            return reply
+        self.error = f"{fn}: {reply['error']}"
+        progress(self.tag, f"FAILED: {self.error}")
+
+    def close(self) -> dict:
+        """What the process cost: status, peak memory, wall and CPU seconds, the load average around it."""
+        cpu = cpu_seconds([self.pid])
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # no more calls: the worker exits
+        self.proc.wait()
+        self.sampler.join()
+        return {"status": "error" if self.error else "ok", **({"error": self.error} if self.error else {}),
+                "peak_memory_mb": dict(self.peak, VmHWM=self.last.get("peak_rss_mb")), "cpu_s": cpu,
+                "wall_s": time.perf_counter() - self.t0, "loadavg_1min": [self.load0, os.getloadavg()[0]]}
+
+
+def run_once(module: str, fn: str, launcher=(), cwd=None, **kwargs) -> dict:
+    """One call in a fresh process (`launcher`, as mpiexec -n 2, before it): its reply."""
+    done = subprocess.run([*launcher, sys.executable, __file__, module, fn, json.dumps(kwargs)], capture_output=True,
+                          text=True, cwd=cwd)
+    reply = json.loads((done.stdout.strip().splitlines() or ['{"error": "no reply"}'])[-1])
+    if done.returncode or "error" in reply:
+        raise SystemExit(f"{module}.{fn} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return reply
+
+
+def serve(module: str, fn: str | None = None, kwargs: str = "{}") -> None:
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # stdout carries replies alone: what libraries print goes to stderr
+    subject = importlib.import_module(module)
+    for request in (json.loads(line) for line in sys.stdin) if fn is None else [dict(json.loads(kwargs), fn=fn)]:
+        cpu0 = time.process_time()
+        try:
+            reply = getattr(subject, request.pop("fn"))(**request)
+            if reply is not None and not isinstance(reply, dict):
+                subject, reply = reply, {}
+        except Exception as e:  # reported, not raised: the parent records it and carries on
+            traceback.print_exc()
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        if reply is not None:  # None: an MPI rank other than 0. ru_maxrss: the kernel's own peak (VmHWM), kB
+            reply.update(cpu_seconds=time.process_time() - cpu0,
+                         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            replies.write(json.dumps(reply) + "\n")
+            replies.flush()
+
+
+def parser(doc: str, name: str, loads: str = "idle", n_rounds: int = 3) -> argparse.ArgumentParser:
+    """The options every suite has."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=n_rounds, help="measurements of each case (median, min, max)")
+    p.add_argument("--loads", type=lambda s: s.split(","), default=loads.split(","),
+                   help=f"idle, busy (beside a busy loop on one core) or both [default: {loads}]")
+    p.add_argument("--under-load", dest="loads", action="store_const", const=["idle", "busy"], help="--loads idle,busy")
+    p.add_argument("--max-wait", type=float, default=30, help="seconds to wait for a quiet machine each time (0: never)")
+    p.add_argument("--out", type=Path, default=HERE / "results" / name, help="OUT.json and OUT.md [%(default)s]")
+    return p
+
+
+def write(out: Path, title: str, body: str, results: dict) -> dict:
+    """OUT.json (results, the machine, the code, the command) and OUT.md (the machine above the tables)."""
+    machine = machine_info()
+    results = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "command": [sys.executable, *sys.argv],
+               "machine": machine, "code": code_info(), **results}
+    text = f"# {title}\n\n{machine_line(machine)}\n\n{body.strip()}\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    serve(*sys.argv[1:])
