@@ -47,8 +47,9 @@ def run(args) -> int:
                             'uvicorn)') from None
     listener = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:  # before loading, so that a port in use is said at once
-        listener.bind((args.host, args.port))
+    try:  # before loading, so that a port in use is said at once; listening, so that once "serving"
+        listener.bind((args.host, args.port))  # is printed a client's connection waits in the backlog
+        listener.listen(2048)
     except OSError as e:
         raise ArgumentError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; choose another --port "
                             "(0: a free one)") from None
