@@ -263,18 +263,20 @@ def check_targets(models: dict) -> list[dict]:
 
 
 def model_table(model: dict) -> str:
+    """A row a figure, a column an engine (llama.cpp's where it ran), then npllama's speedup over torch."""
     ok = {k: e for k, e in model["engines"].items() if e.get("status") == "ok"}
-    ref = next(iter(ok.values()), {})
+    ref, columns = next(iter(ok.values()), {}), dict(ok, **{"llama.cpp": model["llama_cpp"]} if "llama_cpp" in model else {})
 
     def row(label, get, higher_is_better=None):
-        """A figure of every engine; the first one's speedup over the second, where it has one."""
-        try:
-            stats = [get(e) for e in ok.values()]
-        except (KeyError, TypeError, ValueError):  # not measured on this model
-            return None
-        ratio = f"{(stats[0]['median'] / stats[1]['median']) ** (1 if higher_is_better else -1):.2f}x" \
-            if higher_is_better is not None and len(stats) == 2 else ""
-        return [label, *(cell(s) if isinstance(s, dict) else s for s in stats), ratio]
+        cells = []
+        for e in columns.values():
+            try:
+                cells.append(get(e))
+            except (KeyError, TypeError):  # not measured for this engine
+                cells.append(None)
+        both = higher_is_better is not None and len(ok) == 2 and all(cells[:2])
+        return [label, *(cell(c) if isinstance(c, dict) or c is None else c for c in cells),
+                f"{(cells[0]['median'] / cells[1]['median']) ** (1 if higher_is_better else -1):.2f}x" if both else ""]
     rows = [row("load (s)", lambda e: e["load_s"], False),
             row("first load, making npllama's int16 copy (s)", lambda e: e["load_made_int16_copy_s"], False),
             row("load mapping npllama's int16 copy (s)", lambda e: e["load_mapped_int16_copy_s"], False),
@@ -296,39 +298,28 @@ def model_table(model: dict) -> str:
               for k in ("RssAnon", "RssFile", "VmHWM")],
             row("RssAnon / RssFile after load (MB)",
                 lambda e: " / ".join(fmt(e["memory"]["after_load"][k]) for k in ("RssAnon", "RssFile")))]
-    return table(["figure", *ok, f"{next(iter(ok))} speedup" if len(ok) == 2 else ""], filter(None, rows))
+    return table(["figure", *columns, "npllama speedup" if len(ok) == 2 else ""],
+                 [r for r in rows if set(r[1:-1]) != {"-"}])
 
 
 def model_notes(model: dict) -> list[str]:
     notes = []
-    for name, e in model["engines"].items():
-        info = e.get("info") or {}
+    if g := model.get("greedy_agreement"):
+        notes.append(f"greedy tokens: the first {g['leading_tokens_equal']} of {g['of']} agree between the engines")
+    for name, e in [*model["engines"].items(), *([("llama.cpp", model["llama_cpp"])] if "llama_cpp" in model else [])]:
+        info, b = e.get("info") or {}, e.get("build", {})
         if e["status"] != "ok":
             notes.append(f"{name} not run: {e['reason']}" if e["status"] == "skipped" else f"{name} failed: {e['error']}")
-            continue
-        how = (f"{info['dtype']}, attention {info['gqa']}, {info['num_threads']} threads" if name == "torch" else
-               f"{info['dtype']} compute, weights " + ("resident float32" if info["resident"] else
-               f"{info['resident_layers']} of {info['n_layers']} layers resident float32, the rest streamed "
-               f"{info['streamed_as']}"))
-        notes.append(f"{name}: {how}; worker {e['wall_s']:.0f} s wall, {e['cpu_s']:.0f} s CPU, load average "
-                     f"{e['loadavg_1min'][0]:.1f} -> {e['loadavg_1min'][1]:.1f}")
-    if "greedy_agreement" in model:
-        ga = model["greedy_agreement"]
-        notes.append(f"greedy tokens: the first {ga['leading_tokens_equal']} of {ga['of']} agree between the engines")
-    if "llama_cpp" in model:
-        lc, b = model["llama_cpp"], model["llama_cpp"].get("build", {})
-        notes.append(f"llama.cpp failed: {lc['error']}" if lc["status"] != "ok" else
-                     f"llama.cpp: llama-bench {b.get('build_commit')} ({b.get('backends')}), {lc['threads']} threads, "
-                     f"`-p 0 -r 1` (from an empty cache, {b.get('type_k')} KV cache) on an F32 GGUF of npllama's weights")
+        elif name == "llama.cpp":
+            notes.append(f"llama.cpp: llama-bench {b.get('build_commit')} ({b.get('backends')}), {e['threads']} threads, "
+                         f"`-p 0 -r 1` (from an empty cache, {b.get('type_k')} KV cache), an F32 GGUF of npllama's weights")
+        else:
+            how = (f"{info['dtype']}, attention {info['gqa']}, {info['num_threads']} threads" if name == "torch" else
+                   f"{info['dtype']} compute, weights " + ("resident float32" if info["resident"] else
+                   f"{info['resident_layers']} of {info['n_layers']} layers resident, the rest streamed {info['streamed_as']}"))
+            notes.append(f"{name}: {how}; worker {e['wall_s']:.0f} s wall, {e['cpu_s']:.0f} s CPU, load average "
+                         f"{e['loadavg_1min'][0]:.1f} -> {e['loadavg_1min'][1]:.1f}")
     return [f"- {n}" for n in notes]
-
-
-def llama_cpp_table(model: dict) -> str:
-    engines = {**{k: e for k, e in model["engines"].items() if e["status"] == "ok"}, "llama.cpp": model["llama_cpp"]}
-    return table([f"decode {model['settings']['decode_tokens']} tokens (tok/s)", *engines], [
-        ["idle", *(cell(e.get("decode_tok_s")) for e in engines.values())],
-        ["beside a busy core", *(cell(e.get("decode_under_load_tok_s")) for e in engines.values())],
-        ["under load / idle", *(f"{e.get('decode_under_load_vs_idle', 0):.2f}x" for e in engines.values())]])
 
 
 def render(results: dict) -> str:
@@ -346,8 +337,6 @@ def render(results: dict) -> str:
             out += [f"## {name}: not run", "", model["reason"], ""]
             continue
         out += [f"## {name}: {model['spec']['label']}", "", model_table(model), "", *model_notes(model), ""]
-        if model.get("llama_cpp", {}).get("status") == "ok":
-            out += [f"### {name}: llama.cpp beside npllama and torch", "", llama_cpp_table(model), ""]
     if results["targets"]:
         out += ["## Issue targets (npllama)", "", table(["model", "target", "measured", "met"], [
             [t["model"], t["target"], f"{fmt(t['value'])} {t['unit']}", "yes" if t["met"] else "NO"]

@@ -1,8 +1,6 @@
-"""The harness every suite runs on: measurements in processes of their own, interleaved round by round,
-idle or beside a busy core, summarised (median, min-max) and written as JSON and markdown beside the
-machine's name. `python harness.py MODULE` serves calls of MODULE's functions, a JSON line each way;
-`python harness.py MODULE FUNCTION JSON` makes one call (under mpiexec too). No npllama import at the
-top: commits.py's workers import it from another tree."""
+"""The harness every suite runs on (README.md: how it measures). `python harness.py MODULE` serves calls
+of MODULE's functions, a JSON line each way; `python harness.py MODULE FUNCTION JSON` makes one call
+(under mpiexec too). No npllama import at the top: commits.py's workers import it from another tree."""
 
 from __future__ import annotations
 
@@ -48,8 +46,7 @@ def fmt(x: float | None) -> str:
     return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}" if abs(x) >= 1 else f"{x:.3g}"
 
 
-def cell(s: dict | None) -> str:
-    """A summary as "median (min-max)"."""
+def cell(s: dict | None) -> str:  # "median (min-max)"
     return "-" if not s else fmt(s["median"]) + ("" if s["min"] == s["max"] else f" ({fmt(s['min'])}-{fmt(s['max'])})")
 
 
@@ -58,7 +55,6 @@ def table(headers, rows) -> str:
 
 
 def machine_info() -> dict:
-    """The CPU, its vector instructions, cores, RAM, and the BLAS NumPy multiplies with."""
     import numpy as np
     from threadpoolctl import threadpool_info
     cpu = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in Path("/proc/cpuinfo").read_text()
@@ -90,8 +86,7 @@ def code_info() -> dict:
 
 
 def memory_mb(pid: int | None = None) -> dict:
-    """Resident memory (this process's by default): anonymous (heap, float32 copies, KV cache) and
-    file-backed (mapped weights, libraries)."""
+    """Resident memory (this process's by default): anonymous (heap, KV cache...), file-backed (mapped weights)."""
     m = psutil.Process(pid).memory_info()
     return {"RssAnon": (m.rss - m.shared) / MB, "RssFile": m.shared / MB, "VmRSS": m.rss / MB}
 
@@ -123,8 +118,7 @@ class ForeignLoad:
 
 
 class Spinner:
-    """A busy loop pinned to the last core, as a browser or a build holds one on a user's machine; it
-    ends with its parent."""
+    """A busy loop pinned to the last core, as a browser or a build holds one; it ends with its parent."""
 
     CODE = "import os\nos.sched_setaffinity(0, {%d})\nprint(flush=True)\nwhile os.getppid() == %d: sum(range(9999))"
 
@@ -144,9 +138,9 @@ class Spinner:
 
 
 class Quiet:
-    """Before each measurement, waits until the benchmark's own processes have stopped spinning (BLAS and
-    OpenMP threads spin a while after each call) and others use under a quarter of a core (on 2 cores a
-    busy neighbour halves what an engine gets), up to `max_wait` seconds each time and `budget` in all."""
+    """Waits before each measurement until the benchmark's own processes have stopped spinning (BLAS
+    threads spin a while after each call) and others use under a quarter of a core, up to `max_wait`
+    seconds each time and `budget` in all."""
 
     def __init__(self, max_wait: float = 30, budget: float = 900):
         self.max_wait, self.budget, self.waited = max_wait, budget, 0.0
@@ -180,9 +174,8 @@ class Quiet:
 
 
 def rounds(cases: list[dict], run, n: int, quiet: Quiet, own=lambda: (), tag: str = "bench") -> list[dict]:
-    """n rounds of run(case) for every case, the order reversed every other round so that a drift in the
-    machine's load falls on all alike, a case beside a busy core if its "load" is "busy". The replies
-    go to case["runs"] (a failed one, None, is left out)."""
+    """n rounds of run(case) for every case, the order reversed every other round, a case beside a busy
+    core if its "load" is "busy"; the replies go to case["runs"] (a failed one, None, is left out)."""
     for r in range(n):
         for case in cases if r % 2 == 0 else cases[::-1]:
             reply = quiet.measure(lambda: run(case), own(), case.get("load") == "busy")
@@ -200,10 +193,9 @@ def stat(case: dict, unit: str, value) -> dict | None:
 
 
 class Worker:
-    """A `python harness.py MODULE` process asked one call at a time; a call that returns something other
-    than a dict makes it the subject that later calls are methods of. Its memory is sampled from here
-    every 20 ms, the measured process undisturbed. A failure is kept, not raised: the worker is asked
-    nothing more, and its error goes into the results beside the others' figures."""
+    """A `python harness.py MODULE` process asked a call at a time; a call returning something other than
+    a dict makes it the subject of later calls. Its memory is sampled from here, the measured process
+    undisturbed. A failure is kept, not raised: the worker is asked nothing more."""
 
     def __init__(self, tag: str, module: str, env: dict | None = None):
         self.tag, self.error, self.peak, self.last = tag, None, {}, {}
@@ -236,7 +228,6 @@ class Worker:
         progress(self.tag, f"FAILED: {self.error}")
 
     def close(self) -> dict:
-        """What the process cost: status, peak memory, wall and CPU seconds, the load average around it."""
         cpu = cpu_seconds([self.pid])
         with contextlib.suppress(OSError):
             self.proc.stdin.close()  # no more calls: the worker exits
