@@ -271,7 +271,7 @@ def serve(module: str, fn: str | None = None, kwargs: str = "{}") -> None:
 def parser(doc: str, name: str, loads: str = "idle", n_rounds: int = 3) -> argparse.ArgumentParser:
     """The options every suite has."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=n_rounds, help="measurements of each case (median, min, max)")
+    p.add_argument("--rounds", "--repeats", type=int, default=n_rounds, help="measurements of each case (median, min-max)")
     p.add_argument("--loads", type=lambda s: s.split(","), default=loads.split(","),
                    help=f"idle, busy (beside a busy loop on one core) or both [default: {loads}]")
     p.add_argument("--under-load", dest="loads", action="store_const", const=["idle", "busy"], help="--loads idle,busy")
