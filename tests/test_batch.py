@@ -51,6 +51,7 @@ def test_greedy_rows_equal_greedy_alone_with_their_own_limits_and_stops(model):
     assert out[3].tokens == [] and out[3].stop_reason == "max_new_tokens"
 
 
+@pytest.mark.slow
 def test_sampled_rows_each_keep_their_own_seed(model):
     samplers = [Sampler(0.9, top_p=0.95, seed=s) for s in (3, 4, 5, 6)]
     out = model.generate_batch(PROMPTS, 8, samplers, stop_ids=())

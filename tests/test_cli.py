@@ -206,6 +206,7 @@ FLAGS = ["-m", "--model", "-p", "--prompt", "-f", "--file", "-n", "--max-new-tok
          "--dtype", "--weights-budget-gb", "-t", "--threads", "download"]
 
 
+@pytest.mark.slow
 def test_help_mentions_every_flag():
     result = subprocess.run([sys.executable, "-m", "npllama", "--help"], capture_output=True, text=True,
                             timeout=60, cwd=Path(__file__).resolve().parents[1])
@@ -311,6 +312,7 @@ def test_the_help_says_where_defaults_differ_from_llama_cpp(capsys):
         assert differs in text
 
 
+@pytest.mark.slow
 def test_the_npllama_command_is_python_m_npllama(checkpoint):
     """The console script setup.cfg declares, installed beside this Python, prints what
     `python -m npllama` prints (the issue's example: -p "hi" -n 8 -c 256 --temp 0)."""

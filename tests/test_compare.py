@@ -18,6 +18,7 @@ def checkpoint(random_checkpoint):
     return random_checkpoint(ARGS, seed=5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_compare_passes_on_a_correct_model(checkpoint, capsys, dtype):
     assert cli.main(["compare", "-m", str(checkpoint), "--dtype", dtype]) == 0
@@ -46,6 +47,7 @@ def test_compare_fails_on_a_wrong_norm_eps_and_names_the_step(checkpoint, capsys
     assert next(line for line in out.splitlines() if line.startswith("embedding ")).endswith("yes")
 
 
+@pytest.mark.slow
 def test_compare_per_layer_passes_and_still_catches_a_wrong_eps(checkpoint, capsys, monkeypatch):
     """--per-layer feeds each oracle layer npllama's own input: same verdicts on a sound model and on a
     broken one, with nothing carried over from the layers before."""
@@ -68,6 +70,7 @@ def test_compare_without_torch_says_how_to_install_it(checkpoint, capsys, monkey
     assert "pip install torch" in err and 'pip install "npllama[oracle]"' in err
 
 
+@pytest.mark.slow
 def test_compare_on_the_default_model(capsys, default_model_path):
     assert cli.main(["compare", "-m", str(default_model_path)]) == 0
     assert "OK: all" in capsys.readouterr().out

@@ -124,6 +124,7 @@ combinations = pytest.mark.parametrize("dtype, weights", [(d, w) for d in DTYPES
 
 # --- forward passes -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 @combinations
 def test_forward(load, plain, dtype, weights):
     model = load(dtype, weights)
@@ -132,6 +133,7 @@ def test_forward(load, plain, dtype, weights):
     assert_like_plain(model.forward(tokens, last_only=True), dtype, tokens, plain, lambda x: x[-1:], weights=weights)
 
 
+@pytest.mark.slow
 @combinations
 def test_cached_decode(load, plain, dtype, weights):
     """A prefill, then one token at a time through the cache: each step's logits are the plain
@@ -144,6 +146,7 @@ def test_cached_decode(load, plain, dtype, weights):
     assert_like_plain(np.concatenate(steps), dtype, tokens, plain, weights=weights)
 
 
+@pytest.mark.slow
 @combinations
 def test_ragged_batch(load, plain, dtype, weights):
     """Right-padded rows of their own lengths: each row's logits at its real positions are the
@@ -196,6 +199,7 @@ def assert_cache_like_plain(model, exact, cache, sequence, dtype, bound=1e-5, sl
         np.testing.assert_array_equal(values, npllama.model.round_to_bf16(values))
 
 
+@pytest.mark.slow
 @combinations
 def test_generate(load, plain, dtype, weights):
     model = load(dtype, weights)
@@ -206,6 +210,7 @@ def test_generate(load, plain, dtype, weights):
     assert_cache_like_plain(model, load(dtype, "resident"), cache, prompt + new[:-1], dtype, BOUND.get(weights, 1e-5))
 
 
+@pytest.mark.slow
 @combinations
 def test_generate_batch(load, plain, dtype, weights):
     """Ragged prompts, each row its own limit, greedy and sampled: the tokens' log-probabilities
@@ -227,6 +232,7 @@ def test_generate_batch(load, plain, dtype, weights):
         assert done.tokens == list(model.generate(p, 6, Sampler(0.9, seed=seed), stop_ids=()))
 
 
+@pytest.mark.slow
 @combinations
 def test_chat(load, path, capsys, dtype, weights):
     """`--chat -p` with the combination's options prints generate's greedy answer to the dialog
@@ -280,6 +286,7 @@ def plain_perplexity(plain, dtype, chunks, weights="resident") -> float:
     return math.exp(np.mean(nll))
 
 
+@pytest.mark.slow
 @combinations
 def test_perplexity(load, plain, path, capsys, dtype, weights):
     """The command's perplexity (3 windows a pass, the combination's options) against exp(mean
@@ -299,6 +306,7 @@ def test_perplexity(load, plain, path, capsys, dtype, weights):
         assert gap > 1e-3 * expected and abs(ppl - expected) <= 0.3 * gap
 
 
+@pytest.mark.slow
 @combinations
 def test_kl_divergence(load, plain, dtype, weights):
     """KL(plain float32 || this combination), by npllama.perplexity, against the same divergence
@@ -386,6 +394,7 @@ def test_the_bf16_flow_moves_with_the_summation_order(random_checkpoint):
     assert_closer_to_bf16(first, whole, as_float32)
 
 
+@pytest.mark.slow
 def test_streamed_logits_do_not_depend_on_the_thread_count(path):
     """Streamed weights are cut into tiles at fixed rows: one thread or three, the same bits
     (a decode step: its attention products are vectors, which BLAS does not split)."""

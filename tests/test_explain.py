@@ -158,6 +158,7 @@ def test_printed_shapes_and_values_are_the_traces(run, checkpoint, capsys):
     assert "split into 12 heads of 8; head 7" in "\n".join(printed["q_per_token"])
 
 
+@pytest.mark.slow
 def test_bfloat16_flow_marks_rounded_steps(checkpoint, capsys):
     model = npllama.load(checkpoint, dtype="bfloat16")
     tokens = model.tokenizer.encode("hello world")
@@ -196,6 +197,7 @@ def png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow
 def test_figures_are_pngs_of_the_trace(checkpoint, tmp_path, monkeypatch, capsys):
     """`explain --plots DIR` writes four PNGs, and what each drew is the trace of its forward pass."""
     matplotlib_image = pytest.importorskip("matplotlib.image")
@@ -247,6 +249,7 @@ def test_figures_are_pngs_of_the_trace(checkpoint, tmp_path, monkeypatch, capsys
     np.testing.assert_allclose(bars, np.sort(probs)[::-1][:len(bars)], rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_long_prompts_get_thinned_labels_and_a_capped_figure(tmp_path):
     pytest.importorskip("matplotlib")
     from npllama.cli.plots import MAX_TICK_LABELS, plot_attention, thinned_ticks
@@ -277,6 +280,7 @@ def test_plots_without_matplotlib_say_how_to_install_it(checkpoint, tmp_path, mo
 
 # --- the default model, when it is here --------------------------------------------------------
 
+@pytest.mark.slow
 def test_explain_on_the_default_model(capsys, default_model_path, seed_prompt):
     path = default_model_path
     model = npllama.load(path, max_seq_len=256)

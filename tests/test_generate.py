@@ -275,6 +275,7 @@ def chi_square(counts, expected_probs):
     return float(((counts[support] - expected) ** 2 / expected).sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature, top_k", [(0.5, 0), (1.5, 4)])
 def test_sample_frequencies_follow_the_distribution(temperature, top_k):
     """20k draws: their histogram fits softmax(logits / T) (restricted to the top k, renormalized)
@@ -635,6 +636,7 @@ def test_batch_logprobs_are_of_the_sampled_tokens():
     assert not_top >= 3  # sampled, not greedy: a most-likely token's logprob would not do
 
 
+@pytest.mark.slow
 def test_cli_batch_prints_what_each_prompt_alone_generates(checkpoint, capsys, tmp_path, monkeypatch):
     """--batch, greedy, the tokenizer's own stop tokens: each completion printed is the text
     model.generate gives its prompt alone. A stop token is added where the first prompt's

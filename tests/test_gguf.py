@@ -228,6 +228,7 @@ def assert_same_bits(ours: np.ndarray, theirs: np.ndarray) -> None:
                                  f"{ours.flat[mismatched[0]]!r} vs gguf-py's {theirs.flat[mismatched[0]]!r}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda q: q.name)
 def test_fast_kernels_equal_gguf_py_bit_for_bit(qtype):
     """On arbitrary bytes: every float16 scale (NaN and inf included), every byte of packed
@@ -262,6 +263,7 @@ def random_k_quant_blocks(shape: tuple[int, int], qtype, rng) -> np.ndarray:
     return blocks.reshape(shape[0], -1)
 
 
+@pytest.mark.slow
 def test_gguf_py_is_only_needed_for_other_quant_types(weights, tmp_path):
     """The default model's types (F32, Q4_1, Q8_0) and those of Q4_K_M and Q5_K_M files (Q4_K,
     Q5_K, Q6_K) load without gguf-py, giving gguf-py's numbers; others say what to install."""
@@ -500,6 +502,7 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
     assert "Paris" in tok.decode(out), tok.decode(out)
 
 
+@pytest.mark.slow
 def test_smollm2_perplexity_matches_oracle(passage_run):
     tokens, logits, oracle_logits, _, _ = passage_run
     ours, theirs = perplexity(logits, tokens), perplexity(oracle_logits, tokens)

@@ -172,6 +172,7 @@ def effective(args) -> dict:
 
 # ---- logits and weights -------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_shards", [1, 3])
 def test_same_logits_as_meta_checkpoint(meta_checkpoint, tokenizer_files, tmp_path, n_shards, seed_prompt):
     args, meta_dir = meta_checkpoint
@@ -190,6 +191,7 @@ def test_same_logits_as_meta_checkpoint(meta_checkpoint, tokenizer_files, tmp_pa
     np.testing.assert_allclose(streamed.forward(tokens), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
+@pytest.mark.slow
 def test_weights_are_zero_copy_and_qk_rows_restored(meta_checkpoint, tokenizer_files, tmp_path):
     args, meta_dir = meta_checkpoint
     hf_dir = write_hf(tmp_path / "hf", meta_dir, args, tokenizer_files, **rope_config(args))
@@ -240,6 +242,7 @@ def test_config_mapping(tmp_path):
     assert got.rope_theta == 500000.0 and got.rope_scaling == args.rope_scaling
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, error, message", [
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, ConfigError,
      "model_type is 'mistral'; npllama runs Llama models"),
@@ -318,6 +321,7 @@ def test_safetensors_reader_matches_the_library(tmp_path):
 
 # ---- tokenizer.json -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tokenizer_json_gives_meta_ids(tokenizer_files, seed_prompt):
     from npllama.formats.hf import hf_tokenizer
     hf = hf_tokenizer(tokenizer_files)
@@ -336,6 +340,7 @@ def test_tokenizer_json_gives_meta_ids(tokenizer_files, seed_prompt):
             assert library.encode(text).ids == hf.encode(text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("post_processor, adds_bos", [
     ("Llama 3's template", True), (None, False),
     ({"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}, False)])
@@ -372,6 +377,7 @@ def test_pre_tokenizer_names(pre, name):
     assert pre_tokenizer_name(pre) == name
 
 
+@pytest.mark.slow
 def test_tokenizer_json_errors(tmp_path, tokenizer_files):
     from npllama.formats.hf import hf_tokenizer
     data = json.loads((tokenizer_files / "tokenizer.json").read_text())

@@ -150,6 +150,7 @@ def deep_pickle(depth: int, at: str) -> bytes:
             + nested + b"K\x01\x85\x89ccollections\nOrderedDict\n)Rtu.")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth, at", [(10**6, "key"), (10**5, "size")])
 def test_deeply_nested_tuples_in_the_pickle(tmp_path, depth, at):
     """Once a SIGSEGV (key 10^6 deep) and a RecursionError (size 10^5 deep): run apart, so a

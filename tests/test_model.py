@@ -52,6 +52,7 @@ def traces(directory, dtype, prompt):
     return model, logits, oracle_logits, ours, theirs
 
 
+@pytest.mark.slow
 def test_float32_every_step_matches_oracle(checkpoint, seed_prompt):
     model, logits, oracle_logits, ours, theirs = traces(checkpoint, "float32", seed_prompt)
     rows = compare_traces(ours, theirs, FLOAT32_BOUND)
@@ -63,6 +64,7 @@ def test_float32_every_step_matches_oracle(checkpoint, seed_prompt):
     np.testing.assert_allclose(fast, oracle_logits, rtol=0, atol=FLOAT32_BOUND * np.abs(oracle_logits).max())
 
 
+@pytest.mark.slow
 def test_bfloat16_flow_matches_oracle_bit_for_bit_mostly(checkpoint, seed_prompt):
     """Both sides round to bf16 at the same points: measured >= 99.9% of the elements of each
     early step and >= 94% of the logits are bit-identical; the rest differ by a bf16 ulp that
@@ -81,6 +83,7 @@ def test_bfloat16_flow_matches_oracle_bit_for_bit_mostly(checkpoint, seed_prompt
     assert not np.array_equal(f32, logits)
 
 
+@pytest.mark.slow
 def test_trace_records_every_documented_step(checkpoint, seed_prompt):
     model = npllama.load(checkpoint)
     trace = {}
@@ -108,6 +111,7 @@ def test_hidden_dim_follows_meta_formula():
     assert ModelArgs(3072, 28, 24, 8, 128256, 1e-5, 5e5, 256, 1.0).hidden_dim == 8192
 
 
+@pytest.mark.slow
 def test_params_come_from_params_json(tmp_path, seed_prompt):
     """eps and theta are read, never defaulted: a Llama 2-era 1e-6 / 10000 would change the model."""
     args = tiny_args(norm_eps=3e-5, rope_theta=12345.0)
@@ -121,6 +125,7 @@ def test_params_come_from_params_json(tmp_path, seed_prompt):
     np.testing.assert_allclose(model.forward(tokens), oracle, atol=FLOAT32_BOUND * np.abs(oracle).max())
 
 
+@pytest.mark.slow
 def test_forward_pass_never_imports_torch(tmp_path):
     write_random_checkpoint(tmp_path, tiny_args())
     code = ("import sys, npllama; m = npllama.load(sys.argv[1]); "
@@ -129,6 +134,7 @@ def test_forward_pass_never_imports_torch(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_streamed_weights_equal_resident_weights(tmp_path, dtype, seed_prompt):
     """weights_budget=0 keeps every matrix a bf16 memory map, streamed through the matmul in float32
@@ -216,6 +222,7 @@ def test_missing_tokenizer(tmp_path):
         npllama.load(tmp_path)
 
 
+@pytest.mark.slow
 def test_bad_tokens_and_too_long_prompts(tmp_path):
     write_random_checkpoint(tmp_path, tiny_args())
     model = npllama.load(tmp_path, max_seq_len=16)
@@ -229,6 +236,7 @@ def test_bad_tokens_and_too_long_prompts(tmp_path):
         npllama.load(tmp_path, dtype="float16")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_shards", [2, 4])
 def test_sharded_checkpoint_gives_identical_logits(tmp_path, n_shards, seed_prompt):
     """A model-parallel checkpoint (consolidated.00..0N.pth) loads to the same model."""
@@ -309,6 +317,7 @@ def test_bfloat16_mode_rounds_weights_of_any_dtype(stored, budget):
 
 # --- the tokenizer may be smaller than the embedding (padded vocabularies), never larger ------
 
+@pytest.mark.slow
 def test_padded_vocabulary_loads_and_a_too_small_one_is_refused(tmp_path, seed_prompt):
     padded = write_random_checkpoint(tmp_path / "padded", tiny_args(vocab_size=128256 + 64))
     model = npllama.load(padded)
@@ -354,6 +363,7 @@ def edit_params(directory, **changes):
     (directory / "params.json").write_text(json.dumps({k: v for k, v in params.items() if v is not None}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changes, message", [
     ({"ffn_hidden_dim": 256}, "keys npllama does not know: ffn_hidden_dim"),
     ({"rope_scaling": {"factor": 32}}, "keys npllama does not know: rope_scaling"),
@@ -373,6 +383,7 @@ def test_params_keys_that_would_change_the_model_are_refused(tmp_path, changes, 
     assert "params.json" in str(e.value)
 
 
+@pytest.mark.slow
 def test_params_keys_that_do_not_change_the_model_are_accepted(tmp_path):
     write_random_checkpoint(tmp_path, tiny_args())
     reference = npllama.load(tmp_path).forward([1, 2, 3])
@@ -381,6 +392,7 @@ def test_params_keys_that_do_not_change_the_model_are_accepted(tmp_path):
     np.testing.assert_array_equal(npllama.load(tmp_path).forward([1, 2, 3]), reference)
 
 
+@pytest.mark.slow
 def test_params_max_seq_len_is_the_default_context(tmp_path):
     write_random_checkpoint(tmp_path, tiny_args())
     assert npllama.load(tmp_path).args.max_seq_len == 8192  # Llama 3's, when the file says nothing

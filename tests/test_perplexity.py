@@ -47,6 +47,7 @@ def by_hand(model, n_ctx: int) -> float:
     return math.exp(np.mean(nll))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options, per_pass", [(["-np", 1], 1), (["-np", 3], 3), (["--parallel", 2, "-b", 8], 2),
                                                (["-b", 64], 2), (["-b", 8], 1), (["-b", 2048], 64)])
 def test_perplexity_is_exp_mean_nll_of_the_second_halves(checkpoint, capsys, options, per_pass):
@@ -69,6 +70,7 @@ def test_windows_follow_llama_perplexity():
     assert list(windows(tokens, 16, bos_id=None)[1]) == tokens[16:32]  # no BOS: the text itself
 
 
+@pytest.mark.slow
 def test_a_model_against_itself_has_zero_divergence(checkpoint, capsys):
     # -t: bit-equal only at one thread count; by default each load follows the machine's load.
     code, out, _ = run(capsys, "-m", checkpoint, "-f", PASSAGE, "-t", 2, "-c", 32, "--kl-divergence",
@@ -77,12 +79,14 @@ def test_a_model_against_itself_has_zero_divergence(checkpoint, capsys):
     assert code == 0 and "mean 0, max 0" in out and "same top token 100.00%" in out and "OK" in out
 
 
+@pytest.mark.slow
 def test_the_oracle_agrees_within_float32_rounding(checkpoint, capsys):
     code, out, _ = run(capsys, "-m", checkpoint, "-f", PASSAGE, "-c", 32, "--kl-divergence",
                        "--max-mean-kl", 1e-9, "--min-top1", 99)
     assert code == 0, out
 
 
+@pytest.mark.slow
 def test_a_wrong_eps_shows_and_a_bound_fails(checkpoint, capsys, monkeypatch):
     """The model under test computes with eps 1e-2 where params.json says 1e-5; the reference is right."""
     load = command.load_model
@@ -102,6 +106,7 @@ def test_a_wrong_eps_shows_and_a_bound_fails(checkpoint, capsys, monkeypatch):
     assert code == 1 and mean > 1e-6 and "FAIL: mean_kl" in out and "--max-mean-kl" in out  # the oracle: ~1e-11
 
 
+@pytest.mark.slow
 def test_bad_input_is_a_clear_error(checkpoint, capsys, tmp_path, random_checkpoint):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
@@ -117,6 +122,7 @@ def test_bad_input_is_a_clear_error(checkpoint, capsys, tmp_path, random_checkpo
         assert code == 2 and message in err.splitlines()[-1], err
 
 
+@pytest.mark.slow
 def test_kl_divergence_base_saves_then_compares(checkpoint, capsys, tmp_path):
     """llama-perplexity's two steps: --kl-divergence-base FILE alone saves the logits (and prints
     the perplexity); with --kl-divergence they are the reference. The same model against its own

@@ -310,6 +310,7 @@ def test_model_rotates_with_args_rope_theta_and_scaling(model, scaling):
 # 3. Causality of the whole model
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @MODEL
 @given(data=st.data())
 def test_model_is_causal(model, data):
@@ -416,6 +417,7 @@ def test_gqa_query_head_h_uses_kv_head_h_div_n_rep(n_kv, n_rep, n_new, hd, seed)
 # 5. The KV cache changes nothing
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @MODEL
 @given(data=st.data())
 @example(data=None).via("one token at a time after a one-token prefill")  # see the body

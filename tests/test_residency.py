@@ -25,6 +25,7 @@ from npllama.tensor_parallel import Group, rank_args
 from oracle.checkpoints import _stored_name, _tiny_weights, tiny_args, tiny_gguf, tiny_gguf_metadata, write_gguf_file
 
 
+@pytest.mark.slow
 def test_layers_are_resident_in_order_while_the_budget_allows(random_checkpoint, seed_prompt):
     path = random_checkpoint(tiny_args(n_layers=4))
     whole = npllama.load(path)

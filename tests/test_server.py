@@ -83,6 +83,7 @@ def cli(*argv) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 def test_greedy_completion_equals_the_command_line_and_counts_tokens_as_the_tokenizer(url, model):
     prompt = PROMPTS[0]
     got = complete(url, prompt, n=16)
@@ -93,6 +94,7 @@ def test_greedy_completion_equals_the_command_line_and_counts_tokens_as_the_toke
     assert got.choices[0].finish_reason == "length" and got.object == "text_completion" and got.model == "smollm2"
 
 
+@pytest.mark.slow
 def test_greedy_chat_equals_the_command_lines_chat(url):
     message = "What is the capital of France?"
     got = client(url).chat.completions.create(model="smollm2", messages=[{"role": "user", "content": message}],
@@ -101,6 +103,7 @@ def test_greedy_chat_equals_the_command_lines_chat(url):
     assert got.choices[0].message.role == "assistant" and got.object == "chat.completion"
 
 
+@pytest.mark.slow
 def test_streamed_text_equals_the_whole_text(url):
     whole = complete(url, PROMPTS[1], n=24)
     chunks = list(client(url).completions.create(model="smollm2", prompt=PROMPTS[1], max_tokens=24, temperature=0,
@@ -125,6 +128,7 @@ def test_the_stream_ends_with_done_as_server_sent_events(url):
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_clients_each_get_what_they_get_alone(url):
     alone = [complete(url, p, n=12).choices[0].text for p in PROMPTS]
     seeded = dict(prompt="Write a word:", max_tokens=12, temperature=0.9, seed=7)
@@ -136,6 +140,7 @@ def test_sixteen_concurrent_clients_each_get_what_they_get_alone(url):
         assert sampled.result().choices[0].text == alone_sampled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lookup", "draft"])
 def test_speculating_rows_each_get_their_unspeculated_answer(model, method):
     """Rows guessing each for itself (prompt lookup, or a draft model: the model itself), eight
@@ -156,6 +161,7 @@ def test_speculating_rows_each_get_their_unspeculated_answer(model, method):
     assert guesses["accepted"] > 0 and guesses["drafted"] >= guesses["accepted"]
 
 
+@pytest.mark.slow
 def test_stop_strings_echo_and_logprobs(url, model):
     base = complete(url, PROMPTS[2], n=24).choices[0].text
     stop = base[5:8]
@@ -175,6 +181,7 @@ def test_stop_strings_echo_and_logprobs(url, model):
         assert chosen <= 0 and len(top) == 2 and chosen == pytest.approx(max(top.values()))
 
 
+@pytest.mark.slow
 def test_chat_logprobs_name_each_token_and_its_alternatives(url):
     got = client(url).chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Count to ten."}],
                                               max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
@@ -207,6 +214,7 @@ BAD = [  # (body or raw bytes, status, the field the error names)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, status, param", BAD, ids=[str(b)[:40] for b, _, _ in BAD])
 def test_bad_input_is_a_4xx_naming_the_field_and_the_server_goes_on(url, body, status, param):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -226,6 +234,7 @@ def test_bad_chat_messages_name_the_message(url, messages, param):
     assert r.status_code == 400 and r.json()["error"]["param"] == param
 
 
+@pytest.mark.slow
 def test_oversized_bodies_unknown_routes_and_special_token_text(url, model):
     r = httpx.post(url + "/v1/completions", content=b"{" + b" " * server.MAX_BODY + b"}")
     assert r.status_code == 413 and "body" in r.json()["error"]["message"]
@@ -247,6 +256,7 @@ def no_stop_tokens(monkeypatch):
                         row(self, body, prompt, limit, (), logprobs))
 
 
+@pytest.mark.slow
 def test_a_client_that_hangs_up_frees_its_row(model, no_stop_tokens):
     with running(model, parallel=1, queue=4) as (url, engine, log):
         body = {"prompt": PROMPTS[4], "max_tokens": CONTEXT - 20, "stream": True, "temperature": 0}
@@ -275,6 +285,7 @@ def test_requests_past_the_queue_get_503_with_retry_after(model, no_stop_tokens)
         assert busy.json()["error"]["code"] == "server_busy"
 
 
+@pytest.mark.slow
 def test_an_unexpected_error_fails_its_request_only(model, monkeypatch):
     class Failing(npllama.Sampler):
         def __call__(self, logits):
@@ -323,6 +334,7 @@ def test_text_arrives_in_whole_characters_and_stops_before_a_stop_string(model):
         assert got == text[:first] and out.stopped
 
 
+@pytest.mark.slow
 def test_the_serve_command_prints_where_it_listens_and_a_line_per_request(default_model_path):
     proc = subprocess.Popen([sys.executable, "-m", "npllama", "serve", "--port", "0", "-c", "128", "--parallel", "2",
                              "--alias", "smollm2"],
@@ -337,6 +349,7 @@ def test_the_serve_command_prints_where_it_listens_and_a_line_per_request(defaul
     assert re.search(r"POST /v1/completions 200 \d+\+3 tokens [\d.]+ s", err), err
 
 
+@pytest.mark.slow
 def test_the_serve_command_refuses_a_port_in_use_before_loading():
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -346,6 +359,7 @@ def test_the_serve_command_refuses_a_port_in_use_before_loading():
     assert out.returncode == 2 and "cannot listen on 127.0.0.1" in out.stderr and "loaded" not in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, weights", [("float32", "int16"), ("float32", "exact"), ("bfloat16", "exact")])
 def test_every_dtype_and_weight_mode_serves_what_generate_gives(random_checkpoint, dtype, weights):
     """The server runs on the one engine: a streamed random model, in each dtype and storage,

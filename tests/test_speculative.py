@@ -197,6 +197,7 @@ def run_cli(capsys, *argv):
 
 # ---- 1. greedy: the text without speculation ----------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", [COPY, OPEN])
 def test_greedy_smollm2_text_is_unchanged_by_lookup_and_a_draft(smollm2, text, monkeypatch):
     """On the default model: prompt lookup (its adaptive guess length) and the model as its own
@@ -232,6 +233,7 @@ def test_greedy_text_of_random_models_is_unchanged(byte_level, shape, eager):
                 "few": stats.accepted < stats.drafted}[kept], (kwargs, stats)
 
 
+@pytest.mark.slow
 def test_greedy_text_of_a_llama3_vocabulary_model_is_unchanged(llama3, eager):
     """The real vocabulary (128256 tokens): a random draft of another shape and seed, and the
     model sharpened as its own draft."""
@@ -446,6 +448,7 @@ def test_the_caches_after_a_draft_models_rejections(byte_level, eager):
     assert_same_cache(cache, plain_cache, plain_stats.cached_positions)
 
 
+@pytest.mark.slow
 def test_the_cache_after_lookup_on_smollm2(smollm2):
     """Prompt lookup on the default model, guesses kept and rejected: after each step the cache of
     the unspeculated run, zero from the newest token on."""
@@ -509,6 +512,7 @@ def copying(tiny):
     return prompt, exact_joint(tiny, SAMPLER, prompt, 3)
 
 
+@pytest.mark.slow
 def test_sampling_with_lookup_draws_the_unspeculated_distribution(tiny, copying):
     """ROWS seeds at once (generate_batch seeds row i with seed + i), temperature 1, top-k 3: the
     first 3 new tokens' joint distribution with prompt lookup is the exact one (chi-square,
@@ -520,6 +524,7 @@ def test_sampling_with_lookup_draws_the_unspeculated_distribution(tiny, copying)
     assert_distributed_as(out, joint)
 
 
+@pytest.mark.slow
 def test_sampling_with_a_draft_model_draws_the_unspeculated_distribution(tiny, copying, eager):
     """The same with a draft model whose distribution is the model's sharpened (output x 5: the
     same top 3 tokens, the likeliest at over p_min where the model has it at ~0.4), guessing
@@ -531,6 +536,7 @@ def test_sampling_with_a_draft_model_draws_the_unspeculated_distribution(tiny, c
     assert_distributed_as(out, joint)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("q", [None, [0.1, 0.8, 0.1], [0.6, 0.2, 0.2], [0.0, 0.5, 0.5]],
                          ids=["certain", "surer", "other", "partial-support"])
 def test_verify_gives_the_models_distribution_from_a_drafts_guess(q):
@@ -605,6 +611,7 @@ def test_the_command_line_refuses_a_draft_of_another_vocabulary(default_model_pa
 
 # ---- 6. batches ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_batch_rows_with_lookup_equal_each_prompt_alone(smollm2):
     """Prompts of different lengths and limits, one stopping on a token of its text: each row
     with prompt lookup equals that prompt generated alone without speculation."""
@@ -663,6 +670,7 @@ def load_once(monkeypatch):
 SUMMARY = re.compile(r", (\d+) drafted, (\d+) accepted \((\d+)%\) \(stopped: ")
 
 
+@pytest.mark.slow
 def test_the_command_line_prints_the_same_text_with_lookup_and_a_draft(default_model_path, load_once, capsys):
     """-n 24 on the copying prompt: the text without speculation, with --lookup and with -md the
     model itself; the summary line reports what was drafted and accepted."""

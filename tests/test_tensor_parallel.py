@@ -217,6 +217,7 @@ def test_a_model_that_cannot_be_split_n_ways_is_refused_before_any_weight_is_rea
     assert "saved in 2 model-parallel shards, but mpiexec started 4 processes" in done.stderr
 
 
+@pytest.mark.slow
 def test_without_mpi4py_the_error_says_how_to_install_it(reference):
     code = ("import sys; sys.modules['mpi4py'] = None; from npllama.cli import main; "
             f"sys.exit(main(['-m', {str(reference[0]['meta'])!r}, '-n', '1']))")
@@ -226,6 +227,7 @@ def test_without_mpi4py_the_error_says_how_to_install_it(reference):
     assert 'pip install "npllama[mpi]"' in done.stderr
 
 
+@pytest.mark.slow
 def test_one_process_never_imports_mpi4py(reference):
     code = ("import sys, npllama; m = npllama.load(sys.argv[1]); list(m.generate([1, 2], 3)); "
             "assert 'mpi4py' not in sys.modules, 'mpi4py was imported'")
