@@ -87,6 +87,7 @@ EDGES = np.array([[BELOW_ONE, -BELOW_ONE, 0.5], [0, 0, 0], [1e-30, -3e-31, 1e-45
                   [-0.5, 0.25, 1e-38]], np.float32)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(weight_rows())
 @example(EDGES)
@@ -120,6 +121,7 @@ def bf16_rows(draw) -> np.ndarray:
     return np.ldexp((sign * mantissa).astype(np.float32), (octave - 8 + top).astype(np.int32))
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(weight_rows().map(lambda rows: rows.astype(BF16).astype(np.float32)) | bf16_rows())
 @example(EDGES.astype(BF16).astype(np.float32))
@@ -133,6 +135,7 @@ def test_to_int16_holds_bf16_weights_at_least_2_to_the_minus_7_of_the_largest_ex
     np.testing.assert_array_equal((q * scale[:, None])[large], values[large])
 
 
+@pytest.mark.slow
 def test_an_8b_shaped_bf16_matrix(capsys):
     """Llama 3 8B's w1 shape, [14336, 4096], of N(0, 0.02^2) bf16 weights (a real layer's spread):
     more than 97% held exactly, none off by more than 2^-15 of its row's largest, and the product
@@ -286,6 +289,7 @@ def test_a_q4_k_m_model_is_held_closer_than_bf16_held_it(tmp_path, monkeypatch, 
 
 # --- the model: KL against the weights as stored ------------------------------------------------
 
+@pytest.mark.slow
 def test_smollm2_as_int16_is_within_1e_7_mean_kl_of_its_blocks(default_model_path, capsys):
     """SmolLM2-135M-Instruct (Q4_1 and Q8_0 blocks) streamed as int16 against the same blocks
     streamed as stored, over the passage's perplexity windows: a mean KL of at most 1e-7 per token.
@@ -384,6 +388,7 @@ def test_int16_with_the_bf16_flow_is_refused_before_any_file_is_read(tmp_path):
             npllama.load(path, dtype="bfloat16", weights="int16")
 
 
+@pytest.mark.slow
 def test_the_perplexity_command_measures_what_int16_costs(random_checkpoint, capsys):
     """`perplexity --kl-divergence --reference SAME --weights int16` compares the int16 copy with
     the same model read as stored (--reference-weights exact, the default): a small divergence,
