@@ -11,64 +11,48 @@ measurements interleaved round by round. benchmarks/README.md says how each figu
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 
-from harness import Quiet, Worker, cell, fmt, machine_info, memory_mb, parser, progress, rounds, stat, summary, table, write
-from prepare import BIG_MODELS, MODELS, default_cache_dir, int16_copies
+from engines import int16_copies
+from harness import Quiet, Worker, cell, fmt, listed, machine_info, memory_mb, parser, progress, rounds, stat, summary, table, write
+from prepare import BIG_MODELS, check_models, model_options
 
 ENGINES = ("npllama", "torch")
 QUICK = dict(models="tiny", rounds=2, prefill="8,16", decode_tokens=4, decode_prompt=8, contexts="32,64", context_steps=2,
              prefill_chunk=32, max_wait=0, bw_mb=16)
 
 
-def names(choices):
-    def parse(text: str) -> list[str]:
-        if set(text.split(",")) - set(choices):
-            raise argparse.ArgumentTypeError(f"{text}: choose from {', '.join(choices)}")
-        return text.split(",")
-    return parse
-
-
-def ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
-
-
 def parse_args(argv=None):
-    p = parser(__doc__, "latest", loads="idle,busy")
+    p = parser(__doc__, "latest", loads="idle,busy", models="smollm2,1b")
+    model_options(p, "adds 8b if no such model is listed")
     p.add_argument("--quick", action="store_true", help="tiny model, a few tokens: proves the script works (CI); "
                    + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
-    p.add_argument("--models", type=names(MODELS), default="smollm2,1b", help=", ".join(MODELS))
-    p.add_argument("--with-8b", action="store_true", help="allow the models that write multi-GB files once: "
-                   + "; ".join(f"{k}: {v}" for k, v in BIG_MODELS.items()) + " (adds 8b if none is listed)")
-    p.add_argument("--engines", type=names(ENGINES), default="npllama,torch")
-    p.add_argument("--prefill", type=ints, default="16,128,512", help="prompt lengths of the prefill figures")
+    p.add_argument("--engines", type=listed(), default="npllama,torch", help=", ".join(ENGINES))
+    p.add_argument("--prefill", type=listed(int), default="16,128,512", help="prompt lengths of the prefill figures")
     p.add_argument("--decode-tokens", type=int, default=128, help="greedy decode steps timed")
     p.add_argument("--decode-prompt", type=int, default=16, help="prompt length before them")
-    p.add_argument("--contexts", type=ints, default="128,1024,4096", help="cache lengths a decode step is timed at")
+    p.add_argument("--contexts", type=listed(int), default="128,1024,4096", help="cache lengths a decode step is timed at")
     p.add_argument("--context-steps", type=int, default=16, help="decode steps timed at each")
     p.add_argument("--prefill-chunk", type=int, default=512, help="tokens a pass when filling the cache to them")
     p.add_argument("--bw-mb", type=int, default=256, help="MB of the bandwidth probes' matrix (beyond the caches)")
     p.add_argument("--threads", type=int, help="threads of both engines [default: those NumPy's BLAS uses]")
     p.add_argument("--torch-gqa", choices=("sdpa", "repeat_kv"), default="sdpa", help="torch attention [sdpa]")
-    p.add_argument("--wait-budget", type=float, default=900, help="seconds of waiting for a quiet machine in all")
     p.add_argument("--fresh-int16-copy", action="store_true",
                    help="delete npllama's int16 copy of a streamed model first, so that the load making it is timed")
     p.add_argument("--llama-bench", metavar="PATH", help="a llama.cpp llama-bench binary: its decode on smollm2")
-    p.add_argument("--cache-dir", default=str(default_cache_dir()), help="where the models are written once")
     if "--quick" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(**QUICK)  # strings pass through each option's type, as typed ones do
     a = p.parse_args(argv)
+    check_models(p, a)
+    if set(a.engines) - set(ENGINES):
+        p.error(f"--engines {','.join(a.engines)}: choose from {', '.join(ENGINES)}")
     if a.llama_bench and not os.access(a.llama_bench, os.X_OK):
         p.error(f"--llama-bench {a.llama_bench}: not an executable file")
-    big = [m for m in a.models if m in BIG_MODELS]
-    if big and not a.with_8b:
-        p.error("; ".join(f"{m} writes {BIG_MODELS[m]}" for m in big) + ": pass --with-8b to confirm")
-    a.models += [] if big or not a.with_8b else ["8b"]
+    a.models += ["8b"] if a.with_8b and not set(a.models) & set(BIG_MODELS) else []
     return a
 
 
@@ -122,13 +106,10 @@ def measure_model(a, name: str, spec: dict, threads: int, quiet: Quiet, llama=No
 
     def record(case: dict, unit: str, value, key: str, sub: str | None = None) -> None:
         """The summary of a case's runs as its engine's figure `key` (or key[sub]), with the load of each."""
-        if (s := stat(case, unit, value)) is None:
-            return
-        s.update({f: [x[f] for x in case["runs"]] for f in ("cpu_seconds", "foreign_cores", "spinner_cores")
-                  if f in case["runs"][0]})
-        figures = res[case["engine"]]
-        figures.setdefault("foreign_cores", []).extend(s.get("foreign_cores", []))
-        (figures.setdefault(key, {}) if sub else figures)[sub or key] = s
+        if (s := stat(case, unit, value)) is not None:
+            figures = res[case["engine"]]
+            figures.setdefault("foreign_cores", []).extend(s.get("foreign_cores", []))
+            (figures.setdefault(key, {}) if sub else figures)[sub or key] = s
 
     def memory(label: str) -> None:
         for e, w in workers.items():
@@ -169,9 +150,8 @@ def measure_model(a, name: str, spec: dict, threads: int, quiet: Quiet, llama=No
     memory("end")
     probe.close()
     limit, lc = res.pop("probe"), res.pop("llama.cpp")
-    engines = {e: dict(res[e], engine=e, **w.close()) if e in workers else
-               {"engine": e, "status": "skipped", "reason": unavailable[e]} for e, w in
-               ((e, workers.get(e)) for e in a.engines)}
+    engines = {e: dict(res[e], engine=e, **workers[e].close()) if e in workers else
+               {"engine": e, "status": "skipped", "reason": unavailable[e]} for e in a.engines}
     return {"engines": engines, "bandwidth_during_decode": limit.get("decode_tok_s"),
             "bandwidth_during_busy_decode": limit.get("decode_under_load_tok_s"),
             **({"llama_cpp": dict(llama.close(), **lc)} if llama else {})}
@@ -216,56 +196,10 @@ def derive(model: dict, run_limit: float | None) -> None:
         model["greedy_agreement"] = {"leading_tokens_equal": same, "of": min(map(len, tokens))}
 
 
-def med(m: dict, key: str, sub: str | None = None, engine: str = "npllama") -> float:
-    f = m["llama_cpp"] if engine == "llama.cpp" else m["engines"][engine]
-    return (f[key][sub] if sub else f[key])["median"]
-
-
-def vs(m: dict, key: str, sub: str | None = None, other: str = "torch") -> float:
-    return med(m, key, sub) / med(m, key, sub, other)
-
-
-# The issue's targets for npllama: model, target, the measured value, comparison, threshold, unit.
-TARGETS = [("smollm2", "decode >= 80% of bandwidth limit", lambda m: med(m, "decode_bandwidth_pct"), ">=", 80, "%"),
-           ("smollm2", "decode >= 65% of bandwidth limit (issue 12)", lambda m: med(m, "decode_bandwidth_pct"), ">=", 65, "%"),
-           ("smollm2", "decode under load >= 0.6x its idle decode",
-            lambda m: m["engines"]["npllama"]["decode_under_load_vs_idle"], ">=", 0.6, "x"),
-           ("smollm2", "decode under load ahead of llama.cpp under load",
-            lambda m: vs(m, "decode_under_load_tok_s", other="llama.cpp"), ">", 1.0, "x"),
-           ("smollm2", "decode >= 2.5x torch", lambda m: vs(m, "decode_tok_s"), ">=", 2.5, "x"),
-           ("smollm2", "prefill 128 >= 1.2x torch", lambda m: vs(m, "prefill_tok_s", "128"), ">=", 1.2, "x"),
-           ("smollm2", "decode at 4096 <= 1.5x time at 128", lambda m: med(m, "decode_ms_at_context", "4096")
-            / med(m, "decode_ms_at_context", "128"), "<=", 1.5, "x"),
-           ("1b", "decode >= 80% of bandwidth limit", lambda m: med(m, "decode_bandwidth_pct"), ">=", 80, "%"),
-           ("8b", "peak RssAnon <= 3 GB (beyond mapped weights)",
-            lambda m: m["engines"]["npllama"]["peak_memory_mb"]["RssAnon"] / 1024, "<=", 3.0, "GB"),
-           ("8b", "load < 2 s", lambda m: med(m, "load_s"), "<", 2.0, "s"),
-           ("8b", "decode time <= 1.2x torch bf16 (issue 20)", lambda m: 1 / vs(m, "decode_tok_s"), "<=", 1.2, "x"),
-           ("8b-q4km", "peak RSS <= 20 GB", lambda m: m["engines"]["npllama"]["peak_memory_mb"]["VmHWM"] / 1024,
-            "<=", 20, "GB"),
-           ("8b-q4km", "first load (makes the int16 copy) <= 2 min", lambda m: med(m, "load_made_int16_copy_s"),
-            "<=", 120, "s"),
-           ("8b-q4km", "later load (maps the int16 copy) <= 10 s", lambda m: med(m, "load_mapped_int16_copy_s"),
-            "<=", 10, "s"),
-           ("8b-q4km", "decode <= 1.0 s/token (issue 20)", lambda m: 1 / med(m, "decode_tok_s"), "<=", 1.0, "s")]
-
-
-def check_targets(models: dict) -> list[dict]:
-    out = []
-    for name, target, get, op, threshold, unit in TARGETS:
-        try:
-            value = float(get(models[name]))
-        except (KeyError, TypeError, ZeroDivisionError):  # not measured in this run
-            continue
-        met = {">=": value >= threshold, "<=": value <= threshold, "<": value < threshold, ">": value > threshold}[op]
-        out.append({"model": name, "target": target, "value": value, "unit": unit, "met": met})
-    return out
-
-
 def model_table(model: dict) -> str:
     """A row a figure, a column an engine (llama.cpp's where it ran), then npllama's speedup over torch."""
     ok = {k: e for k, e in model["engines"].items() if e.get("status") == "ok"}
-    ref, columns = next(iter(ok.values()), {}), dict(ok, **{"llama.cpp": model["llama_cpp"]} if "llama_cpp" in model else {})
+    columns, s = dict(ok, **{"llama.cpp": model["llama_cpp"]} if "llama_cpp" in model else {}), model["settings"]
 
     def row(label, get, higher_is_better=None):
         cells = []
@@ -280,12 +214,12 @@ def model_table(model: dict) -> str:
     rows = [row("load (s)", lambda e: e["load_s"], False),
             row("first load, making npllama's int16 copy (s)", lambda e: e["load_made_int16_copy_s"], False),
             row("load mapping npllama's int16 copy (s)", lambda e: e["load_mapped_int16_copy_s"], False),
-            *[row(f"prefill {n} tokens (tok/s)", lambda e, n=n: e["prefill_tok_s"][n], True) for n in ref["prefill_tok_s"]],
-            row(f"decode {model['settings']['decode_tokens']} tokens (tok/s)", lambda e: e["decode_tok_s"], True),
+            *[row(f"prefill {n} tokens (tok/s)", lambda e, n=str(n): e["prefill_tok_s"][n], True) for n in s["prefill"]],
+            row(f"decode {s['decode_tokens']} tokens (tok/s)", lambda e: e["decode_tok_s"], True),
             row("the same decode beside a busy core (tok/s)", lambda e: e["decode_under_load_tok_s"], True),
             row("decode under load / idle", lambda e: f"{e['decode_under_load_vs_idle']:.2f}x"),
-            *[row(f"decode at context {n} (ms/token)", lambda e, n=n: e["decode_ms_at_context"][n], False)
-              for n in ref["decode_ms_at_context"]],
+            *[row(f"decode at context {n} (ms/token)", lambda e, n=str(n): e["decode_ms_at_context"][n], False)
+              for n in sorted(s["contexts"])],
             row("decode slowdown, longest context vs shortest", lambda e: f"{e['context_slowdown']['ratio']:.2f}x"),
             row("weights read per decode step (MB)", lambda e: fmt(e["info"]["weight_bytes"] / 2**20)),
             row("decode weight traffic (GB/s)", lambda e: fmt(e["decode_gb_s"])),
@@ -335,12 +269,8 @@ def render(results: dict) -> str:
     for name, model in results["models"].items():
         if model["status"] != "ok":
             out += [f"## {name}: not run", "", model["reason"], ""]
-            continue
-        out += [f"## {name}: {model['spec']['label']}", "", model_table(model), "", *model_notes(model), ""]
-    if results["targets"]:
-        out += ["## Issue targets (npllama)", "", table(["model", "target", "measured", "met"], [
-            [t["model"], t["target"], f"{fmt(t['value'])} {t['unit']}", "yes" if t["met"] else "NO"]
-            for t in results["targets"]]), ""]
+        else:
+            out += [f"## {name}: {model['spec']['label']}", "", model_table(model), "", *model_notes(model), ""]
     return "\n".join(out)
 
 
@@ -365,7 +295,6 @@ def main(argv=None) -> int:
     for model in results["models"].values():
         if model["status"] == "ok":
             derive(model, results["limit_gb_s"])
-    results["targets"] = check_targets({k: m for k, m in results["models"].items() if m["status"] == "ok"})
     results["waited_for_quiet_machine_s"] = quiet.waited
     write(a.out, "npllama against torch (and llama.cpp)", render(results), results)
     return 0

@@ -13,7 +13,13 @@ import numpy as np
 from harness import summary
 
 import npllama
+from npllama.formats.default_model import cache_dir
 from npllama.formats.meta import load_params
+
+
+def int16_copies(spec: dict) -> list[Path]:
+    """npllama's int16 copies of a streamed model (formats/int16.py), which its first load makes."""
+    return sorted((cache_dir() / "int16").glob(f"{Path(spec['path']).name}-*.int16.safetensors"))
 
 
 def read_weights(layer) -> list:
@@ -102,7 +108,6 @@ class Session:
 
     def load(self) -> dict:
         """Seconds, and whether the load made or mapped npllama's int16 copy of the streamed matrices."""
-        from prepare import int16_copies  # here: npllama's worker imports no torch, its memory is its own
         self.engine.model = None  # the last round's model, freed before this one is timed
         gc.collect()
         before = int16_copies(self.engine.spec)

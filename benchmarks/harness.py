@@ -187,9 +187,12 @@ def rounds(cases: list[dict], run, n: int, quiet: Quiet, own=lambda: (), tag: st
 
 
 def stat(case: dict, unit: str, value) -> dict | None:
-    """The summary of a case's runs: value(reply), or reply[value]."""
-    runs = case.get("runs")
-    return summary([value(x) if callable(value) else x[value] for x in runs], unit) if runs else None
+    """The summary of a case's runs, value(reply) or reply[value], with the CPU each run took and the
+    cores others (and the busy loop) took meanwhile."""
+    if not (runs := case.get("runs")):
+        return None
+    loads = {k: [x[k] for x in runs] for k in ("cpu_seconds", "foreign_cores", "spinner_cores") if k in runs[0]}
+    return dict(summary([value(x) if callable(value) else x[value] for x in runs], unit), **loads)
 
 
 class Worker:
@@ -268,15 +271,26 @@ def serve(module: str, fn: str | None = None, kwargs: str = "{}") -> None:
             replies.flush()
 
 
-def parser(doc: str, name: str, loads: str = "idle", n_rounds: int = 3) -> argparse.ArgumentParser:
-    """The options every suite has."""
+def listed(kind=str):
+    """A comma-separated option: "1,4,16" -> [1, 4, 16]."""
+    return lambda text: [kind(v) for v in text.split(",")]
+
+
+def parser(doc: str, name: str, loads: str = "idle", n_rounds: int = 3, models: str | None = None,
+           tokens: int | None = None) -> argparse.ArgumentParser:
+    """The options every suite has, and --models and --tokens where it gives their defaults."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", "--repeats", type=int, default=n_rounds, help="measurements of each case (median, min-max)")
-    p.add_argument("--loads", type=lambda s: s.split(","), default=loads.split(","),
+    p.add_argument("--loads", type=listed(), default=loads.split(","),
                    help=f"idle, busy (beside a busy loop on one core) or both [default: {loads}]")
     p.add_argument("--under-load", dest="loads", action="store_const", const=["idle", "busy"], help="--loads idle,busy")
     p.add_argument("--max-wait", type=float, default=30, help="seconds to wait for a quiet machine each time (0: never)")
+    p.add_argument("--wait-budget", type=float, default=900, help="seconds of waiting for a quiet machine in all")
     p.add_argument("--out", type=Path, default=HERE / "results" / name, help="OUT.json and OUT.md [%(default)s]")
+    if models:
+        p.add_argument("--models", type=listed(), default=models, help="comma-separated [%(default)s]")
+    if tokens:
+        p.add_argument("--tokens", type=int, default=tokens, help="tokens decoded a measurement [%(default)s]")
     return p
 
 

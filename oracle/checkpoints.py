@@ -4,8 +4,10 @@ on-disk format, and tiny valid models of every format npllama reads.
 `write_random_checkpoint(dir, args)` writes what Meta ships in a model directory:
 params.json, consolidated.00.pth (a torch.save'd dict of bf16 tensors with Meta's
 names) and tokenizer.model (the real Llama 3 one, from the `llama-models` wheel).
-Any shape works, from a 2-layer toy up to the full Meta-Llama-3-8B. `write_shards` splits a
-state dict the way Meta saves a model-parallel checkpoint (consolidated.00.pth, .01, ...).
+Any shape works, from a 2-layer toy up to the full Meta-Llama-3-8B, and `write_q4_k_m(path,
+args)` writes the same shape as a GGUF of Q4_K_M's block types; neither holds the model in RAM.
+`write_shards` splits a state dict the way Meta saves a model-parallel checkpoint
+(consolidated.00.pth, .01, ...).
 `tiny_model_files(format)` gives the files of a tiny valid Meta, GGUF or Hugging Face model (a
 256-byte vocabulary, dim 16): the seeds that tests/fuzz.py mutates and tests/test_hostile.py edits.
 """
@@ -15,19 +17,21 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import shutil
 import tempfile
 import zipfile
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
-from npllama.config import ModelArgs, RopeScaling, layer_name, split_layer_name
-from npllama.formats.meta import params_json
-from npllama.tokenizer import gpt2_bytes_to_unicode
+from npllama.config import OUTPUT, ModelArgs, RopeScaling, layer_name, split_layer_name
+from npllama.formats.meta import params_json, read_bpe_ranks
+from npllama.tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, gpt2_bytes_to_unicode, llama3_special_tokens
 
 LLAMA3_VOCAB_SIZE = 128256  # 128000 BPE ranks + 256 special tokens
 
@@ -78,12 +82,24 @@ def random_values(name: str, size, shape: tuple[int, ...], gen: torch.Generator)
 
 
 def write_random_checkpoint(directory: str | Path, args: ModelArgs, seed: int = 0,
-                            dtype=torch.bfloat16) -> Path:
-    """Write params.json, consolidated.00.pth and tokenizer.model into `directory`."""
+                            dtype=torch.bfloat16, chunk: int = 1 << 24) -> Path:
+    """Write params.json, consolidated.00.pth and tokenizer.model into `directory`, the weights
+    random_state_dict's (drawn `chunk` values at a time beyond that size) without holding the model
+    in RAM (the 8B's is 16 GB): each tensor drawn into a file of its own, then the files mapped
+    (torch.from_file) for torch.save to copy into the archive. RAM peaks at one chunk."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "tensors.tmp"
+    tmp.mkdir(parents=True)
     (directory / "params.json").write_text(json.dumps(params_json(args), indent=2))
-    torch.save(random_state_dict(args, seed, dtype), directory / "consolidated.00.pth")
+    gen, state = torch.Generator().manual_seed(seed), {}
+    for i, (name, shape) in enumerate(args.weight_shapes().items()):
+        n = math.prod(shape)
+        with open(tmp / f"{i}.bin", "wb") as f:
+            for start in range(0, n, chunk):
+                f.write(random_values(name, min(chunk, n - start), shape, gen).to(dtype).view(torch.uint8).numpy())
+        state[name] = torch.from_file(str(tmp / f"{i}.bin"), shared=True, size=n, dtype=dtype).view(shape)
+    torch.save(state, directory / "consolidated.00.pth")
+    shutil.rmtree(tmp)
     shutil.copyfile(llama3_tokenizer_path(), directory / "tokenizer.model")
     return directory
 
@@ -118,6 +134,68 @@ def write_torch_zip(path: Path, data_pkl: bytes) -> Path:
         z.writestr("archive/byteorder", b"little")
         z.writestr("archive/version", b"3\n")
     return path
+
+
+# --- A Q4_K_M GGUF of random blocks -------------------------------------------------------------
+
+def q4_k_m_type(name: str, n_layers: int) -> str:
+    """The ggml type llama.cpp's Q4_K_M gives tensor `name` (llama_tensor_get_type): Q6_K for the output
+    and for wv and w2 in the first and last eighth of the layers and every third between, Q4_K for
+    the other matrices, F32 for norms. For Llama 3 8B: 193 Q4_K, 33 Q6_K, 65 F32, as the real file."""
+    i, tensor = split_layer_name(name)
+    if len(tensor.shape) == 1:
+        return "F32"
+    more_bits = i is not None and (i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2)
+    return "Q6_K" if tensor is OUTPUT or (tensor.key in ("wv", "w2") and more_bits) else "Q4_K"
+
+
+# Root mean square of value / d over random blocks. Q4_K: value = d*sc*q - dmin*m, dmin = 7.5 d centres
+# it: sqrt(Var(sc*q) + 7.5^2 Var(m)) = sqrt(47532 + 56.25 * 341.25). Q6_K: value = d*sc*(q - 32), sc
+# int8: sqrt(E[sc^2] E[(q - 32)^2]) = sqrt(5461.5 * 341.5).
+RMS_OVER_D = {"Q4_K": 258.3, "Q6_K": 1365.7}
+
+
+def random_k_blocks(qtype: str, shape: tuple[int, int], std: float, rng: np.random.Generator) -> np.ndarray:
+    """Random blocks of a K-quant matrix, uint8 [rows, bytes per row]: random bytes, each block's
+    float16 d drawn so that the values have about this standard deviation, small and finite."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    blocks = rng.integers(0, 256, (shape[0] * shape[1] // block, size), dtype=np.uint8)  # [blocks, bytes]
+    d = std / RMS_OVER_D[qtype] * rng.uniform(0.5, 1.5, len(blocks))  # [blocks]
+    if qtype == "Q4_K":  # d, dmin, then scales and quants
+        blocks[:, 0:2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        blocks[:, 2:4] = (7.5 * d).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    else:  # Q6_K: quants and scales, then d
+        blocks[:, size - 2:] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(shape[0], -1)
+
+
+def llama3_gguf_vocabulary() -> dict:
+    """Meta's Llama 3 vocabulary as llama.cpp's converter writes it: the BPE ranks as GPT-2 byte-level
+    strings (normal), then the special tokens (control)."""
+    ranks = read_bpe_ranks(llama3_tokenizer_path())
+    specials = llama3_special_tokens(len(ranks))
+    tokens = [_byte_level(t) for t in sorted(ranks, key=ranks.get)] + sorted(specials, key=specials.get)
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [TOKEN_NORMAL] * len(ranks) + [TOKEN_CONTROL] * len(specials),
+            "tokenizer.ggml.bos_token_id": tokens.index("<|begin_of_text|>"),
+            "tokenizer.ggml.eos_token_id": tokens.index("<|end_of_text|>")}
+
+
+def write_q4_k_m(path: Path, args: ModelArgs) -> Path:
+    """A GGUF of this shape with Q4_K_M's types: random blocks of about random_values' spread
+    (embeddings N(0, 1), linear layers N(0, 1/fan_in)) and random_values' float32 norms."""
+    from gguf import LlamaFileType
+    gen, rng, tensors = torch.Generator().manual_seed(0), np.random.default_rng(0), {}
+    for name, shape in args.weight_shapes().items():
+        qtype = q4_k_m_type(name, args.n_layers)
+        std = 1.0 if name == "tok_embeddings.weight" else shape[-1] ** -0.5
+        tensors[_stored_name(name, "gguf")] = (random_values(name, shape, shape, gen).numpy() if qtype == "F32" else
+                                               Blocks(qtype, shape, lambda q=qtype, s=shape, d=std:
+                                                      random_k_blocks(q, s, d, rng)))
+    metadata = {"general.file_type": int(LlamaFileType.MOSTLY_Q4_K_M), **llama_gguf_metadata(args, args.max_seq_len),
+                **llama3_gguf_vocabulary()}
+    return write_gguf_file(path, metadata, tensors)
 
 
 # --- Tiny valid models of every format ------------------------------------------------------------
@@ -182,19 +260,24 @@ def _tiny_meta() -> dict[str, bytes]:
             "tokenizer.model": ranks}
 
 
-def tiny_gguf_metadata(args: ModelArgs) -> dict:
-    """The GGUF keys of the tiny model (gguf-py's writer adds general.architecture)."""
-    n = len(TINY_RANKS)
-    return {"llama.block_count": args.n_layers, "llama.context_length": 64,
+def llama_gguf_metadata(args: ModelArgs, context_length: int) -> dict:
+    """The model's shape as llama.cpp's GGUF keys (gguf-py's writer adds general.architecture)."""
+    return {"llama.block_count": args.n_layers, "llama.context_length": context_length,
             "llama.embedding_length": args.dim, "llama.feed_forward_length": args.hidden_dim,
             "llama.attention.head_count": args.n_heads, "llama.attention.head_count_kv": args.n_kv_heads,
             "llama.rope.freq_base": float(args.rope_theta),
             "llama.attention.layer_norm_rms_epsilon": float(args.norm_eps),
-            "llama.rope.dimension_count": args.head_dim, "llama.vocab_size": args.vocab_size,
+            "llama.rope.dimension_count": args.head_dim, "llama.vocab_size": args.vocab_size}
+
+
+def tiny_gguf_metadata(args: ModelArgs) -> dict:
+    """The GGUF keys of the tiny model."""
+    n = len(TINY_RANKS)
+    return {**llama_gguf_metadata(args, 64),
             "llama.rope.scaling.original_context_length": TINY_GGUF_SCALING.original_max_seq_len,
             "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
             "tokenizer.ggml.tokens": [_byte_level(t) for t in TINY_RANKS] + TINY_SPECIALS,
-            "tokenizer.ggml.token_type": [1] * n + [3] * len(TINY_SPECIALS),  # normal, then control
+            "tokenizer.ggml.token_type": [TOKEN_NORMAL] * n + [TOKEN_CONTROL] * len(TINY_SPECIALS),
             "tokenizer.ggml.merges": [f"{_byte_level(a)} {_byte_level(b)}" for a, b in TINY_MERGES],
             "tokenizer.ggml.bos_token_id": n + 1, "tokenizer.ggml.eos_token_id": n + 2,
             "tokenizer.ggml.eot_token_id": n + 2, "tokenizer.ggml.add_bos_token": False,
@@ -204,11 +287,20 @@ def tiny_gguf_metadata(args: ModelArgs) -> dict:
 TINY_GGUF_SCALING = RopeScaling(factor=8.0, original_max_seq_len=512)
 
 
-def write_gguf_file(path: Path, metadata: dict, tensors: dict[str, np.ndarray], qtype=None) -> Path:
+class Blocks(NamedTuple):
+    """A matrix of ggml type `qtype` (a name: "Q4_K") whose uint8 blocks [rows, bytes a row] draw()
+    makes only when the file is written."""
+    qtype: str
+    shape: tuple[int, int]
+    draw: Callable[[], np.ndarray]
+
+
+def write_gguf_file(path: Path, metadata: dict, tensors: dict[str, np.ndarray | Blocks], qtype=None) -> Path:
     """A GGUF file of these metadata (typed by their Python type: bool, int as uint32, float as
-    float32, str, list) and float32 tensors named as llama.cpp names them; matrices whose rows
-    are whole blocks of `qtype` (a gguf.GGMLQuantizationType) are stored quantized."""
-    from gguf import GGML_QUANT_SIZES, GGUFWriter
+    float32, str, list) and tensors named as llama.cpp names them: float32 arrays, those matrices
+    whose rows are whole blocks of `qtype` (a gguf.GGMLQuantizationType) stored quantized, and
+    Blocks. Written one tensor at a time after the header, so RAM holds one (an 8B's are 5-32 GB)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
     from gguf.quants import quantize
     writer = GGUFWriter(str(path), "llama")
     for key, value in metadata.items():
@@ -216,14 +308,24 @@ def write_gguf_file(path: Path, metadata: dict, tensors: dict[str, np.ndarray], 
                str: writer.add_string}.get(type(value), writer.add_array)
         add(key, value)
     block = GGML_QUANT_SIZES[qtype][0] if qtype is not None else None
+    data = []
     for name, w in tensors.items():
-        if block and w.ndim == 2 and w.shape[1] % block == 0:
-            writer.add_tensor(name, quantize(w, qtype), raw_dtype=qtype)
+        if block and isinstance(w, np.ndarray) and w.ndim == 2 and w.shape[1] % block == 0:
+            w = Blocks(qtype.name, w.shape, lambda w=w: quantize(w, qtype))
+        if isinstance(w, Blocks):  # the shape in bytes, as gguf-py takes it
+            ggml_type = GGMLQuantizationType[w.qtype]
+            n_bytes = math.prod(w.shape) // GGML_QUANT_SIZES[ggml_type][0] * GGML_QUANT_SIZES[ggml_type][1]
+            writer.add_tensor_info(name, (w.shape[0], n_bytes // w.shape[0]), np.dtype(np.uint8), n_bytes,
+                                   raw_dtype=ggml_type)
+            data.append(w.draw)
         else:
-            writer.add_tensor(name, w)
+            writer.add_tensor_info(name, w.shape, w.dtype, w.nbytes)
+            data.append(lambda w=w: w)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for draw in data:
+        writer.write_tensor_data(draw())
     writer.close()
     return path
 

@@ -12,7 +12,6 @@ import math
 import os
 import shutil
 import struct
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,10 +35,8 @@ from npllama.formats import matrix_names
 from npllama.formats.gguf import read_gguf
 from npllama.formats.int16 import Int16Matrix, identity, to_int16, with_int16_copy
 from npllama.formats.meta import read_meta
-from oracle.checkpoints import _stored_name, _tiny_weights, tiny_args, tiny_gguf, tiny_gguf_metadata
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from prepare import random_k_blocks  # noqa: E402  random blocks with about a real layer's spread (as the 8B Q4_K_M's)
+# random_k_blocks: random blocks with about a real layer's spread (as the 8B Q4_K_M's)
+from oracle.checkpoints import _stored_name, _tiny_weights, random_k_blocks, tiny_args, tiny_gguf, tiny_gguf_metadata
 
 BF16 = ml_dtypes.bfloat16
 PASSAGE = Path(__file__).parent / "data" / "passage.txt"
