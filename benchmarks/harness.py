@@ -1,6 +1,6 @@
 """The harness every suite runs on (README.md: how it measures). `python harness.py MODULE` serves calls
 of MODULE's functions, a JSON line each way; `python harness.py MODULE FUNCTION JSON` makes one call
-(under mpiexec too). No npllama import at the top: commits.py's workers import it from another tree."""
+(under mpiexec too). No npllama import at the top: batch.py --base's workers import it from another tree."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from tabulate import tabulate
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.append(str(ROOT))  # npllama and oracle, installed or not (last: commits.py puts another tree first)
+sys.path.append(str(ROOT))  # npllama and oracle, installed or not (last: batch.py puts another tree first)
 MB = 2**20
 
 
