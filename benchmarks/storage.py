@@ -1,33 +1,76 @@
-"""Which storage a decode step's weight products are fastest from: a float32 copy in RAM (OpenBLAS's
-threads), int16 streamed by npllama's tiles (NumPy's cast, then the row scales: formats/int16.py),
-or bf16 streamed as stored (ml_dtypes' cast); each at its own RAM cost (4, 2 and 2 bytes a weight).
-npllama's adaptive threads, as it runs: one thread beside a busy core.
+"""A decode step's weight products (one row times every matrix of a model's shape) computed several
+ways in one process: ms a decode step, median of --rounds rounds (each the median of several steps).
+
+Storage (results/storage): which storage they are fastest from. A float32 copy in RAM (OpenBLAS's
+threads), int16 streamed by npllama's tiles (NumPy's cast, then the row scales: formats/int16.py), or
+bf16 streamed as stored (ml_dtypes' cast); each at its own RAM cost (4, 2 and 2 bytes a weight), on
+npllama's adaptive threads as it runs (one thread beside a busy core). 8b: 4 of its 32 layers,
+scaled to 32, without the output matrix.
 
     python benchmarks/storage.py [--models smollm2,1b,8b] [--rounds 3] [--under-load]
 
-One row times every matrix of a model's shape (8b: 4 of its 32 layers, scaled to 32, without the
-output matrix): ms a decode step, median of --rounds rounds of 5 steps each.
+--fixed-split (results/fixed_split; `python benchmarks/fixed_split.py` is the same): what
+thread-count-independent products would cost, float32 four ways:
+
+  openblas N threads      each product one call, split by OpenBLAS between its N threads (npllama's
+                          resident weights; the sums depend on N);
+  openblas 1 thread       each product one call, single-threaded;
+  fixed halves            each product cut into 2 fixed row blocks (boundaries at multiples of 16),
+                          one single-threaded call each, on npllama's 2 tile threads (TilePool): the
+                          same bits on 1 or 2 threads, as streamed weights are multiplied;
+  fixed halves, 1 thread  the same blocks, both on one thread (what one free core gives).
+
+    python benchmarks/storage.py --fixed-split [--models smollm2,1b] [--rounds 3] [--under-load]
 """
 
 from __future__ import annotations
 
+import statistics
+import sys
+import time
+
 import ml_dtypes
-from fixed_split import SHAPES, matrices, measure, report
-from harness import parser
+import numpy as np
+from harness import HERE, Quiet, parser, rounds, stat, table, write
+from threadpoolctl import threadpool_limits
 
 from npllama.formats.int16 import Int16Matrix, to_int16
 from npllama.resident_or_streamed import StreamedWeight, TilePool
 from npllama.threads import Threads
 
-SHAPES = {**SHAPES, "8b": (4096, 14336, 4, 0, 4096, 1024)}  # 4 layers, no output matrix
+# dim, hidden, layers, vocab (0: no output matrix), query width, key/value width
+SHAPES = {"smollm2": (576, 1536, 30, 49152, 576, 192), "1b": (2048, 8192, 16, 128256, 2048, 512),
+          "8b": (4096, 14336, 4, 0, 4096, 1024)}
 LAYER_SCALE = {"8b": 32 / 4}
+FIXED_SPLIT = dict(models="smollm2,1b", out=HERE / "results" / "fixed_split")
 
 
-def forms(ws: list, threads: Threads) -> dict:
+def matrices(shape) -> list[np.ndarray]:
+    dim, hidden, layers, vocab, q, kv = shape
+    rng = np.random.default_rng(0)
+    per_layer = [(q + 2 * kv, dim), (dim, q), (2 * hidden, dim), (dim, hidden)]  # q|k|v, wo, w1|w3, w2
+    return [rng.standard_normal(s, dtype=np.float32) for _ in range(layers) for s in per_layer] + \
+        ([rng.standard_normal((vocab, dim), dtype=np.float32)] if vocab else [])
+
+
+def step_ms(fn, reps: int) -> float:
+    """Median milliseconds of fn() after a warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def storages(ws: list[np.ndarray]) -> dict:
+    """form: (BLAS threads, None to leave them, and one decode step's products), on npllama's threads."""
+    threads = Threads()
     pool = TilePool(threads)
     by_form = {"float32 copy": ws, "int16 streamed": [StreamedWeight(Int16Matrix(*to_int16(w)), pool) for w in ws],
                "bf16 streamed": [StreamedWeight(w.astype(ml_dtypes.bfloat16), pool) for w in ws]}
-    x = {w.shape[1]: w[:1] * 0 + 1 for w in ws}  # [1, in] ones
+    x = {w.shape[1]: np.ones((1, w.shape[1]), np.float32) for w in ws}
 
     def step(mats):
         def run():
@@ -38,15 +81,66 @@ def forms(ws: list, threads: Threads) -> dict:
     return {form: (None, step(mats)) for form, mats in by_form.items()}
 
 
-def main() -> None:
-    p = parser(__doc__, "storage")
-    p.add_argument("--models", default="smollm2,1b,8b")
-    a = p.parse_args()
-    threads = Threads()
-    cases = [c for name in a.models.split(",")
-             for c in measure(a, name, forms(matrices(SHAPES[name]), threads), LAYER_SCALE.get(name, 1), reps=5)]
-    report(a, cases, "Weight storage", {"int16 / float32": lambda load: ("int16 streamed", "float32 copy"),
-                                        "int16 / bf16": lambda load: ("int16 streamed", "bf16 streamed")})
+def fixed_split(ws: list[np.ndarray], threads: int = 2) -> dict:
+    """The four ways of the docstring: (BLAS threads, or None to leave them, and one step's products)."""
+    xs = {w.shape[1]: np.ones((1, w.shape[1]), np.float32) for w in ws}
+    ys = {w.shape[0]: np.empty((1, w.shape[0]), np.float32) for w in ws}
+
+    def whole():
+        for w in ws:
+            np.matmul(xs[w.shape[1]], w.T, out=ys[w.shape[0]])
+
+    def halves(pool: TilePool):  # npllama's worker threads, as streamed weights are multiplied
+        def step():
+            for w in ws:
+                x, y, cut = xs[w.shape[1]], ys[w.shape[0]], min(len(w), (len(w) // 2 + 15) // 16 * 16)
+                pool.run(lambda b: np.matmul(x, w[b[0]:b[1]].T, out=y[:, b[0]:b[1]]), [(0, cut), (cut, len(w))])
+        return step
+    return {f"openblas {threads} threads": (threads, whole), "openblas 1 thread": (1, whole),
+            "fixed halves": (None, halves(TilePool(Threads(threads)))),
+            "fixed halves, 1 thread": (None, halves(TilePool(Threads(1))))}
+
+
+def measure(a, name: str, forms: dict, scale: float, reps: int) -> list[dict]:
+    """Rounds of every form under every load: ms a decode step."""
+    def run(case):
+        threads, fn = forms[case["form"]]
+        with threadpool_limits(threads, user_api="blas"):
+            return {"ms": scale * step_ms(fn, reps)}
+    cases = [{"model": name, "form": f, "load": load} for load in a.loads for f in forms]
+    return rounds(cases, run, a.rounds, Quiet(a.max_wait, a.wait_budget), tag=name)
+
+
+def report(a, cases: list[dict], title: str, ratios: dict) -> None:
+    """One table a load: a row a model, a column a form, then the ratios (label: load -> (form, form))."""
+    ms = {(c["load"], c["model"], c["form"]): stat(c, "ms", "ms")["median"] for c in cases}
+    forms, body = list(dict.fromkeys(c["form"] for c in cases)), []
+    for load in a.loads:
+        body += [f"{load}:", "", table(["model", *forms, *ratios], [
+            [m, *(f"{ms[load, m, f]:.1f}" for f in forms),
+             *(f"{ms[(load, m, top)] / ms[(load, m, bottom)]:.2f}x" for top, bottom in (r(load) for r in ratios.values()))]
+            for m in a.models]), ""]
+    write(a.out, f"{title}: ms a decode step's weight products, median of {a.rounds} rounds "
+          "(busy: beside a busy loop on one core)", "\n".join(body), {"rounds": a.rounds, "runs": cases})
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = parser(__doc__, "storage", models="smollm2,1b,8b")
+    p.add_argument("--fixed-split", action="store_true", help="fixed row blocks against OpenBLAS's own split; "
+                   "its defaults: " + ", ".join(f"--{k} {v}" for k, v in FIXED_SPLIT.items()))
+    if "--fixed-split" in argv:
+        p.set_defaults(**FIXED_SPLIT)
+    a = p.parse_args(argv)
+    if a.fixed_split:  # against what npllama does: both threads when idle, one beside a busy core
+        cases = [c for name in a.models for c in measure(a, name, fixed_split(matrices(SHAPES[name])), 1, reps=15)]
+        report(a, cases, "Fixed row blocks against OpenBLAS's own split", {"fixed halves / openblas": lambda load: (
+            ("fixed halves", "openblas 2 threads") if load == "idle" else ("fixed halves, 1 thread", "openblas 1 thread"))})
+    else:
+        cases = [c for name in a.models
+                 for c in measure(a, name, storages(matrices(SHAPES[name])), LAYER_SCALE.get(name, 1), reps=5)]
+        report(a, cases, "Weight storage", {"int16 / float32": lambda load: ("int16 streamed", "float32 copy"),
+                                            "int16 / bf16": lambda load: ("int16 streamed", "bf16 streamed")})
 
 
 if __name__ == "__main__":
