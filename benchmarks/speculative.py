@@ -47,10 +47,10 @@ class Speculation:
 
     def __init__(self, name: str):
         import npllama
-        from prepare import default_cache_dir, prepare
-        spec = prepare(name, default_cache_dir())
+        from prepare import prepare
+        spec = prepare(name)
         self.label, self.model = spec["label"], npllama.load(spec["path"], weights_budget=spec["weights_budget"])
-        self.draft = npllama.load(prepare("1b", default_cache_dir())["path"], weights_budget=0) if name == "8b" else None
+        self.draft = npllama.load(prepare("1b")["path"], weights_budget=0) if name == "8b" else None
         for model in (self.model, self.draft):
             if model is not None:
                 model.verbose = False
@@ -104,14 +104,12 @@ class Speculation:
 
 
 def main() -> None:
-    p = parser(__doc__, "speculative", loads="idle,busy", n_rounds=2)
-    p.add_argument("--models", default="smollm2,8b")
-    p.add_argument("--tokens", type=int, default=64)
+    p = parser(__doc__, "speculative", loads="idle,busy", n_rounds=2, models="smollm2,8b", tokens=64)
     p.add_argument("--8b-tokens", dest="tokens_8b", type=int, default=32, help="--tokens of the 8B (2 s a token)")
     p.add_argument("--8b-rounds", dest="rounds_8b", type=int, default=1)
     a = p.parse_args()
-    models, quiet, rows = {}, Quiet(a.max_wait), []
-    for name in a.models.split(","):
+    models, quiet, rows = {}, Quiet(a.max_wait, a.wait_budget), []
+    for name in a.models:
         tokens, n = (a.tokens_8b, a.rounds_8b) if name == "8b" else (a.tokens, a.rounds)
         worker = Worker(f"speculative/{name}", "speculative")
         worker.ask("Speculation", name=name)

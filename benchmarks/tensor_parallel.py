@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from harness import Quiet, cell, fmt, parser, rounds, run_once, stat, table, write
+from harness import Quiet, cell, listed, parser, rounds, run_once, stat, table, write
 
 PROMPT_TOKENS = 16
 MPIEXEC = [str(Path(sys.executable).with_name("mpiexec")), "-n"]
@@ -65,6 +65,12 @@ BIG_MODELS = {"Llama 3 70B": (8, dict(dim=8192, n_layers=80, n_heads=64, n_kv_he
                                           ffn_dim_multiplier=1.2))}
 NETWORK = {"name": "10 Gb Ethernet", "latency_s": 50e-6, "bytes_per_s": 1.25e9}
 CONTEXT = 8192
+# The scaling model's columns: header, its key, format.
+SCALING = [("model", "model", "{}"), ("machines", "ranks", "{}"), ("bf16 weights, whole (GB)", "model_gb", "{:.0f}"),
+           ("per rank (GB)", "rank_weights_gb", "{:.1f}"), ("read a token per rank (GB)", "rank_read_gb", "{:.1f}"),
+           ("KV cache per rank (GB)", "kv_cache_gb", "{:.2f}"), ("one all-reduce (µs)", "all_reduce_us", "{:.0f}"),
+           ("compute (s)", "compute_s", "{:.2f}"), ("network (s)", "network_s", "{:.3f}"),
+           ("s/token", "seconds_per_token", "{:.2f}")]
 
 
 def scaling_model(gb_s_per_core: float) -> list[dict]:
@@ -91,45 +97,37 @@ def scaling_model(gb_s_per_core: float) -> list[dict]:
 
 
 def main() -> None:
-    p = parser(__doc__, "tensor_parallel")
-    p.add_argument("--model", default="1b", help="a benchmarks/prepare.py model")
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--ranks", default="1,2")
-    p.add_argument("--weights", default="resident,streamed")
+    from prepare import prepare  # not in the ranks: torch would weigh on their memory
+    p = parser(__doc__, "tensor_parallel", tokens=64)
+    p.add_argument("--model", default="1b", help="a benchmarks/prepare.py model [%(default)s]")
+    p.add_argument("--ranks", type=listed(int), default="1,2")
+    p.add_argument("--weights", type=listed(), default="resident,streamed")
     a = p.parse_args()
-    from prepare import default_cache_dir, prepare  # not in the ranks: torch would weigh on their memory
-    spec = prepare(a.model, default_cache_dir())
-    cases = [{"weights": w, "load": load, "ranks": int(n)} for w in a.weights.split(",") for load in a.loads
-             for n in a.ranks.split(",")]
+    spec = prepare(a.model)
+    cases = [{"weights": w, "load": load, "ranks": n} for w in a.weights for load in a.loads for n in a.ranks]
     rounds(cases, lambda c: run_once("tensor_parallel", "decode", MPIEXEC + [str(c["ranks"])], model_path=spec["path"],
-                                     tokens=a.tokens, weights=c["weights"]), a.rounds, Quiet(a.max_wait), tag="tp")
+                                     tokens=a.tokens, weights=c["weights"]), a.rounds, Quiet(a.max_wait, a.wait_budget),
+           tag="tp")
     latency = run_once("tensor_parallel", "all_reduce", MPIEXEC + ["2"], dims=[2048, 4096, 8192, 16384])["us"]
-    rows = []
     for c in cases:
         c.update({k: stat(c, u, k) for k, u in (("decode_tok_s", "tok/s"), ("ms_per_token", "ms"),
                                                   ("weight_gb_s", "GB/s"), ("collective_ms_per_token", "ms"))})
-        last = c["runs"][-1]
-        rows.append([c["weights"], c["load"], c["ranks"], cell(c["decode_tok_s"]), fmt(c["ms_per_token"]["median"]),
-                     f"{c['weight_gb_s']['median']:.2f}", f"{c['collective_ms_per_token']['median']:.2f}",
-                     f"{last['collectives_per_token']:.0f}", ", ".join(f"{r['rss_anon_mb']:.0f}" for r in last["ranks"])])
     body = [table(["weights", "load", "ranks", "decode tok/s", "ms/token", "weights read per rank, GB/s",
-                   "in collectives, ms/token", "collectives/token", "RssAnon per rank, MB"], rows), "",
+                   "in collectives, ms/token", "collectives/token", "RssAnon per rank, MB"],
+                  [[c["weights"], c["load"], c["ranks"], cell(c["decode_tok_s"]), f"{c['ms_per_token']['median']:.1f}",
+                    f"{c['weight_gb_s']['median']:.2f}", f"{c['collective_ms_per_token']['median']:.2f}",
+                    f"{c['runs'][-1]['collectives_per_token']:.0f}",
+                    ", ".join(f"{r['rss_anon_mb']:.0f}" for r in c["runs"][-1]["ranks"])] for c in cases]), "",
             "All-reduce of one token's [1, dim] float32 vector between 2 ranks (median):", "",
             table(["dim", "µs"], [[d, f"{us:.1f}"] for d, us in latency.items()])]
     results = {"model": spec["label"], "tokens": a.tokens, "rounds": a.rounds, "all_reduce_us": latency, "runs": cases}
-    base = next((c for c in cases if (c["weights"], c["load"], c["ranks"]) == ("streamed", "idle", 1)), None)
-    if base:
+    if base := next((c for c in cases if (c["weights"], c["load"], c["ranks"]) == ("streamed", "idle", 1)), None):
         rate = base["weight_gb_s"]["median"]
-        model = results["scaling_model"] = {"gb_s_per_core": rate, "network": NETWORK, "context": CONTEXT,
-                                            "rows": scaling_model(rate)}
+        rows = scaling_model(rate)
+        results["scaling_model"] = {"gb_s_per_core": rate, "network": NETWORK, "context": CONTEXT, "rows": rows}
         body += ["", f"Scaling model: a rank a machine, each streaming its bf16 shard at the {rate:.2f} GB/s one core "
                  f"reached above (streamed, 1 rank, idle); {NETWORK['name']}; KV cache at context {CONTEXT}.", "",
-                 table(["model", "machines", "bf16 weights, whole / per rank (GB)", "read a token per rank (GB)",
-                        "KV cache per rank (GB)", "one all-reduce (µs)", "compute (s)", "network (s)", "s/token"],
-                       [[r["model"], r["ranks"], f"{r['model_gb']:.0f} / {r['rank_weights_gb']:.1f}",
-                         f"{r['rank_read_gb']:.1f}", f"{r['kv_cache_gb']:.2f}", f"{r['all_reduce_us']:.0f}",
-                         f"{r['compute_s']:.2f}", f"{r['network_s']:.3f}", f"{r['seconds_per_token']:.2f}"]
-                        for r in model["rows"]])]
+                 table([h for h, _, _ in SCALING], [[f.format(r[k]) for _, k, f in SCALING] for r in rows])]
     write(a.out, f"Tensor parallelism: {spec['label']}, {a.tokens} tokens after a {PROMPT_TOKENS}-token prompt, one BLAS "
           f"thread a rank, median (min-max) of {a.rounds} rounds", "\n".join(body), results)
 
