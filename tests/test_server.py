@@ -211,7 +211,19 @@ BAD = [  # (body or raw bytes, status, the field the error names)
     ({"prompt": "hi", "n": 2}, 400, "n"),
     ({"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ({"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
+    ({"prompt": "hi", "repeat_penalty": 0}, 400, "repeat_penalty"),
+    ({"prompt": "hi", "repeat_last_n": -2}, 400, "repeat_last_n"),
 ]
+
+
+def test_llama_servers_sampling_fields_reach_the_sampler():
+    """top_k, min_p, repeat_penalty and repeat_last_n, as llama-server's bodies spell them; the
+    penalty is off unless asked (OpenAI's API has none)."""
+    sampler = server.sampler_of({"temperature": 0.5, "top_k": 7, "min_p": 0.1, "repeat_penalty": 1.3,
+                                 "repeat_last_n": 16})
+    assert (sampler.temperature, sampler.top_k, sampler.min_p, sampler.repeat_penalty, sampler.repeat_last_n) == \
+        (0.5, 7, 0.1, 1.3, 16)
+    assert server.sampler_of({}).repeat_penalty == 1.0
 
 
 @pytest.mark.slow
