@@ -21,7 +21,7 @@ from pathlib import Path
 from harness import HERE, ROOT, Quiet, cell, listed, parser, rounds, run_once, stat, table, write
 
 PROMPT_TOKENS = 16
-AGAINST_BASE = dict(batches="16", tokens=64, loads=["idle", "busy"], out=HERE / "results" / "commits")
+AGAINST_BASE = dict(batches="16", tokens=64, loads="idle,busy", out=HERE / "results" / "commits")
 
 
 def decode_rate(model_path: str, rows: int, tokens: int, budget: int | None, tree: str) -> dict:
@@ -33,8 +33,8 @@ def decode_rate(model_path: str, rows: int, tokens: int, budget: int | None, tre
 
     import npllama
     assert Path(npllama.__file__).resolve().is_relative_to(Path(tree).resolve()), npllama.__file__
-    model = npllama.load(model_path, max_seq_len=PROMPT_TOKENS + tokens + 1,
-                         **({} if budget is None else {"weights_budget": budget}))
+    model = npllama.load(model_path, max_seq_len=PROMPT_TOKENS + tokens + 1,  # a base from before weights_budget:
+                         **({} if budget is None else {"weights_budget": budget}))  # not passed unless set
     prompts = np.random.default_rng(0).integers(0, model.tokenizer.n_words, (max(rows, 1), PROMPT_TOKENS)).tolist()
     if rows == 0:
         stats = npllama.GenerationStats()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
+import timeit
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,8 @@ class Npllama:
         self.spec, self.cfg = spec, cfg
 
     def load(self):
-        budget = self.spec["weights_budget"]
-        self.model = npllama.load(self.spec["path"], max_seq_len=self.cfg["max_seq_len"], weights=self.spec.get(
-            "weights", "auto"), **({} if budget is None else {"weights_budget": budget}))
+        self.model = npllama.load(self.spec["path"], max_seq_len=self.cfg["max_seq_len"],
+                                  weights=self.spec.get("weights", "auto"), weights_budget=self.spec["weights_budget"])
 
     def new_cache(self):
         self.cache = self.model.new_cache(self.cfg["max_seq_len"])
@@ -185,7 +185,8 @@ class Probes:
         for key in keys:
             label, n_bytes, fn = self.probes[key]
             fn()  # warm-up
-            res[key] = dict(summary([n_bytes / timed(fn)["seconds"] / 1e9 for _ in range(repeats)], "GB/s"), label=label)
+            res[key] = dict(summary([n_bytes / s / 1e9 for s in timeit.repeat(fn, number=1, repeat=repeats)], "GB/s"),
+                            label=label)
         return res
 
     def bandwidth(self, repeats: int) -> dict:

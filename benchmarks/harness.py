@@ -241,10 +241,10 @@ class Worker:
                 "wall_s": time.perf_counter() - self.t0, "loadavg_1min": [self.load0, os.getloadavg()[0]]}
 
 
-def run_once(module: str, fn: str, launcher=(), cwd=None, **kwargs) -> dict:
+def run_once(module: str, fn: str, launcher=(), **kwargs) -> dict:
     """One call in a fresh process (`launcher`, as mpiexec -n 2, before it): its reply."""
     done = subprocess.run([*launcher, sys.executable, __file__, module, fn, json.dumps(kwargs)], capture_output=True,
-                          text=True, cwd=cwd)
+                          text=True)
     reply = json.loads((done.stdout.strip().splitlines() or ['{"error": "no reply"}'])[-1])
     if done.returncode or "error" in reply:
         raise SystemExit(f"{module}.{fn} failed ({done.returncode}):\n{done.stderr[-3000:]}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import statistics
 import subprocess
 import time
+import timeit
 
 import numpy as np
 from harness import Quiet, Worker, parser, rounds, table, write
@@ -60,15 +61,9 @@ class Speculation:
         cache = model.new_cache(end)
         tokens = np.random.default_rng(0).integers(0, model.args.vocab_size, (1, end))
         model.forward_rows(tokens[:, :PREFILL], np.array([PREFILL]), np.array([0]), cache)
-        seconds = {}
-        for width in PASS_WIDTHS:
-            runs = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                model.forward_rows(tokens[:, PREFILL:PREFILL + width], np.array([width]), np.array([PREFILL]), cache,
-                                   "all" if width > 1 else "last")
-                runs.append(time.perf_counter() - t0)
-            seconds[str(width)] = min(runs)
+        seconds = {str(width): min(timeit.repeat(lambda: model.forward_rows(
+            tokens[:, PREFILL:PREFILL + width], np.array([width]), np.array([PREFILL]), cache,
+            "all" if width > 1 else "last"), number=1, repeat=reps)) for width in PASS_WIDTHS}
         return {"label": self.label, "pass_cost": {w: {"seconds": s, "ratio": s / seconds["1"]} for w, s in seconds.items()}}
 
     def decode(self, prompt: list[int], n: int, drafter=None, **speculation) -> dict:

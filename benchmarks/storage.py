@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
+import timeit
 
 import ml_dtypes
 import numpy as np
@@ -56,12 +56,7 @@ def matrices(shape) -> list[np.ndarray]:
 def step_ms(fn, reps: int) -> float:
     """Median milliseconds of fn() after a warm-up call."""
     fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(timeit.repeat(fn, number=1, repeat=reps))
 
 
 def storages(ws: list[np.ndarray]) -> dict:
