@@ -1,9 +1,9 @@
 """The benchmark harness measures what it says (rounds interleaved and reversed, a busy core that
 spins, the load of other processes less the benchmark's own, failures kept as data), and
 benchmarks/bench.py runs end to end (--quick) with every figure for both engines, idle and beside a
-busy core; benchmarks/torch_llama.py, the baseline, computes what the oracle computes; the F32 GGUF
-for llama.cpp holds npllama's weights. No time is asserted: timings on a shared machine prove
-nothing in a test."""
+busy core; suites merged into others keep their commands and results files; benchmarks/torch_llama.py,
+the baseline, computes what the oracle computes; the F32 GGUF for llama.cpp holds npllama's weights.
+No time is asserted: timings on a shared machine prove nothing in a test."""
 
 import json
 import os
@@ -209,6 +209,19 @@ def test_models_that_write_multi_gb_files_need_with_8b():
     assert bench.parse_args(["--with-8b", "--models", "tiny"]).models == ["tiny", "8b"]
     quick = bench.parse_args(["--quick", "--rounds", "5"])
     assert quick.models == ["tiny"] and quick.rounds == 5 and quick.contexts == [32, 64]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, results", [("batch.py", "batch"), ("batch.py --base HEAD", "commits"),
+                                               ("storage.py", "storage"), ("fixed_split.py", "fixed_split"),
+                                               ("serve.py", "serve"), ("serve_load.py", "serve_load")])
+def test_merged_suites_keep_their_commands_and_results_files(command, results):
+    """commits.py in batch.py (--base), fixed_split.py in storage.py (--fixed-split, its old name still
+    runs it), serve_load.py in serve.py (--soak, likewise): each writes the results file it wrote."""
+    script, *args = command.split()
+    shown = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--help"], capture_output=True,
+                           text=True, check=True).stdout
+    assert f"OUT.md [{ROOT / 'benchmarks' / 'results' / results}]" in " ".join(shown.split())
 
 
 def test_f32_gguf_for_llama_cpp_holds_npllamas_weights(tmp_path):
