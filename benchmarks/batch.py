@@ -62,10 +62,7 @@ def main() -> None:
     p = parser(__doc__, "batch", models="smollm2,1b", tokens=32)
     model_options(p)
     p.add_argument("--batches", type=listed(int), default="1,4,16", help="rows decoding together [%(default)s]")
-    p.add_argument("--base", help="a git revision: its npllama against the working tree's; its defaults: "
-                   + ", ".join(f"--{k} {v}" for k, v in AGAINST_BASE.items()))
-    if any(arg.startswith("--base") for arg in sys.argv):
-        p.set_defaults(**AGAINST_BASE)
+    p.preset("--base", AGAINST_BASE, "a git revision: its npllama against the working tree's")
     a = p.parse_args()
     check_models(p, a)
     specs = {m: prepare(m, a.cache_dir) for m in a.models}

@@ -29,8 +29,7 @@ QUICK = dict(models="tiny", rounds=2, prefill="8,16", decode_tokens=4, decode_pr
 def parse_args(argv=None):
     p = parser(__doc__, "latest", loads="idle,busy", models="smollm2,1b")
     model_options(p, "adds 8b if no such model is listed")
-    p.add_argument("--quick", action="store_true", help="tiny model, a few tokens: proves the script works (CI); "
-                   + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
+    p.preset("--quick", QUICK, "tiny model, a few tokens: proves the script works (CI)", action="store_true")
     p.add_argument("--engines", type=listed(), default="npllama,torch", help=", ".join(ENGINES))
     p.add_argument("--prefill", type=listed(int), default="16,128,512", help="prompt lengths of the prefill figures")
     p.add_argument("--decode-tokens", type=int, default=128, help="greedy decode steps timed")
@@ -44,8 +43,6 @@ def parse_args(argv=None):
     p.add_argument("--fresh-int16-copy", action="store_true",
                    help="delete npllama's int16 copy of a streamed model first, so that the load making it is timed")
     p.add_argument("--llama-bench", metavar="PATH", help="a llama.cpp llama-bench binary: its decode on smollm2")
-    if "--quick" in (sys.argv[1:] if argv is None else argv):
-        p.set_defaults(**QUICK)  # strings pass through each option's type, as typed ones do
     a = p.parse_args(argv)
     check_models(p, a)
     if set(a.engines) - set(ENGINES):

@@ -276,10 +276,27 @@ def listed(kind=str):
     return lambda text: [kind(v) for v in text.split(",")]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with presets: an option that, given, sets other options' defaults first (bench.py --quick)."""
+
+    def preset(self, flag: str, defaults: dict, help: str, **kwargs) -> None:
+        shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in defaults.items())
+        self.add_argument(flag, help=f"{help}; its defaults: {shown}", **kwargs)
+        self.presets[flag] = defaults
+
+    def parse_args(self, argv=None, namespace=None):
+        argv = sys.argv[1:] if argv is None else argv
+        for flag, defaults in self.presets.items():
+            if any(arg.split("=")[0] == flag for arg in argv):
+                self.set_defaults(**defaults)  # strings pass through each option's type, as typed ones do
+        return super().parse_args(argv, namespace)
+
+
 def parser(doc: str, name: str, loads: str = "idle", n_rounds: int = 3, models: str | None = None,
-           tokens: int | None = None) -> argparse.ArgumentParser:
+           tokens: int | None = None) -> Parser:
     """The options every suite has, and --models and --tokens where it gives their defaults."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.presets = {}
     p.add_argument("--rounds", "--repeats", type=int, default=n_rounds, help="measurements of each case (median, min-max)")
     p.add_argument("--loads", type=listed(), default=loads.split(","),
                    help=f"idle, busy (beside a busy loop on one core) or both [default: {loads}]")

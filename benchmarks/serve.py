@@ -160,21 +160,28 @@ async def request(http: httpx.AsyncClient, url: str, i: int, tokens: int, alone:
 
 
 async def load_run(url: str, pid: int, a, clients: int) -> dict:
-    """The answers alone, every row filled, then the requests: their outcomes and the server's RSS."""
+    """The answers alone, every row filled, then the requests, each client with connections of its
+    own: their outcomes and the server's RSS."""
     counts, rss, numbers = collections.Counter(), {}, itertools.count()
-    async with async_client(clients) as http:
+    async with async_client(1) as http:
         alone = {prompt: await answer(http, url, prompt, a.tokens) for prompt in SOAK_PROMPTS}
-        await asyncio.gather(*(answer(http, url, [1] * (SOAK_CONTEXT - 4), 4) for _ in range(clients)))
 
-        async def client() -> None:
+    async def fill_a_row() -> None:  # to the end of the context
+        async with async_client(1) as http:
+            await answer(http, url, [1] * (SOAK_CONTEXT - 4), 4)
+
+    async def client() -> None:
+        async with async_client(1) as http:
             while (i := next(numbers)) < a.requests:
                 if i % 250 == 100:
                     rss[f"after {i} requests"] = memory_mb(pid)["VmRSS"]
                 counts[await request(http, url, i, a.tokens, alone)] += 1
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
-        seconds = time.perf_counter() - t0
-        rss["at the end"] = memory_mb(pid)["VmRSS"]
+    await asyncio.gather(*(fill_a_row() for _ in range(clients)))
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    seconds = time.perf_counter() - t0
+    rss["at the end"] = memory_mb(pid)["VmRSS"]
+    async with async_client(1) as http:
         ended = (await http.get(url + "/health")).json()["ended"]
     return {"seconds": seconds, "outcomes": counts, "rss_mb": rss, "ended": ended}
 
@@ -198,15 +205,11 @@ def soak(a) -> int:
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
     p = parser(__doc__, "serve", loads="idle,busy", n_rounds=2, tokens=64)
     p.add_argument("--clients", type=listed(int), default="1,4,8,16", help="concurrent clients (--soak: the largest)")
     p.add_argument("--requests", type=int, default=2, help="requests each client sends one after another (--soak: in all)")
     p.add_argument("--parallel", type=int, default=16, help="the server's --parallel: rows decoding at once")
-    p.add_argument("--soak", action="store_true", help="the load run; its defaults: "
-                   + ", ".join(f"--{k} {v}" for k, v in SOAK.items()))
-    if "--soak" in argv:
-        p.set_defaults(**SOAK)
+    p.preset("--soak", SOAK, "the load run", action="store_true")
     a = p.parse_args(argv)
     sys.exit(soak(a) if a.soak else throughput(a))
 

@@ -26,7 +26,6 @@ thread-count-independent products would cost, float32 four ways:
 from __future__ import annotations
 
 import statistics
-import sys
 import timeit
 
 import ml_dtypes
@@ -120,12 +119,8 @@ def report(a, cases: list[dict], title: str, ratios: dict) -> None:
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
     p = parser(__doc__, "storage", models="smollm2,1b,8b")
-    p.add_argument("--fixed-split", action="store_true", help="fixed row blocks against OpenBLAS's own split; "
-                   "its defaults: " + ", ".join(f"--{k} {v}" for k, v in FIXED_SPLIT.items()))
-    if "--fixed-split" in argv:
-        p.set_defaults(**FIXED_SPLIT)
+    p.preset("--fixed-split", FIXED_SPLIT, "fixed row blocks against OpenBLAS's own split", action="store_true")
     a = p.parse_args(argv)
     if a.fixed_split:  # against what npllama does: both threads when idle, one beside a busy core
         cases = [c for name in a.models for c in measure(a, name, fixed_split(matrices(SHAPES[name])), 1, reps=15)]
