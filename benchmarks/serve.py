@@ -14,8 +14,9 @@ A load run, --soak (results/serve_load; `python benchmarks/serve_load.py` is the
 fills every row of its KV cache once (its pages are touched as positions are first written: that is
 not growth); then the clients send --requests requests in all: every tenth a bad one (which must get
 its 4xx), every fiftieth a stream the client drops after its first chunk, the rest greedy completions
-whose text must equal the prompt's answer alone. The server's RSS is read every 250 requests: at the
-end it must be no larger than after the first 100. Exit status 1 if anything fails.
+whose text must equal the prompt's answer alone. The server's RSS is read every 250 requests, and,
+idle (as a server is between bursts), after the first 100 and at the end, where it must be no
+larger than after the first 100. Exit status 1 if anything fails.
 
     python benchmarks/serve.py --soak [--requests 2000] [--clients 16] [--tokens 8]
 """
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 
 import httpx
+from npllama.server import IDLE_SECONDS
 from harness import HERE, ROOT, Quiet, cell, listed, memory_mb, parser, rounds, stat, summary, table, write
 
 CONTEXT = 512  # positions a row: the prompts and --tokens fit many times over
@@ -47,6 +49,7 @@ PROMPTS = ["The history of the printing press began", "My favourite recipe for a
            "The difference between weather and climate is", "Honeybees communicate with each other by"]
 SOAK = dict(requests=2000, clients="16", tokens=8, out=HERE / "results" / "serve_load")
 SOAK_CONTEXT = 128
+FIRST = 100  # requests before the RSS the end is held to
 SOAK_PROMPTS = [f"Question {i}: what is {i} plus {i * 3}? Answer:" for i in range(8)] + [
     "The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at",
     "The quick brown fox", "A haiku about the sea:", "To be or not to be,", "Dear diary, today I"]
@@ -170,17 +173,24 @@ async def load_run(url: str, pid: int, a, clients: int) -> dict:
         async with async_client(1) as http:
             await answer(http, url, [1] * (SOAK_CONTEXT - 4), 4)
 
-    async def client() -> None:
+    async def client(until: int) -> None:
         async with async_client(1) as http:
-            while (i := next(numbers)) < a.requests:
+            while (i := next(numbers)) < until:
                 if i % 250 == 100:
                     rss[f"after {i} requests"] = memory_mb(pid)["VmRSS"]
                 counts[await request(http, url, i, a.tokens, alone)] += 1
+
+    async def idle_rss() -> float:  # as a server between bursts is: idle long enough to give memory back
+        await asyncio.sleep(IDLE_SECONDS + 1)
+        return memory_mb(pid)["VmRSS"]
     await asyncio.gather(*(fill_a_row() for _ in range(clients)))
     t0 = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    seconds = time.perf_counter() - t0
-    rss["at the end"] = memory_mb(pid)["VmRSS"]
+    await asyncio.gather(*(client(FIRST) for _ in range(clients)))
+    rss[f"after the first {FIRST}, idle"] = await idle_rss()
+    numbers = itertools.count(FIRST)
+    await asyncio.gather(*(client(a.requests) for _ in range(clients)))
+    seconds = time.perf_counter() - t0 - IDLE_SECONDS - 1
+    rss["at the end, idle"] = await idle_rss()
     async with async_client(1) as http:
         ended = (await http.get(url + "/health")).json()["ended"]
     return {"seconds": seconds, "outcomes": counts, "rss_mb": rss, "ended": ended}
@@ -192,8 +202,8 @@ def soak(a) -> int:
             proc, url):
         run = asyncio.run(load_run(url, proc.pid, a, clients))
     rss = run["rss_mb"]
-    ok = not {"bad, WRONG", "good, WRONG"} & set(run["outcomes"]) and rss["at the end"] <= rss.get(
-        "after 100 requests", rss["at the end"])
+    ok = not {"bad, WRONG", "good, WRONG"} & set(run["outcomes"]) and rss["at the end, idle"] <= rss[
+        f"after the first {FIRST}, idle"]
     write(a.out, "Load run of `npllama serve`",
           f"{a.requests} requests from {clients} concurrent clients ({a.tokens} tokens each) in {run['seconds']:.0f} s; "
           f"server --parallel {clients}.\n\n" + table(["outcome", "requests"], sorted(run["outcomes"].items())) + "\n\n" +

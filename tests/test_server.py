@@ -389,3 +389,20 @@ def test_every_dtype_and_weight_mode_serves_what_generate_gives(random_checkpoin
         with concurrent.futures.ThreadPoolExecutor(5) as pool:
             got = list(pool.map(lambda p: complete(url, p, n=10).choices[0].text, prompts))
     assert got == alone
+
+
+def test_an_idle_engine_gives_free_memory_back_once_per_idle_spell(model, monkeypatch):
+    """Issue 21's RSS: after IDLE_SECONDS with nothing to do the engine trims the C heap once
+    (malloc_trim), not during a burst of requests and not again until it has worked."""
+    trims = []
+    monkeypatch.setattr(server, "IDLE_SECONDS", 0.2)
+    monkeypatch.setattr(server, "release_free_memory", lambda: trims.append(time.monotonic()))
+    with running(model) as (url, _, _):
+        time.sleep(0.8)
+        assert len(trims) == 1  # once, though idle for four spells of IDLE_SECONDS
+        started = time.monotonic()
+        complete(url, "Hello", n=4)
+        complete(url, "Hello", n=4)
+        assert all(t < started for t in trims)  # a request waits for no trim
+        time.sleep(0.8)
+        assert len(trims) == 2
