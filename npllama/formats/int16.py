@@ -1,7 +1,7 @@
 """The int16 copy of a checkpoint's matrices: what streamed weights are read from by default.
 
 A streamed matrix is converted to float32 on every token, and for bf16 that conversion is the
-slowest step of a decode (ml_dtypes' cast: benchmarks/machine.py's cast probe measures each
+slowest step of a decode (ml_dtypes' cast: benchmarks/engines.py's cast probes measure each
 storage's rate on the machine at hand). So each matrix is stored once more, as int16 with one
 power-of-two scale per output row, row = q * 2^k: the matmul casts a tile of q to float32 with
 NumPy's own SIMD cast, multiplies, and scales its output columns by 2^k, which is exact.
