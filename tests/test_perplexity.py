@@ -102,7 +102,7 @@ def test_a_wrong_eps_shows_and_a_bound_fails(checkpoint, capsys, monkeypatch):
     monkeypatch.setattr(command, "load_model", load_model)
     code, out, _ = run(capsys, "-m", checkpoint, "-f", PASSAGE, "-c", 32, "--kl-divergence",
                        "--reference", checkpoint, "--max-mean-kl", 1e-6)
-    mean = float(out.split("KL divergence over")[1].split("mean ")[1].split(",")[0])
+    mean = float(out.split("KL divergence (nats) over")[1].split("mean ")[1].split(",")[0])
     assert code == 1 and mean > 1e-6 and "FAIL: mean_kl" in out and "--max-mean-kl" in out  # the oracle: ~1e-11
 
 
