@@ -78,9 +78,9 @@ def min_p_filter(probs: np.ndarray, min_p: float) -> np.ndarray:
 def repeat_penalty(logits: np.ndarray, recent: Iterable[int], penalty: float) -> np.ndarray:
     """llama.cpp's repeat penalty: each token among the recent ones, counted once, has its logit
     divided by the penalty if positive and multiplied by it if not (less likely either way)."""
-    seen = np.fromiter(set(recent), np.int64)  # [n] distinct
-    if penalty == 1 or not len(seen):
+    if penalty == 1 or not recent:
         return logits  # [V]
+    seen = np.fromiter(set(recent), np.int64)  # [n] distinct
     out = logits.copy()  # [V]
     z = out[seen]  # [n]
     out[seen] = np.where(z > 0, z / penalty, z * penalty)

@@ -60,7 +60,7 @@ def add_model_options(p: argparse.ArgumentParser, context: int | None, context_h
 def add_batch_size_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("-b", "--batch-size", type=int, default=2048, metavar="N", help=f"{what}, as llama.cpp's -b: "
                    "a longer prompt is fed in passes of N, each reading the keys and values the passes before "
-                   "wrote (less memory for activations; the same math, within float rounding)")
+                   "wrote (less memory for activations; the same math within float32 rounding, while the bf16 flow's roundings can turn a near tie)")
 
 
 def check_batch_size(args) -> None:
