@@ -1,16 +1,6 @@
-"""Batched decode: aggregate tok/s of B rows decoding together (generate_batch, batch 1, 4, 16) beside
-the single-sequence path (model.generate), each measurement a fresh process importing npllama with its
-default threads, as a user runs it. With --base, for a change that must not slow anything down: the
-same with the npllama of a git revision (exported with `git archive`) beside the working tree's,
-interleaved, writing results/commits.
-
-    python benchmarks/batch.py [--models smollm2,1b] [--batches 1,4,16] [--tokens 32] [--rounds 3] [--under-load]
-    python benchmarks/batch.py --base f33bc22 [--models smollm2,1b]    # decode, beside a busy core, batch 16
-
-The 8b models decode a quarter of --tokens, with model.generate alone.
-"""
-
-from __future__ import annotations
+"""Batched decode: aggregate tok/s of generate_batch at batch 1, 4, 16 beside model.generate, a fresh
+process a measurement (the 8b models: model.generate alone, a quarter of --tokens). --base REV:
+the same with the npllama of a git revision beside the working tree's, interleaved (results/commits)."""
 
 import subprocess
 import sys
@@ -18,19 +8,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import HERE, ROOT, Quiet, cell, listed, parser, rounds, run_once, stat, table, write
+import numpy as np
+from harness import HERE, ROOT, cell, listed, parser, rounds, run_once, stat, table, write
 
 PROMPT_TOKENS = 16
 AGAINST_BASE = dict(batches="16", tokens=64, loads="idle,busy", out=HERE / "results" / "commits")
 
 
 def decode_rate(model_path: str, rows: int, tokens: int, budget: int | None, tree: str) -> dict:
-    """Decode tok/s after 16-token random prompts, in npllama from `tree`. rows 0: model.generate's
-    rate; else generate_batch's over that many rows, B x (n - 1) tokens over the time of n tokens less
-    that of 1 (the prefill), so that only decode counts."""
+    """Decode tok/s after 16-token random prompts, in npllama from `tree`: model.generate's (rows 0), or
+    generate_batch's, rows x (n - 1) tokens over the time of n tokens less that of 1 (the prefill)."""
     sys.path.insert(0, tree)
-    import numpy as np
-
     import npllama
     assert Path(npllama.__file__).resolve().is_relative_to(Path(tree).resolve()), npllama.__file__
     model = npllama.load(model_path, max_seq_len=PROMPT_TOKENS + tokens + 1,  # a base from before weights_budget:
@@ -51,9 +39,10 @@ def decode_rate(model_path: str, rows: int, tokens: int, budget: int | None, tre
 
 def export(rev: str, into: str) -> str:
     """npllama as of git revision `rev`, written into `into`; the revision's full hash."""
-    git = lambda *args, **kw: subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, check=True, **kw)  # noqa
-    commit = git("rev-parse", rev, text=True).stdout.strip()
-    subprocess.run(["tar", "-x", "-C", into], input=git("archive", commit, "npllama").stdout, check=True)
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.check_output([*git, "rev-parse", rev], text=True).strip()
+    archive = subprocess.check_output([*git, "archive", commit, "npllama"])
+    subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
     return commit
 
 
@@ -66,28 +55,28 @@ def main() -> None:
     a = p.parse_args()
     check_models(p, a)
     specs = {m: prepare(m, a.cache_dir) for m in a.models}
+    tokens = {m: a.tokens // 4 if m.startswith("8b") else a.tokens for m in specs}
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"this": str(ROOT), **({"base": tmp} if a.base else {})}
         base = a.base and export(a.base, tmp)
         cases = [{"model": m, "rows": b, "load": load, "version": v} for load in a.loads for m in specs
                  for b in [0, *a.batches] if not (m.startswith("8b") and b) for v in trees]
-        rounds(cases, lambda c: run_once(
-            "batch", "decode_rate", model_path=specs[c["model"]]["path"], rows=c["rows"], tree=trees[c["version"]],
-            budget=specs[c["model"]]["weights_budget"], tokens=a.tokens // 4 if c["model"].startswith("8b") else a.tokens),
-            a.rounds, Quiet(a.max_wait, a.wait_budget), tag="batch")
+        rounds(cases, lambda c: run_once("batch", "decode_rate", model_path=specs[c["model"]]["path"], rows=c["rows"],
+                                         tokens=tokens[c["model"]], budget=specs[c["model"]]["weights_budget"],
+                                         tree=trees[c["version"]]), a.rounds, tag="batch")
     for c in cases:
         c["tok_s"] = stat(c, "tok/s", "tok_s")
     by = {(c["model"], c["rows"], c["load"], c["version"]): c["tok_s"] for c in cases}
 
-    def ratio(key: tuple, to: tuple, digits: int = 2) -> str:
-        return f"{by[key]['median'] / by[to]['median']:.{digits}f}" if to in by else "-"
+    def ratio(tok_s: dict, to: dict | None, digits: int = 2) -> str:
+        return f"{tok_s['median'] / to['median']:.{digits}f}" if to else "-"
     rows = [[m, load, f"batch {b}" if b else "model.generate (one sequence)", *(cell(by[m, b, load, v]) for v in trees),
-             ratio((m, b, load, v), (m, 1, load, v)), *([ratio((m, b, load, v), (m, b, load, "base"), 3)] if base else [])]
-            for m, b, load, v in by if v == "this"]
+             ratio(tok_s, by.get((m, 1, load, "this"))), *([ratio(tok_s, by[m, b, load, "base"], 3)] if base else [])]
+            for (m, b, load, version), tok_s in by.items() if version == "this"]
+    header = ["model", "load", "path", *(f"tok/s, {v}" for v in trees), "x batch 1", *(["this / base"] if base else [])]
     write(a.out, f"Batched decode{f' against {base[:10]}' if base else ''}: aggregate tok/s, {a.tokens} tokens a row "
           f"(8b: a quarter) after a {PROMPT_TOKENS}-token prompt, median (min-max) of {a.rounds} interleaved rounds",
-          table(["model", "load", "path", *(f"tok/s, {v}" for v in trees), "x batch 1", *(["this / base"] if base else [])],
-                rows), {"base": base, "tokens": a.tokens, "rounds": a.rounds, "runs": cases})
+          table(header, rows), {"base": base, "tokens": a.tokens, "rounds": a.rounds, "runs": cases})
 
 
 if __name__ == "__main__":

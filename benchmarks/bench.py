@@ -18,12 +18,13 @@ import subprocess
 import sys
 
 from engines import int16_copies
-from harness import Quiet, Worker, cell, fmt, listed, machine_info, memory_mb, parser, progress, rounds, stat, summary, table, write
+from harness import (Worker, cell, fmt, listed, machine_info, measure, memory_mb, parser, progress, rounds, settle, stat,
+                     summary, table, write)
 from prepare import BIG_MODELS, check_models, model_options
 
 ENGINES = ("npllama", "torch")
 QUICK = dict(models="tiny", rounds=2, prefill="8,16", decode_tokens=4, decode_prompt=8, contexts="32,64", context_steps=2,
-             prefill_chunk=32, max_wait=0, bw_mb=16)
+             bw_mb=16)
 
 
 def parse_args(argv=None):
@@ -36,10 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--decode-prompt", type=int, default=16, help="prompt length before them")
     p.add_argument("--contexts", type=listed(int), default="128,1024,4096", help="cache lengths a decode step is timed at")
     p.add_argument("--context-steps", type=int, default=16, help="decode steps timed at each")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="tokens a pass when filling the cache to them")
-    p.add_argument("--bw-mb", type=int, default=256, help="MB of the bandwidth probes' matrix (beyond the caches)")
-    p.add_argument("--threads", type=int, help="threads of both engines [default: those NumPy's BLAS uses]")
-    p.add_argument("--torch-gqa", choices=("sdpa", "repeat_kv"), default="sdpa", help="torch attention [sdpa]")
+    p.add_argument("--bw-mb", type=int, default=256, help="MB of the bandwidth probe's matrix (beyond the caches)")
     p.add_argument("--fresh-int16-copy", action="store_true",
                    help="delete npllama's int16 copy of a streamed model first, so that the load making it is timed")
     p.add_argument("--llama-bench", metavar="PATH", help="a llama.cpp llama-bench binary: its decode on smollm2")
@@ -54,7 +52,7 @@ def parse_args(argv=None):
 
 
 def engine_cfg(a, threads: int) -> dict:
-    keys = ("prefill", "decode_prompt", "decode_tokens", "contexts", "prefill_chunk", "torch_gqa")
+    keys = ("prefill", "decode_prompt", "decode_tokens", "contexts")
     return dict({k: getattr(a, k) for k in keys}, threads=threads, max_seq_len=1 + max(
         max(a.prefill), a.decode_prompt + a.decode_tokens + 2, max(a.contexts) + a.context_steps))
 
@@ -81,22 +79,21 @@ class LlamaBench:
         return dict(self.results, status="error" if self.error else "ok", **({"error": self.error} if self.error else {}))
 
 
-def measure_model(a, name: str, spec: dict, threads: int, quiet: Quiet, llama=None) -> dict:
+def measure_model(a, name: str, spec: dict, threads: int, llama=None) -> dict:
     """Every figure of every engine on one model, the engines' measurements interleaved round by round;
     llama.cpp's decode and the bandwidth limit are measured in the decode rounds."""
     unavailable = spec.get("unavailable", {})
-    env = {"OPENBLAS_NUM_THREADS": str(a.threads), "OMP_NUM_THREADS": str(a.threads)} if a.threads else {}
-    workers = {e: Worker(f"{name}/{e}", "engines", env) for e in a.engines if e not in unavailable}
+    workers = {e: Worker(f"{name}/{e}", "engines") for e in a.engines if e not in unavailable}
     for e, w in workers.items():
         w.ask("Session", engine=e, spec=spec, cfg=engine_cfg(a, threads))
-    probe = Worker(f"{name}/probe", "engines", env)
-    probe.ask("Probes", threads=threads, mb=a.bw_mb)
-    res = {e: {"memory": {}} for e in [*workers, "llama.cpp", "probe"]}
+    probe = Worker(f"{name}/probe", "engines")
+    probe.ask("Probe", threads=threads, mb=a.bw_mb)
+    res = {e: {} for e in [*workers, "llama.cpp", "probe"]}
     own = lambda: [w.pid for w in (*workers.values(), probe)]  # noqa: E731
 
     def each(label: str, asks: dict, loads=("idle",)) -> list[dict]:
         cases = [{"engine": e, "load": load} for load in loads for e in asks]
-        return rounds(cases, lambda c: asks[c["engine"]](), a.rounds, quiet, own, f"{name} {label}")
+        return rounds(cases, lambda c: asks[c["engine"]](), a.rounds, own, f"{name} {label}")
 
     def every_engine(fn: str, **kwargs) -> dict:
         return {e: lambda w=w: w.ask(fn, **kwargs) for e, w in workers.items()}
@@ -108,25 +105,19 @@ def measure_model(a, name: str, spec: dict, threads: int, quiet: Quiet, llama=No
             figures.setdefault("foreign_cores", []).extend(s.get("foreign_cores", []))
             (figures.setdefault(key, {}) if sub else figures)[sub or key] = s
 
-    def memory(label: str) -> None:
-        for e, w in workers.items():
-            res[e]["memory"][label] = None if w.error else memory_mb(w.pid)
-
-    memory("start")
     for c in each("load", every_engine("load")):
         record(c, "s", "seconds", "load_s")
         for how in ("made", "mapped"):  # a streamed model's first load makes npllama's int16 copy
             seconds = [x["seconds"] for x in c.get("runs", []) if x.get("int16_copy") == how]
             res[c["engine"]].update({f"load_{how}_int16_copy_s": summary(seconds, "s")} if seconds else {})
-    memory("after_load")
     for e, w in workers.items():
-        quiet.wait(own())
+        res[e]["memory_after_load"] = None if w.error else memory_mb(w.pid)
+        settle(own())
         setup = w.ask("setup") or {}
         res[e].update(info=setup.get("info"), model_args=setup.get("model_args"))
     for n in a.prefill:
         for c in each(f"prefill {n}", every_engine("prefill", n=n)):
             record(c, "tok/s", lambda x: n / x["seconds"], "prefill_tok_s", str(n))
-    memory("after_prefill")
     n = a.decode_tokens
     asks = dict(every_engine("decode", prompt=a.decode_prompt, n=n), probe=lambda: probe.ask("matvec"),
                 **({"llama.cpp": lambda: llama.decode(n)} if llama else {}))
@@ -135,16 +126,14 @@ def measure_model(a, name: str, spec: dict, threads: int, quiet: Quiet, llama=No
         record(c, *(("GB/s", "gb_s") if c["engine"] == "probe" else ("tok/s", lambda x: n / x["seconds"])), key)
         if c["engine"] in workers and c["load"] == "idle" and c.get("runs"):
             res[c["engine"]]["greedy_tokens"] = c["runs"][0]["tokens"]
-    memory("after_decode")
     filled, steps = 0, a.context_steps
     for ctx in sorted(a.contexts):
         for e, w in workers.items():
-            reply = quiet.measure(lambda: w.ask("fill", start=filled, end=ctx), own())
+            reply = measure(lambda: w.ask("fill", start=filled, end=ctx), own())
             res[e].setdefault("fill_s", {})[str(ctx)] = reply and reply["seconds"]
         filled = ctx
         for c in each(f"decode at {ctx}", every_engine("decode_at", ctx=ctx, steps=steps)):
             record(c, "ms/token", lambda x: 1e3 * x["seconds"] / steps, "decode_ms_at_context", str(ctx))
-    memory("end")
     probe.close()
     limit, lc = res.pop("probe"), res.pop("llama.cpp")
     engines = {e: dict(res[e], engine=e, **workers[e].close()) if e in workers else
@@ -154,7 +143,7 @@ def measure_model(a, name: str, spec: dict, threads: int, quiet: Quiet, llama=No
             **({"llama_cpp": dict(llama.close(), **lc)} if llama else {})}
 
 
-def benchmark_model(a, name: str, threads: int, quiet: Quiet) -> dict:
+def benchmark_model(a, name: str, threads: int) -> dict:
     prep = Worker(f"{name}/prepare", "prepare")
     spec = prep.ask("prepare", name=name, cache_dir=a.cache_dir, llama_cpp=a.llama_bench is not None)
     cost = prep.close()
@@ -166,23 +155,21 @@ def benchmark_model(a, name: str, threads: int, quiet: Quiet) -> dict:
             copy.unlink()
     llama = LlamaBench(a.llama_bench, spec["f32_gguf"], threads) if spec.get("f32_gguf") else None
     return {"status": "ok", "spec": spec, "settings": engine_cfg(a, threads), "prepare_peak_memory_mb":
-            cost["peak_memory_mb"], **measure_model(a, name, spec, threads, quiet, llama)}
+            cost["peak_memory_mb"], **measure_model(a, name, spec, threads, llama)}
 
 
-def derive(model: dict, run_limit: float | None) -> None:
-    """% of the bandwidth limit (probed alongside the decode, and the run's best), weight traffic, under
-    load / idle, the slowdown at the longest context, and how many greedy tokens the engines agree on."""
-    during = (model.get("bandwidth_during_decode") or {}).get("median")
+def derive(model: dict) -> None:
+    """% of the bandwidth limit (probed in the decode rounds), weight traffic, under load / idle, the
+    slowdown at the longest context, and how many greedy tokens the engines agree on."""
+    limit = model["bandwidth_during_decode"]["median"]
     for e in [*model["engines"].values(), model.get("llama_cpp", {})]:
         if e.get("decode_under_load_tok_s") and e.get("decode_tok_s"):
             e["decode_under_load_vs_idle"] = e["decode_under_load_tok_s"]["median"] / e["decode_tok_s"]["median"]
         if e.get("status") != "ok" or "info" not in e:
             continue
         n_bytes = e["info"]["weight_bytes"]
-        for key, limit in (("decode_bandwidth_pct", during or run_limit),
-                           ("decode_bandwidth_pct_of_run_best", max(filter(None, [during, run_limit])))):
-            e[key] = dict(summary([100 * n_bytes * r / (limit * 1e9) for r in e["decode_tok_s"]["samples"]], "%"),
-                          limit_gb_s=limit)
+        e["decode_bandwidth_pct"] = dict(summary([100 * n_bytes * r / (limit * 1e9) for r in e["decode_tok_s"]["samples"]],
+                                                 "%"), limit_gb_s=limit)
         e["decode_gb_s"] = n_bytes * e["decode_tok_s"]["median"] / 1e9
         ctx = e["decode_ms_at_context"]
         lo, hi = min(ctx, key=int), max(ctx, key=int)
@@ -220,15 +207,14 @@ def model_table(model: dict) -> str:
             row("decode slowdown, longest context vs shortest", lambda e: f"{e['context_slowdown']['ratio']:.2f}x"),
             row("weights read per decode step (MB)", lambda e: fmt(e["info"]["weight_bytes"] / 2**20)),
             row("decode weight traffic (GB/s)", lambda e: fmt(e["decode_gb_s"])),
-            row("bandwidth limit probed between decode rounds (GB/s)", lambda e: model["bandwidth_during_decode"]),
-            row("decode, % of bandwidth limit (probed alongside)", lambda e: e["decode_bandwidth_pct"]),
-            row("decode, % of the run's best probe", lambda e: e["decode_bandwidth_pct_of_run_best"]),
+            row("bandwidth limit probed in the decode rounds (GB/s)", lambda e: model["bandwidth_during_decode"]),
+            row("decode, % of the bandwidth limit", lambda e: e["decode_bandwidth_pct"]),
             row("other processes' CPU during measurements (cores: median, max)",
                 lambda e: f"{statistics.median(e['foreign_cores']):.2f}, {max(e['foreign_cores']):.2f}"),
             *[row(f"peak {k} (MB{', sampled' if k != 'VmHWM' else ''})", lambda e, k=k: fmt(e["peak_memory_mb"][k]))
               for k in ("RssAnon", "RssFile", "VmHWM")],
             row("RssAnon / RssFile after load (MB)",
-                lambda e: " / ".join(fmt(e["memory"]["after_load"][k]) for k in ("RssAnon", "RssFile")))]
+                lambda e: " / ".join(fmt(e["memory_after_load"][k]) for k in ("RssAnon", "RssFile")))]
     return table(["figure", *columns, "npllama speedup" if len(ok) == 2 else ""],
                  [r for r in rows if set(r[1:-1]) != {"-"}])
 
@@ -245,7 +231,7 @@ def model_notes(model: dict) -> list[str]:
             notes.append(f"llama.cpp: llama-bench {b.get('build_commit')} ({b.get('backends')}), {e['threads']} threads, "
                          f"`-p 0 -r 1` (from an empty cache, {b.get('type_k')} KV cache), an F32 GGUF of npllama's weights")
         else:
-            how = (f"{info['dtype']}, attention {info['gqa']}, {info['num_threads']} threads" if name == "torch" else
+            how = (f"{info['dtype']}, {info['num_threads']} threads" if name == "torch" else
                    f"{info['dtype']} compute, weights " + ("resident float32" if info["resident"] else
                    f"{info['resident_layers']} of {info['n_layers']} layers resident, the rest streamed {info['streamed_as']}"))
             notes.append(f"{name}: {how}; worker {e['wall_s']:.0f} s wall, {e['cpu_s']:.0f} s CPU, load average "
@@ -254,15 +240,9 @@ def model_notes(model: dict) -> list[str]:
 
 
 def render(results: dict) -> str:
-    s, bw = results["settings"], results["bandwidth"]
-    out = [f"Both engines {s['threads']} threads. Timings: median (min-max) of {s['rounds']} runs.", ""]
-    whens = [w for w, p in bw.items() if p["status"] == "ok"]
-    if whens:
-        rows, cols = bw[whens[0]]["matrix"]
-        out += [table([f"bandwidth probe ({rows}x{cols} float32 = {rows * cols * 4 / 2**20:.0f} MB)",
-                       *(f"GB/s, {w} of run" for w in whens)],
-                      [[p["label"], *(cell(bw[w]["probes"][k]) for w in whens)] for k, p in bw[whens[0]]["probes"].items()]),
-                "", f"Bandwidth limit: {results['limit_gb_s']:.2f} GB/s, the best median of the matrix-vector probes.", ""]
+    s = results["settings"]
+    out = [f"Both engines {s['threads']} threads. Timings: median (min-max) of {s['rounds']} runs. Bandwidth limit: "
+           f"the fastest float32 matrix-vector product over {s['bw_mb']} MB (NumPy sgemv, NumPy x @ W.T, torch F.linear).", ""]
     for name, model in results["models"].items():
         if model["status"] != "ok":
             out += [f"## {name}: not run", "", model["reason"], ""]
@@ -274,25 +254,12 @@ def render(results: dict) -> str:
 def main(argv=None) -> int:
     a = parse_args(argv)
     machine = machine_info()
-    threads = a.threads or machine["numpy_blas_threads"] or machine["cores_available"]
-    quiet = Quiet(a.max_wait, a.wait_budget)
-    results = {"settings": dict(vars(a), threads=threads, out=str(a.out)), "models": {}, "bandwidth": {}}
-
-    def probe(when: str) -> None:  # before and after the models: a busy moment in one does not set the limit
-        worker = Worker(f"bandwidth/{when}", "engines")
-        worker.ask("Probes", threads=threads, mb=a.bw_mb)
-        results["bandwidth"][when] = dict(worker.ask("bandwidth", repeats=a.rounds) or {}, **worker.close())
-    probe("start")
+    threads = machine["blas"].get("num_threads") or machine["cores_available"]
+    results = {"settings": dict(vars(a), threads=threads, out=str(a.out)), "models": {}}
     for name in a.models:
-        results["models"][name] = benchmark_model(a, name, threads, quiet)
-    probe("end")
-    limits = [p["probes"][k]["median"] for p in results["bandwidth"].values() if p["status"] == "ok"
-              for k in p["probes"] if k.startswith("matvec")]
-    results["limit_gb_s"] = max(limits, default=None)
-    for model in results["models"].values():
-        if model["status"] == "ok":
-            derive(model, results["limit_gb_s"])
-    results["waited_for_quiet_machine_s"] = quiet.waited
+        results["models"][name] = benchmark_model(a, name, threads)
+        if results["models"][name]["status"] == "ok":
+            derive(results["models"][name])
     write(a.out, "npllama against torch (and llama.cpp)", render(results), results)
     return 0
 

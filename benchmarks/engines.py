@@ -1,17 +1,17 @@
-"""Inside bench.py's worker processes: an engine on a model (`Session`) and the bandwidth probes
-(`Probes`). npllama and torch get the same weights, dtype and threads, compute the last position's
+"""Inside bench.py's worker processes: an engine on a model (`Session`) and the bandwidth limit
+(`Probe`). npllama and torch get the same weights, dtype and threads, compute the last position's
 logits only and feed back the argmax; prompts are fixed pseudo-random ids."""
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import statistics
 import time
 import timeit
 from pathlib import Path
 
 import numpy as np
-from harness import summary
 
 import npllama
 from npllama.formats.default_model import cache_dir
@@ -72,7 +72,7 @@ class Torch:
         else:
             saved = self.torch.load(self.spec["torch_weights"], weights_only=True)
             args, state = args_from_json(saved["args"]), saved["state_dict"]
-        self.model = TorchLlama(args, state, self.dtype, n, gqa=self.cfg["torch_gqa"])
+        self.model = TorchLlama(args, state, self.dtype, n)
 
     def new_cache(self):
         self.model.new_cache()
@@ -82,7 +82,7 @@ class Torch:
 
     def describe(self) -> dict:
         m = self.model
-        return {"dtype": str(self.dtype)[6:], "gqa": self.model.gqa, "num_threads": self.torch.get_num_threads(),
+        return {"dtype": str(self.dtype)[6:], "num_threads": self.torch.get_num_threads(),
                 "weight_bytes": sum(w.nbytes for layer in m.layers for w in layer.values()) + m.output.nbytes}
 
 
@@ -135,8 +135,8 @@ class Session:
         return {"seconds": seconds, "tokens": [first] + ids}
 
     def fill(self, start: int, end: int) -> dict:
-        """Positions [start, end) in chunks (bounding the [H, T, S] attention temporaries)."""
-        chunk, tokens = self.cfg["prefill_chunk"], self.context_prompt
+        """Positions [start, end) in chunks of 512 (bounding the [H, T, S] attention temporaries)."""
+        chunk, tokens = 512, self.context_prompt
         return timed(lambda: [self.engine.forward(tokens[s:min(s + chunk, end)], s) for s in range(start, end, chunk)])
 
     def decode_at(self, ctx: int, steps: int) -> dict:
@@ -144,54 +144,23 @@ class Session:
         return {"seconds": decode_steps(self.engine, int(self.context_prompt[ctx - 1]), ctx, steps)[0]}
 
 
-class Probes:
-    """GB/s over an `mb`-megabyte matrix, far larger than the caches: float32 matrix-vector products
-    three ways (the fastest is the bandwidth limit), bf16 upcasts, npllama's streamed bf16 and int16
-    tiles; and on one core, the rate of casting a 128-row tile of each storage to float32 (G
-    elements/s), which decides which storage streams faster."""
+class Probe:
+    """The bandwidth limit: GB/s of float32 matrix-vector products over an `mb`-megabyte matrix, far
+    larger than the caches, three ways; the fastest is the limit."""
 
     def __init__(self, threads: int, mb: int):
-        import ml_dtypes
         import torch
-        import torch.nn.functional as F
-
-        from npllama.formats.int16 import Int16Matrix, to_int16
-        from npllama.resident_or_streamed import StreamedWeight, TilePool
-        from npllama.threads import Threads
         torch.set_num_threads(threads)
         cols = 4096 if mb >= 64 else 1024
         rng = np.random.default_rng(0)
         w = rng.standard_normal((mb * 2**20 // (4 * cols), cols), dtype=np.float32)  # [out, in]
-        x, b, q = rng.standard_normal(cols, dtype=np.float32), w.astype(ml_dtypes.bfloat16), Int16Matrix(*to_int16(w))
-        wt, xt, out = torch.from_numpy(w), torch.from_numpy(x)[None], np.zeros_like(w)  # out: its pages touched
-        sb, sq = (StreamedWeight(m, TilePool(Threads(threads))).T for m in (b, q))
-        tile = np.empty((128, cols), np.float32)  # 2 MB at 4096 columns: npllama's tile
-        self.matrix, self.probes = list(w.shape), {
-            "matvec_numpy_gemv": ("float32 W @ x (NumPy, sgemv)", w.nbytes, lambda: w @ x),
-            "matvec_numpy_linear": ("float32 x[None] @ W.T (NumPy, npllama's linear)", w.nbytes, lambda: x[None] @ w.T),
-            "matvec_torch_linear": ("float32 F.linear(x[None], W) (torch)", w.nbytes, lambda: F.linear(xt, wt)),
-            "upcast_astype": ("bf16 -> float32, .astype (new array)", b.nbytes, lambda: b.astype(np.float32)),
-            "upcast_into": ("bf16 -> float32 into a preallocated array", b.nbytes, lambda: np.copyto(out, b)),
-            "streamed_matvec": ("bf16 x[None] @ W.T streamed by npllama's tiles (GB/s of bf16)", b.nbytes,
-                                lambda: x[None] @ sb),
-            "streamed_matvec_int16": ("int16 x[None] @ W.T streamed by npllama's tiles", q.nbytes, lambda: x[None] @ sq),
-            **{f"cast_{name}": (f"{name} -> float32 tile cast, one core (G elements/s)", tile.size,
-                                lambda part=stored[:128]: np.copyto(tile, part))
-               for name, stored in (("bf16", b), ("float16", w.astype(np.float16)), ("int16", q.q),
-                                    ("int8", (q.q >> 8).astype(np.int8)))}}
-
-    def run(self, keys, repeats: int) -> dict:
-        res = {}
-        for key in keys:
-            label, n_bytes, fn = self.probes[key]
-            fn()  # warm-up
-            res[key] = dict(summary([n_bytes / s / 1e9 for s in timeit.repeat(fn, number=1, repeat=repeats)], "GB/s"),
-                            label=label)
-        return res
-
-    def bandwidth(self, repeats: int) -> dict:
-        return {"matrix": self.matrix, "probes": self.run(self.probes, max(repeats, 5))}
+        x = rng.standard_normal(cols, dtype=np.float32)  # [in]
+        wt, xt = torch.from_numpy(w), torch.from_numpy(x)[None]  # [out, in], [1, in]
+        self.n_bytes, self.ways = w.nbytes, [lambda: w @ x, lambda: x[None] @ w.T,  # sgemv, npllama's linear
+                                             lambda: torch.nn.functional.linear(xt, wt)]
 
     def matvec(self) -> dict:
-        """The limit alone, between decode rounds: under the same conditions as they."""
-        return {"gb_s": max(r["median"] for r in self.run([k for k in self.probes if k.startswith("matvec")], 5).values())}
+        for way in self.ways:
+            way()  # warm-up
+        return {"gb_s": max(self.n_bytes / statistics.median(timeit.repeat(way, number=1, repeat=5)) / 1e9
+                            for way in self.ways)}

@@ -65,7 +65,6 @@ def machine_info() -> dict:
             "python": platform.python_version(), "platform": platform.platform(), "numpy": np.__version__,
             "blas": next(({k: p[k] for k in ("internal_api", "version", "architecture", "num_threads")}
                           for p in threadpool_info() if p["user_api"] == "blas" and "numpy" in p["filepath"]), {})}
-    info["numpy_blas_threads"] = info["blas"].get("num_threads")
     with contextlib.suppress(ImportError):
         import torch
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
@@ -105,12 +104,12 @@ class ForeignLoad:
     time (as npllama.threads reads it) less the benchmark's own, a wall second."""
 
     def __init__(self, own=()):
-        from npllama.threads import machine_busy_seconds
-        self.busy, self.own = machine_busy_seconds, list(own)
+        self.own = list(own)
         self.start = self.read()
 
     def read(self):
-        return time.perf_counter(), self.busy(), cpu_seconds(self.own, own=True)
+        from npllama.threads import machine_busy_seconds
+        return time.perf_counter(), machine_busy_seconds(), cpu_seconds(self.own, own=True)
 
     def cores(self) -> float:
         (t0, busy0, own0), (t1, busy1, own1) = self.start, self.read()
@@ -137,48 +136,34 @@ class Spinner:
         self.proc.wait()
 
 
-class Quiet:
-    """Waits before each measurement until the benchmark's own processes have stopped spinning (BLAS
-    threads spin a while after each call) and others use under a quarter of a core, up to `max_wait`
-    seconds each time and `budget` in all."""
-
-    def __init__(self, max_wait: float = 30, budget: float = 900):
-        self.max_wait, self.budget, self.waited = max_wait, budget, 0.0
-
-    def wait(self, own) -> float:
-        t0 = time.perf_counter()
-        while own and time.perf_counter() - t0 < 3:  # under a tick of CPU in 50 ms
-            before = cpu_seconds(own)
-            time.sleep(0.05)
-            if cpu_seconds(own) - before <= 0.01:
-                break
-        limit = min(self.max_wait, self.budget - self.waited) + time.perf_counter()
-        while time.perf_counter() < limit:
-            load = ForeignLoad(own)
-            time.sleep(0.5)
-            if load.cores() < 0.25:
-                break
-        self.waited += time.perf_counter() - t0
-        return time.perf_counter() - t0
-
-    def measure(self, call, own=(), busy: bool = False) -> dict | None:
-        """call()'s reply, with the cores others used meanwhile (and the busy loop's, when `busy`)."""
-        waited = self.wait(own)
-        with Spinner() if busy else contextlib.nullcontext() as spinner:
-            load = ForeignLoad([*own, *([spinner.pid] if spinner else [])])
-            reply = call()
-            if reply is not None:
-                reply.update(foreign_cores=load.cores(), waited_s=waited, **({"spinner_cores": spinner.cores()}
-                                                                              if spinner else {}))
-        return reply
+def settle(own) -> None:
+    """Waits (3 s at most) until the benchmark's own processes stop spinning: BLAS threads spin a while
+    after each call, and would take a core from the next measurement."""
+    t0 = time.perf_counter()
+    while own and time.perf_counter() - t0 < 3:
+        before = cpu_seconds(own)
+        time.sleep(0.05)
+        if cpu_seconds(own) - before <= 0.01:  # under a tick of CPU in 50 ms
+            break
 
 
-def rounds(cases: list[dict], run, n: int, quiet: Quiet, own=lambda: (), tag: str = "bench") -> list[dict]:
+def measure(call, own=(), busy: bool = False) -> dict | None:
+    """call()'s reply, with the cores other processes used meanwhile (and the busy loop's, when `busy`)."""
+    settle(own)
+    with Spinner() if busy else contextlib.nullcontext() as spinner:
+        load = ForeignLoad([*own, *([spinner.pid] if spinner else [])])
+        reply = call()
+        if reply is not None:
+            reply.update(foreign_cores=load.cores(), **({"spinner_cores": spinner.cores()} if spinner else {}))
+    return reply
+
+
+def rounds(cases: list[dict], run, n: int, own=lambda: (), tag: str = "bench") -> list[dict]:
     """n rounds of run(case) for every case, the order reversed every other round, a case beside a busy
     core if its "load" is "busy"; the replies go to case["runs"] (a failed one, None, is left out)."""
     for r in range(n):
         for case in cases if r % 2 == 0 else cases[::-1]:
-            reply = quiet.measure(lambda: run(case), own(), case.get("load") == "busy")
+            reply = measure(lambda: run(case), own(), case.get("load") == "busy")
             if reply is not None:
                 case.setdefault("runs", []).append(reply)
                 shown = ", ".join(f"{k} {fmt(v)}" for k, v in reply.items() if isinstance(v, (int, float)))
@@ -200,11 +185,11 @@ class Worker:
     a dict makes it the subject of later calls. Its memory is sampled from here, the measured process
     undisturbed. A failure is kept, not raised: the worker is asked nothing more."""
 
-    def __init__(self, tag: str, module: str, env: dict | None = None):
+    def __init__(self, tag: str, module: str):
         self.tag, self.error, self.peak, self.last = tag, None, {}, {}
         self.t0, self.load0 = time.perf_counter(), os.getloadavg()[0]
         self.proc = subprocess.Popen([sys.executable, __file__, module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env={**os.environ, **(env or {})})
+                                     text=True)
         self.pid = self.proc.pid
         self.sampler = threading.Thread(target=self.sample, daemon=True)
         self.sampler.start()
@@ -301,8 +286,6 @@ def parser(doc: str, name: str, loads: str = "idle", n_rounds: int = 3, models: 
     p.add_argument("--loads", type=listed(), default=loads.split(","),
                    help=f"idle, busy (beside a busy loop on one core) or both [default: {loads}]")
     p.add_argument("--under-load", dest="loads", action="store_const", const=["idle", "busy"], help="--loads idle,busy")
-    p.add_argument("--max-wait", type=float, default=30, help="seconds to wait for a quiet machine each time (0: never)")
-    p.add_argument("--wait-budget", type=float, default=900, help="seconds of waiting for a quiet machine in all")
     p.add_argument("--out", type=Path, default=HERE / "results" / name, help="OUT.json and OUT.md [%(default)s]")
     if models:
         p.add_argument("--models", type=listed(), default=models, help="comma-separated [%(default)s]")

@@ -1,13 +1,6 @@
-"""The models the suites run, written or found once in a cache directory (--cache-dir, default
-$NPLLAMA_BENCH_CACHE or ~/.cache/npllama/bench), each into `<name>.partial` first and renamed when
-complete, so an interrupted write is never used; oracle/checkpoints.py writes the random ones. What
-each model is: MODELS' labels below.
-
-torch cannot read GGUF, so on smollm2 its baseline gets npllama's decoded weights saved once as a
-float32 state dict, and llama.cpp an F32 GGUF of them: all three compute from the same numbers.
-"""
-
-from __future__ import annotations
+"""The models the suites run (MODELS), written once into --cache-dir (an interrupted write is never
+used). torch cannot read GGUF: on smollm2 it gets npllama's decoded weights as a float32 state dict,
+and llama.cpp an F32 GGUF of them, so all three compute from the same numbers."""
 
 import dataclasses
 import math
@@ -27,21 +20,23 @@ from oracle.checkpoints import (_stored_name, llama3_8b_args, llama32_1b_args, t
                                 write_q4_k_m, write_random_checkpoint)
 
 GB = 1 << 30
-NO_TORCH_BUDGET = "torch bf16 has no such setting; its figures on this file are the 8b model's"
-# name: (files, npllama's weights_budget, what npllama and torch run, the label). Files: a Meta
-# checkpoint's (directory, args), or "q4km", or "default" (SmolLM2).
+CACHE_DIR = Path(os.environ.get("NPLLAMA_BENCH_CACHE", "~/.cache/npllama/bench")).expanduser()
+F32 = {"torch_dtype": "float32"}
+LLAMA3_8B = ("llama3-8b-random", llama3_8b_args())
+NO_TORCH = {"unavailable": {"torch": "torch bf16 has no such setting; its figures on this file are the 8b model's"}}
+# name: (files: a Meta checkpoint's (directory, args), "q4km" or "default" (SmolLM2); npllama's weights_budget;
+# the rest of the spec: what npllama and torch run; the label)
 MODELS = {
-    "tiny": (("tiny", tiny_args), None, {"torch_dtype": "float32"},
-             "tiny random Llama 3 (2 layers, dim 64), bf16 file, float32 compute"),
-    "smollm2": ("default", None, {"torch_dtype": "float32"}, "SmolLM2-135M GGUF, decoded to float32 by npllama"),
-    "1b": (("llama32-1b-random", llama32_1b_args), None, {"torch_dtype": "float32"},
+    "tiny": (("tiny", tiny_args()), None, F32, "tiny random Llama 3 (2 layers, dim 64), bf16 file, float32 compute"),
+    "smollm2": ("default", None, F32, "SmolLM2-135M GGUF, decoded to float32 by npllama"),
+    "1b": (("llama32-1b-random", llama32_1b_args()), None, F32,
            "random Llama-3.2-1B shape, bf16 file, float32 compute"),
-    "8b": (("llama3-8b-random", llama3_8b_args), 0, {"torch_dtype": "bfloat16"},
+    "8b": (LLAMA3_8B, 0, {"torch_dtype": "bfloat16"},
            "random Meta-Llama-3-8B, bf16 file memory-mapped; npllama streams its int16 copy, torch bf16"),
-    "8b-exact": (("llama3-8b-random", llama3_8b_args), 0, {"weights": "exact", "unavailable": {"torch": NO_TORCH_BUDGET}},
+    "8b-exact": (LLAMA3_8B, 0, {"weights": "exact", **NO_TORCH},
                  "random Meta-Llama-3-8B, bf16 file streamed as stored (--weights exact)"),
-    "8b-tiered": (("llama3-8b-random", llama3_8b_args), 8 * GB, {"unavailable": {"torch": NO_TORCH_BUDGET}},
-                  "random Meta-Llama-3-8B, bf16 file; an 8 GB weights budget: the first layers float32, the rest streamed"),
+    "8b-tiered": (LLAMA3_8B, 8 * GB, NO_TORCH, "random Meta-Llama-3-8B, bf16 file; an 8 GB weights budget: "
+                                              "the first layers float32, the rest streamed"),
     "8b-q4km": ("q4km", 0, {"unavailable": {"torch": "torch cannot read GGUF, and npllama's decoded weights would "
                                                      "take 32 GB of RAM as a float32 state dict"}},
                 "random Meta-Llama-3-8B, Q4_K_M GGUF (Q4_K, Q6_K), streamed as npllama's int16 copy"),
@@ -55,15 +50,11 @@ class Skip(Exception):
     """A model that cannot be benchmarked here, with the reason shown in the report."""
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("NPLLAMA_BENCH_CACHE", "~/.cache/npllama/bench")).expanduser()
-
-
 def model_options(p, more: str = "") -> None:
     """--with-8b and --cache-dir, for a suite whose --models are MODELS (check_models checks them)."""
     p.add_argument("--with-8b", action="store_true", help="allow the models that write multi-GB files once: "
                    + "; ".join(f"{k}: {v}" for k, v in BIG_MODELS.items()) + (f" ({more})" if more else ""))
-    p.add_argument("--cache-dir", default=str(default_cache_dir()), help="where the models are written once")
+    p.add_argument("--cache-dir", default=str(CACHE_DIR), help="where the models are written once")
 
 
 def check_models(p, a) -> None:
@@ -83,12 +74,12 @@ def written_once(final: Path, write, what: str, need: int) -> Path:
     if final.exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(final.parent).free
-    progress("prepare", f"writing {final} ({what}); free disk {free / GB:.0f} GB, needs {need / GB:.0f} GB meanwhile")
-    if free < need:
+    if (free := shutil.disk_usage(final.parent).free) < need:
         raise Skip(f"{final.name} needs {need / GB:.0f} GB free in {final.parent}: pass --cache-dir on a larger disk")
+    progress("prepare", f"writing {final} ({what}); free disk {free / GB:.0f} GB, needs {need / GB:.0f} GB meanwhile")
     partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+    shutil.rmtree(partial, ignore_errors=True)  # an interrupted write's directory
+    partial.unlink(missing_ok=True)  # or file
     t0 = time.perf_counter()
     write(partial)
     partial.rename(final)
@@ -112,14 +103,13 @@ def torch_weights(model_path: Path, cache_dir: Path) -> Path:
 
 
 def f32_gguf(model_path: Path, cache_dir: Path) -> Path:
-    """The GGUF `model_path` with npllama's decoded float32 weights, for llama.cpp: the same metadata
-    (but the file type) and tensor names."""
+    """The GGUF `model_path` for llama.cpp, its weights as npllama decodes them (float32), its file type F32."""
     from gguf import GGUFReader, LlamaFileType
 
     def write(partial, model):
-        fields = GGUFReader(model_path).fields
-        metadata = {k: f.contents() for k, f in fields.items() if not k.startswith("GGUF.") and k != "general.architecture"}
-        write_gguf_file(partial, dict(metadata, **{"general.file_type": int(LlamaFileType.ALL_F32)}),
+        metadata = {k: f.contents() for k, f in GGUFReader(model_path).fields.items()
+                    if not k.startswith("GGUF.") and k != "general.architecture"}
+        write_gguf_file(partial, {**metadata, "general.file_type": int(LlamaFileType.ALL_F32)},
                         {_stored_name(k, "gguf"): np.asarray(w, np.float32) for k, w in model.weights.items()})
     return decoded_copy(model_path, cache_dir, "f32.gguf", write, "float32 weights for llama.cpp")
 
@@ -128,20 +118,19 @@ def prepare(name: str, cache_dir: str | Path | None = None, llama_cpp: bool = Fa
     """The spec the workers need: the path, npllama's weights budget, torch's dtype and weights,
     spec["unavailable"] (engines that cannot run it, and why), and with `llama_cpp` an F32 GGUF."""
     files, budget, extra, label = MODELS[name]
-    cache_dir = Path(cache_dir or default_cache_dir())
-    spec = dict(name=name, kind="meta", weights_budget=budget, label=label, **extra)
+    cache_dir = Path(cache_dir or CACHE_DIR)
+    spec = dict(name=name, weights_budget=budget, label=label, **extra)
     if files == "default":
         path = Path(ensure_default_model())
-        spec.update(kind="gguf", torch_weights=str(torch_weights(path, cache_dir)), label=f"{label} ({path.name})")
+        spec.update(torch_weights=str(torch_weights(path, cache_dir)), label=f"{label} ({path.name})")
         if llama_cpp:
             spec["f32_gguf"] = str(f32_gguf(path, cache_dir))
     elif files == "q4km":
-        path = written_once(cache_dir / "llama3-8b-q4km-random.gguf", lambda p: write_q4_k_m(p, llama3_8b_args()),
+        path = written_once(cache_dir / "llama3-8b-q4km-random.gguf", lambda p: write_q4_k_m(p, LLAMA3_8B[1]),
                             "a 4.9 GB Q4_K_M GGUF", 6 * GB)
-        spec["kind"] = "gguf"
     else:
-        args = files[1]()
+        directory, args = files
         n_bytes = 2 * sum(math.prod(s) for s in args.weight_shapes().values())
-        path = written_once(cache_dir / files[0], lambda d: write_random_checkpoint(d, args),
+        path = written_once(cache_dir / directory, lambda d: write_random_checkpoint(d, args),
                             f"{n_bytes / GB:.1f} GB bf16", 2 * n_bytes + GB)
-    return dict(spec, path=str(path))
+    return dict(spec, kind="gguf" if path.suffix == ".gguf" else "meta", path=str(path))

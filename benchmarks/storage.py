@@ -1,26 +1,12 @@
-"""A decode step's weight products (one row times every matrix of a model's shape) computed several
-ways in one process: ms a decode step, median of --rounds rounds (each the median of several steps).
+"""A decode step's weight products (one row times every matrix of a model's shape), ms a step.
 
-Storage (results/storage): which storage they are fastest from. A float32 copy in RAM (OpenBLAS's
-threads), int16 streamed by npllama's tiles (NumPy's cast, then the row scales: formats/int16.py), or
-bf16 streamed as stored (ml_dtypes' cast); each at its own RAM cost (4, 2 and 2 bytes a weight), on
-npllama's adaptive threads as it runs (one thread beside a busy core). 8b: 4 of its 32 layers,
-scaled to 32, without the output matrix.
+Storage (results/storage): a float32 copy (OpenBLAS's threads), int16 streamed by npllama's tiles,
+or bf16 streamed as stored, on npllama's adaptive threads. 8b: 4 of its 32 layers, scaled to 32,
+without the output matrix. Then why: G elements/s of casting a tile of each storage to float32. --fixed-split (results/fixed_split): float32 products by OpenBLAS on 2
+and 1 threads against fixed row halves on npllama's tile threads (2 and 1), whose sums do not
+depend on the thread count.
 
-    python benchmarks/storage.py [--models smollm2,1b,8b] [--rounds 3] [--under-load]
-
---fixed-split (results/fixed_split; `python benchmarks/fixed_split.py` is the same): what
-thread-count-independent products would cost, float32 four ways:
-
-  openblas N threads      each product one call, split by OpenBLAS between its N threads (npllama's
-                          resident weights; the sums depend on N);
-  openblas 1 thread       each product one call, single-threaded;
-  fixed halves            each product cut into 2 fixed row blocks (boundaries at multiples of 16),
-                          one single-threaded call each, on npllama's 2 tile threads (TilePool): the
-                          same bits on 1 or 2 threads, as streamed weights are multiplied;
-  fixed halves, 1 thread  the same blocks, both on one thread (what one free core gives).
-
-    python benchmarks/storage.py --fixed-split [--models smollm2,1b] [--rounds 3] [--under-load]
+    python benchmarks/storage.py [--fixed-split] [--models smollm2,1b,8b] [--rounds 3] [--under-load]
 """
 
 from __future__ import annotations
@@ -30,7 +16,7 @@ import timeit
 
 import ml_dtypes
 import numpy as np
-from harness import HERE, Quiet, parser, rounds, stat, table, write
+from harness import HERE, parser, rounds, stat, table, write
 from threadpoolctl import threadpool_limits
 
 from npllama.formats.int16 import Int16Matrix, to_int16
@@ -75,6 +61,16 @@ def storages(ws: list[np.ndarray]) -> dict:
     return {form: (None, step(mats)) for form, mats in by_form.items()}
 
 
+def cast_rates(reps: int = 50) -> dict:
+    """G elements/s of casting a 128 x 4096 tile (npllama's, in cache) of each storage to float32."""
+    w = np.random.default_rng(0).standard_normal((128, 4096), dtype=np.float32)  # [128, in]
+    q, tile = to_int16(w)[0], np.empty_like(w)  # [128, in] int16, float32
+    stored = {"bf16": w.astype(ml_dtypes.bfloat16), "float16": w.astype(np.float16), "int16": q,
+              "int8": (q >> 8).astype(np.int8)}
+    return {name: w.size / 1e9 / min(timeit.repeat(lambda m=m: np.copyto(tile, m), number=1, repeat=reps))
+            for name, m in stored.items()}
+
+
 def fixed_split(ws: list[np.ndarray], threads: int = 2) -> dict:
     """The four ways of the docstring: (BLAS threads, or None to leave them, and one step's products)."""
     xs = {w.shape[1]: np.ones((1, w.shape[1]), np.float32) for w in ws}
@@ -102,10 +98,10 @@ def measure(a, name: str, forms: dict, scale: float, reps: int) -> list[dict]:
         with threadpool_limits(threads, user_api="blas"):
             return {"ms": scale * step_ms(fn, reps)}
     cases = [{"model": name, "form": f, "load": load} for load in a.loads for f in forms]
-    return rounds(cases, run, a.rounds, Quiet(a.max_wait, a.wait_budget), tag=name)
+    return rounds(cases, run, a.rounds, tag=name)
 
 
-def report(a, cases: list[dict], title: str, ratios: dict) -> None:
+def report(a, cases: list[dict], title: str, ratios: dict, more: str = "", results=None) -> None:
     """One table a load: a row a model, a column a form, then the ratios (label: load -> (form, form))."""
     ms = {(c["load"], c["model"], c["form"]): stat(c, "ms", "ms")["median"] for c in cases}
     forms, body = list(dict.fromkeys(c["form"] for c in cases)), []
@@ -115,7 +111,8 @@ def report(a, cases: list[dict], title: str, ratios: dict) -> None:
              *(f"{ms[(load, m, top)] / ms[(load, m, bottom)]:.2f}x" for top, bottom in (r(load) for r in ratios.values()))]
             for m in a.models]), ""]
     write(a.out, f"{title}: ms a decode step's weight products, median of {a.rounds} rounds "
-          "(busy: beside a busy loop on one core)", "\n".join(body), {"rounds": a.rounds, "runs": cases})
+          "(busy: beside a busy loop on one core)", "\n".join(body) + more, {"rounds": a.rounds, "runs": cases,
+                                                                            **(results or {})})
 
 
 def main(argv=None) -> None:
@@ -129,8 +126,12 @@ def main(argv=None) -> None:
     else:
         cases = [c for name in a.models
                  for c in measure(a, name, storages(matrices(SHAPES[name])), LAYER_SCALE.get(name, 1), reps=5)]
+        casts = cast_rates()
         report(a, cases, "Weight storage", {"int16 / float32": lambda load: ("int16 streamed", "float32 copy"),
-                                            "int16 / bf16": lambda load: ("int16 streamed", "bf16 streamed")})
+                                            "int16 / bf16": lambda load: ("int16 streamed", "bf16 streamed")},
+               "\n" + table(["storage", "a tile cast to float32, one core (G elements/s)"],
+                            [[name, f"{rate:.2f}"] for name, rate in casts.items()]),
+               {"casts_g_elements_s": casts})
 
 
 if __name__ == "__main__":

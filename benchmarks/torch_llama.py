@@ -4,7 +4,7 @@ Not oracle.reference.Oracle, which is built to be checked, not timed: it compute
 logits and copies each key/value head for its query heads every step, a baseline slow enough to
 flatter npllama. This one multiplies by the checkpoint's [out, in] weights in place (a mapped bf16
 state dict stays mapped), keeps a heads-first cache [KV, max_seq_len, hd] as npllama does, and
-attends with SDPA's enable_gqa (gqa="repeat_kv": Meta's copies); logits of the last position only.
+attends with SDPA's enable_gqa rather than Meta's copies; logits of the last position only.
 """
 
 from __future__ import annotations
@@ -13,29 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from npllama.config import EMBEDDING, LAYER_TENSORS, NORM, OUTPUT, ModelArgs, layer_name
-from oracle.reference import rope_frequencies, rope_tables
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Meta's RMSNorm: computed in float32, cast back to the activations' dtype, then scaled."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight  # [T, D]
-
-
-def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Adjacent pairs as complex numbers times e^(i*angle); x [H, T, hd], freqs_cis [T, hd/2]."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [H, T, hd/2]
-    return torch.view_as_real(pairs * freqs_cis).flatten(-2).type_as(x)  # [H, T, hd]
+from oracle.reference import apply_rope, rms_norm, rope_frequencies, rope_tables
 
 
 class TorchLlama:
     """Weights (Meta's names, used in place), RoPE table and KV cache; `forward` as Meta's."""
 
     def __init__(self, args: ModelArgs, state_dict: dict[str, torch.Tensor], dtype=torch.float32,
-                 max_seq_len: int | None = None, gqa: str = "sdpa"):
-        if gqa not in ("sdpa", "repeat_kv"):
-            raise ValueError(f"gqa must be 'sdpa' or 'repeat_kv', got {gqa!r}")
-        self.args, self.dtype, self.gqa = args, dtype, gqa
+                 max_seq_len: int | None = None):
+        self.args, self.dtype = args, dtype
         # .to() is a no-op (no copy) when the stored dtype already matches: bf16 stays mapped.
         w = {name: t.to(dtype) for name, t in state_dict.items()}
         self.tok_embeddings = w[EMBEDDING.meta]  # [V, D]
@@ -67,20 +53,18 @@ class TorchLlama:
         h = F.embedding(tokens, self.tok_embeddings)  # [T, D]
         for w, ck, cv in zip(self.layers, self.cache_k, self.cache_v):
             x = rms_norm(h, w["attention_norm"], args.norm_eps)  # [T, D]
-            q = F.linear(x, w["wq"]).view(n_new, args.n_heads, args.head_dim).transpose(0, 1)  # [H, T, hd]
-            k = F.linear(x, w["wk"]).view(n_new, args.n_kv_heads, args.head_dim).transpose(0, 1)  # [KV, T, hd]
+            q = F.linear(x, w["wq"]).view(n_new, args.n_heads, args.head_dim)  # [T, H, hd]
+            k = F.linear(x, w["wk"]).view(n_new, args.n_kv_heads, args.head_dim)  # [T, KV, hd]
             v = F.linear(x, w["wv"]).view(n_new, args.n_kv_heads, args.head_dim).transpose(0, 1)  # [KV, T, hd]
-            q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+            q = apply_rope(q, freqs_cis).type_as(x).transpose(0, 1)  # [H, T, hd]
+            k = apply_rope(k, freqs_cis).type_as(x).transpose(0, 1)  # [KV, T, hd]
             ck[:, start_pos:end] = k
             cv[:, start_pos:end] = v
             keys, values = ck[:, :end], cv[:, :end]  # [KV, S, hd]
-            if self.gqa == "repeat_kv":
-                # Meta's repeat_kv: each key/value head copied for its query heads.
-                keys, values = keys.repeat_interleave(args.n_rep, 0), values.repeat_interleave(args.n_rep, 0)  # [H, S, hd]
             # With a batch axis SDPA takes its fused CPU kernel (3-D inputs fall back to the
             # unfused math path).
             attn = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
-                                                  enable_gqa=self.gqa == "sdpa")[0]  # [H, T, hd]
+                                                  enable_gqa=True)[0]  # [H, T, hd]
             h = h + F.linear(attn.transpose(0, 1).reshape(n_new, -1), w["wo"])  # [T, D]
             x = rms_norm(h, w["ffn_norm"], args.norm_eps)  # [T, D]
             h = h + F.linear(F.silu(F.linear(x, w["w1"])) * F.linear(x, w["w3"]), w["w2"])  # [T, D]
