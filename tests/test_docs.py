@@ -5,8 +5,10 @@ lines run in order through bash, in a scratch directory (where `tests/` leads to
 `-f tests/data/passage.txt` works), with this Python's `npllama` and `python` first on PATH. The
 lines after a command, up to the next, are what the page says it printed, and are checked:
 
-- each must be found in one line of the command's stdout, or, with every number taken as any
-  number (timings, sizes), of its stderr; `...` in a line stands for anything in between;
+- each must be found in one line of the command's stdout, a number with a decimal point there
+  within 1e-4 of the page's (relative: float32 sums differ in their last digits between CPUs,
+  whose BLAS kernels add in different orders), or, with every number taken as any number
+  (timings, sizes), in one line of its stderr; `...` in a line stands for anything in between;
 - a line starting with `> ` is what a person typed (a chat's turns): it is fed to stdin;
 - the exit status is 2 where the page shows an `error:` line, 1 where it shows `FAIL:`, else 0.
 
@@ -65,23 +67,21 @@ CASES = [pytest.param(page, i, id=f"{page.relative_to(REPO)}#{i + 1}")
          for page in PAGES if page.is_file() for i in range(len(examples(page)))]
 
 
+NUMBER = r"\d+(?:\.\d+)?(?:e[-+]?\d+)?"
+
+
 def numbers_as_any(text: str) -> str:
-    return re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "0", text)
+    return re.sub(NUMBER, "0", text)
 
 
-def printed(shown: str, lines: list[str]) -> bool:
-    """The page's line is in one of `lines`: its pieces around `...`, in order."""
-    pieces = [p.strip() for p in shown.split("...") if p.strip()]
-    for line in lines:
-        at = 0
-        for piece in pieces:
-            at = line.find(piece, at)
-            if at < 0:
-                break
-            at += len(piece)
-        else:
-            return True
-    return False
+def printed(shown: str, lines: list[str], rtol: float = 0.0) -> bool:
+    """The page's line is in one of `lines`: its pieces around `...` in order, each number with a
+    decimal point within `rtol` of the page's (relative), the other numbers as shown."""
+    decimals = [float(x) for x in re.findall(r"\d+\.\d+", shown)]
+    literal = re.escape(shown).replace(re.escape("..."), ".*?")
+    wanted = re.sub(r"\d+\\\.\d+", lambda _: f"({NUMBER})", literal)  # a decimal (escaped): any number
+    return any(all(abs(float(got) - want) <= rtol * abs(want) for got, want in zip(m.groups(), decimals))
+               for line in lines for m in re.finditer(wanted, line))
 
 
 @pytest.mark.slow
@@ -105,7 +105,7 @@ def test_the_pages_commands_print_what_the_page_shows(page, index, tmp_path, def
             for shown in command.shown:
                 if shown.startswith("> ") or shown.strip() == "...":
                     continue
-                assert printed(shown, out) or printed(numbers_as_any(shown), err), \
+                assert printed(shown, out, rtol=1e-4) or printed(numbers_as_any(shown), err), \
                     f"{where}\nthe page shows: {shown!r}\nstdout:\n{done.stdout[-3000:]}"
     finally:
         for server in servers:
