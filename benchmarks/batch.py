@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from harness import HERE, ROOT, cell, listed, parser, rounds, run_once, stat, table, write
+from harness import HERE, ROOT, cell, listed, parser, preset, rounds, run_once, stat, table, write
 
 PROMPT_TOKENS = 16
 AGAINST_BASE = dict(batches="16", tokens=64, loads="idle,busy", out=HERE / "results" / "commits")
@@ -51,7 +51,7 @@ def main() -> None:
     p = parser(__doc__, "batch", models="smollm2,1b", tokens=32)
     model_options(p)
     p.add_argument("--batches", type=listed(int), default="1,4,16", help="rows decoding together [%(default)s]")
-    p.preset("--base", AGAINST_BASE, "a git revision: its npllama against the working tree's")
+    preset(p, "--base", AGAINST_BASE, "a git revision: its npllama against the working tree's")
     a = p.parse_args()
     check_models(p, a)
     specs = {m: prepare(m, a.cache_dir) for m in a.models}

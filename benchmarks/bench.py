@@ -18,11 +18,11 @@ import subprocess
 import sys
 
 from engines import int16_copies
-from harness import (Worker, cell, fmt, listed, machine_info, measure, memory_mb, parser, progress, rounds, settle, stat,
-                     summary, table, write)
+from harness import (Worker, cell, fmt, listed, machine_info, measure, memory_mb, parser, preset, progress, rounds, settle,
+                     stat, summary, table, write)
 from prepare import BIG_MODELS, check_models, model_options
 
-ENGINES = ("npllama", "torch")
+ENGINES = {"npllama": "Npllama", "torch": "Torch"}  # engines.py's class of each
 QUICK = dict(models="tiny", rounds=2, prefill="8,16", decode_tokens=4, decode_prompt=8, contexts="32,64", context_steps=2,
              bw_mb=16)
 
@@ -30,7 +30,6 @@ QUICK = dict(models="tiny", rounds=2, prefill="8,16", decode_tokens=4, decode_pr
 def parse_args(argv=None):
     p = parser(__doc__, "latest", loads="idle,busy", models="smollm2,1b")
     model_options(p, "adds 8b if no such model is listed")
-    p.preset("--quick", QUICK, "tiny model, a few tokens: proves the script works (CI)", action="store_true")
     p.add_argument("--engines", type=listed(), default="npllama,torch", help=", ".join(ENGINES))
     p.add_argument("--prefill", type=listed(int), default="16,128,512", help="prompt lengths of the prefill figures")
     p.add_argument("--decode-tokens", type=int, default=128, help="greedy decode steps timed")
@@ -41,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--fresh-int16-copy", action="store_true",
                    help="delete npllama's int16 copy of a streamed model first, so that the load making it is timed")
     p.add_argument("--llama-bench", metavar="PATH", help="a llama.cpp llama-bench binary: its decode on smollm2")
+    preset(p, "--quick", QUICK, "tiny model, a few tokens: proves the script works (CI)", argv, action="store_true")
     a = p.parse_args(argv)
     check_models(p, a)
     if set(a.engines) - set(ENGINES):
@@ -85,7 +85,7 @@ def measure_model(a, name: str, spec: dict, threads: int, llama=None) -> dict:
     unavailable = spec.get("unavailable", {})
     workers = {e: Worker(f"{name}/{e}", "engines") for e in a.engines if e not in unavailable}
     for e, w in workers.items():
-        w.ask("Session", engine=e, spec=spec, cfg=engine_cfg(a, threads))
+        w.ask(ENGINES[e], spec=spec, cfg=engine_cfg(a, threads))
     probe = Worker(f"{name}/probe", "engines")
     probe.ask("Probe", threads=threads, mb=a.bw_mb)
     res = {e: {} for e in [*workers, "llama.cpp", "probe"]}
@@ -159,21 +159,12 @@ def benchmark_model(a, name: str, threads: int) -> dict:
 
 
 def derive(model: dict) -> None:
-    """% of the bandwidth limit (probed in the decode rounds), weight traffic, under load / idle, the
-    slowdown at the longest context, and how many greedy tokens the engines agree on."""
+    """% of the bandwidth limit probed in the decode rounds, and how many greedy tokens the engines agree on."""
     limit = model["bandwidth_during_decode"]["median"]
-    for e in [*model["engines"].values(), model.get("llama_cpp", {})]:
-        if e.get("decode_under_load_tok_s") and e.get("decode_tok_s"):
-            e["decode_under_load_vs_idle"] = e["decode_under_load_tok_s"]["median"] / e["decode_tok_s"]["median"]
-        if e.get("status") != "ok" or "info" not in e:
-            continue
-        n_bytes = e["info"]["weight_bytes"]
-        e["decode_bandwidth_pct"] = dict(summary([100 * n_bytes * r / (limit * 1e9) for r in e["decode_tok_s"]["samples"]],
-                                                 "%"), limit_gb_s=limit)
-        e["decode_gb_s"] = n_bytes * e["decode_tok_s"]["median"] / 1e9
-        ctx = e["decode_ms_at_context"]
-        lo, hi = min(ctx, key=int), max(ctx, key=int)
-        e["context_slowdown"] = {"from": int(lo), "to": int(hi), "ratio": ctx[hi]["median"] / ctx[lo]["median"]}
+    for e in model["engines"].values():
+        if e.get("status") == "ok" and "info" in e:
+            e["decode_bandwidth_pct"] = dict(summary([100 * e["info"]["weight_bytes"] * r / (limit * 1e9)
+                                                      for r in e["decode_tok_s"]["samples"]], "%"), limit_gb_s=limit)
     tokens = [e["greedy_tokens"] for e in model["engines"].values() if "greedy_tokens" in e]
     if len(tokens) == 2:
         same = next((i for i, (x, y) in enumerate(zip(*tokens)) if x != y), min(map(len, tokens)))
@@ -201,12 +192,9 @@ def model_table(model: dict) -> str:
             *[row(f"prefill {n} tokens (tok/s)", lambda e, n=str(n): e["prefill_tok_s"][n], True) for n in s["prefill"]],
             row(f"decode {s['decode_tokens']} tokens (tok/s)", lambda e: e["decode_tok_s"], True),
             row("the same decode beside a busy core (tok/s)", lambda e: e["decode_under_load_tok_s"], True),
-            row("decode under load / idle", lambda e: f"{e['decode_under_load_vs_idle']:.2f}x"),
             *[row(f"decode at context {n} (ms/token)", lambda e, n=str(n): e["decode_ms_at_context"][n], False)
               for n in sorted(s["contexts"])],
-            row("decode slowdown, longest context vs shortest", lambda e: f"{e['context_slowdown']['ratio']:.2f}x"),
             row("weights read per decode step (MB)", lambda e: fmt(e["info"]["weight_bytes"] / 2**20)),
-            row("decode weight traffic (GB/s)", lambda e: fmt(e["decode_gb_s"])),
             row("bandwidth limit probed in the decode rounds (GB/s)", lambda e: model["bandwidth_during_decode"]),
             row("decode, % of the bandwidth limit", lambda e: e["decode_bandwidth_pct"]),
             row("other processes' CPU during measurements (cores: median, max)",
@@ -220,35 +208,33 @@ def model_table(model: dict) -> str:
 
 
 def model_notes(model: dict) -> list[str]:
-    notes = []
-    if g := model.get("greedy_agreement"):
-        notes.append(f"greedy tokens: the first {g['leading_tokens_equal']} of {g['of']} agree between the engines")
+    """How each engine ran (or why not), and how many greedy tokens the engines agree on."""
+    notes = [f"- greedy tokens: the first {g['leading_tokens_equal']} of {g['of']} agree between the engines"
+             for g in [model.get("greedy_agreement")] if g]
     for name, e in [*model["engines"].items(), *([("llama.cpp", model["llama_cpp"])] if "llama_cpp" in model else [])]:
         info, b = e.get("info") or {}, e.get("build", {})
         if e["status"] != "ok":
-            notes.append(f"{name} not run: {e['reason']}" if e["status"] == "skipped" else f"{name} failed: {e['error']}")
+            how = f"not run: {e['reason']}" if e["status"] == "skipped" else f"failed: {e['error']}"
         elif name == "llama.cpp":
-            notes.append(f"llama.cpp: llama-bench {b.get('build_commit')} ({b.get('backends')}), {e['threads']} threads, "
-                         f"`-p 0 -r 1` (from an empty cache, {b.get('type_k')} KV cache), an F32 GGUF of npllama's weights")
+            how = (f"llama-bench {b.get('build_commit')} ({b.get('backends')}), {e['threads']} threads, `-p 0 -r 1` "
+                   f"(from an empty cache, {b.get('type_k')} KV cache), an F32 GGUF of npllama's weights")
         else:
             how = (f"{info['dtype']}, {info['num_threads']} threads" if name == "torch" else
                    f"{info['dtype']} compute, weights " + ("resident float32" if info["resident"] else
                    f"{info['resident_layers']} of {info['n_layers']} layers resident, the rest streamed {info['streamed_as']}"))
-            notes.append(f"{name}: {how}; worker {e['wall_s']:.0f} s wall, {e['cpu_s']:.0f} s CPU, load average "
-                         f"{e['loadavg_1min'][0]:.1f} -> {e['loadavg_1min'][1]:.1f}")
-    return [f"- {n}" for n in notes]
+            how += f"; worker {e['wall_s']:.0f} s wall, {e['cpu_s']:.0f} s CPU"
+        notes.append(f"- {name}: {how}")
+    return notes
 
 
 def render(results: dict) -> str:
     s = results["settings"]
     out = [f"Both engines {s['threads']} threads. Timings: median (min-max) of {s['rounds']} runs. Bandwidth limit: "
-           f"the fastest float32 matrix-vector product over {s['bw_mb']} MB (NumPy sgemv, NumPy x @ W.T, torch F.linear).", ""]
+           f"the fastest float32 matrix-vector product over {s['bw_mb']} MB (NumPy sgemv, NumPy x @ W.T, torch F.linear)."]
     for name, model in results["models"].items():
-        if model["status"] != "ok":
-            out += [f"## {name}: not run", "", model["reason"], ""]
-        else:
-            out += [f"## {name}: {model['spec']['label']}", "", model_table(model), "", *model_notes(model), ""]
-    return "\n".join(out)
+        out += [f"## {name}: not run", model["reason"]] if model["status"] != "ok" else [
+            f"## {name}: {model['spec']['label']}", model_table(model), "\n".join(model_notes(model))]
+    return "\n\n".join(out)
 
 
 def main(argv=None) -> int:

@@ -23,22 +23,74 @@ def int16_copies(spec: dict) -> list[Path]:
     return sorted((cache_dir() / "int16").glob(f"{Path(spec['path']).name}-*.int16.safetensors"))
 
 
-def read_weights(layer) -> list:
-    """The arrays a decode step multiplies by (the engine's stacked wqkv and w13 hold wq..w3's weights)."""
-    return [w for name, w in vars(layer).items() if name not in ("wq", "wk", "wv", "w1", "w3")]
-
-
 def weight_bytes(model, unwrap=lambda w: w) -> int:
-    """Bytes of weights a decode step reads as the matmuls read them (float32, or a streamed matrix's
-    stored bytes); not the embedding table, of which one row is read."""
-    return sum(unwrap(w).nbytes for layer in model.layers for w in read_weights(layer)) + unwrap(model.output).nbytes
+    """Bytes of weights a decode step reads as the matmuls read them (float32, or a streamed matrix's stored
+    bytes): the engine's stacked wqkv and w13 (not wq..w3, which are views of them) and the output matrix; not
+    the embedding table, of which one row is read."""
+    return unwrap(model.output).nbytes + sum(unwrap(w).nbytes for layer in model.layers for name, w in vars(layer).items()
+                                             if name not in ("wq", "wk", "wv", "w1", "w3"))
 
 
-class Npllama:
+def timed(fn, *args) -> dict:
+    t0 = time.perf_counter()
+    fn(*args)
+    return {"seconds": time.perf_counter() - t0}
+
+
+class Session:
+    """One engine on one model, measured a call at a time so that bench.py can interleave the engines.
+    A subclass an engine: it loads, makes a KV cache and runs a forward pass."""
+
     def __init__(self, spec: dict, cfg: dict):
-        self.spec, self.cfg = spec, cfg
+        self.spec, self.cfg, self.model = spec, cfg, None
 
-    def load(self):
+    def load(self) -> dict:
+        """Seconds, and whether the load made or mapped npllama's int16 copy of the streamed matrices."""
+        self.model = None  # the last round's model, freed before this one is timed
+        gc.collect()
+        before = int16_copies(self.spec)
+        reply = timed(self.load_model)
+        if "int16" in getattr(self.model, "streamed_as", ""):
+            reply["int16_copy"] = "made" if len(int16_copies(self.spec)) > len(before) else "mapped"
+        return reply
+
+    def setup(self) -> dict:
+        """The KV cache, the prompts, and an untimed warm-up (thread pools, page faults in new buffers)."""
+        cfg, vocab = self.cfg, self.model.args.vocab_size
+        self.new_cache()
+        rng = np.random.default_rng(1)
+        self.prompt = rng.integers(0, vocab, max(cfg["prefill"] + [cfg["decode_prompt"]]))
+        self.context_prompt = rng.integers(0, vocab, max(cfg["contexts"]))
+        self.decode(cfg["decode_prompt"], 2)
+        return {"info": self.describe(), "model_args": dataclasses.asdict(self.model.args)}
+
+    def steps(self, token: int, start_pos: int, n: int) -> tuple[float, list[int]]:
+        """n greedy steps from start_pos, each argmax fed back: (seconds, token ids)."""
+        out, t0 = [], time.perf_counter()
+        for i in range(n):
+            out.append(token := int(np.argmax(self.forward(np.array([token]), start_pos + i))))
+        return time.perf_counter() - t0, out
+
+    def prefill(self, n: int) -> dict:
+        return timed(self.forward, self.prompt[:n], 0)
+
+    def decode(self, prompt: int, n: int) -> dict:
+        first = int(np.argmax(self.forward(self.prompt[:prompt], 0)))  # untimed
+        seconds, ids = self.steps(first, prompt, n)
+        return {"seconds": seconds, "tokens": [first] + ids}
+
+    def fill(self, start: int, end: int) -> dict:
+        """Positions [start, end) in chunks of 512 (bounding the [H, T, S] attention temporaries)."""
+        chunk, tokens = 512, self.context_prompt
+        return timed(lambda: [self.forward(tokens[s:min(s + chunk, end)], s) for s in range(start, end, chunk)])
+
+    def decode_at(self, ctx: int, steps: int) -> dict:
+        """Steps at positions ctx.. (the next fill overwrites them)."""
+        return {"seconds": self.steps(int(self.context_prompt[ctx - 1]), ctx, steps)[0]}
+
+
+class Npllama(Session):
+    def load_model(self):
         self.model = npllama.load(self.spec["path"], max_seq_len=self.cfg["max_seq_len"],
                                   weights=self.spec.get("weights", "auto"), weights_budget=self.spec["weights_budget"])
 
@@ -54,13 +106,14 @@ class Npllama:
                 "dtype": m.dtype, "streamed_as": getattr(m, "streamed_as", ""), "weight_bytes": weight_bytes(m)}
 
 
-class Torch:
+class Torch(Session):
     def __init__(self, spec: dict, cfg: dict):
-        import torch
+        import torch  # here, not at the top: npllama's worker's memory is npllama's alone
+        super().__init__(spec, cfg)
+        self.torch = torch
         torch.set_num_threads(cfg["threads"])
-        self.torch, self.spec, self.cfg, self.dtype = torch, spec, cfg, getattr(torch, spec["torch_dtype"])
 
-    def load(self):
+    def load_model(self):
         """A Meta .pth memory-mapped (bf16 stays mapped; float32 compute copies it, as npllama does), or
         npllama's decoded float32 weights of a GGUF, read into RAM."""
         from prepare import args_from_json
@@ -72,7 +125,7 @@ class Torch:
         else:
             saved = self.torch.load(self.spec["torch_weights"], weights_only=True)
             args, state = args_from_json(saved["args"]), saved["state_dict"]
-        self.model = TorchLlama(args, state, self.dtype, n)
+        self.model = TorchLlama(args, state, getattr(self.torch, self.spec["torch_dtype"]), n)
 
     def new_cache(self):
         self.model.new_cache()
@@ -82,66 +135,8 @@ class Torch:
 
     def describe(self) -> dict:
         m = self.model
-        return {"dtype": str(self.dtype)[6:], "num_threads": self.torch.get_num_threads(),
+        return {"dtype": str(m.dtype)[6:], "num_threads": self.torch.get_num_threads(),
                 "weight_bytes": sum(w.nbytes for layer in m.layers for w in layer.values()) + m.output.nbytes}
-
-
-def decode_steps(engine, token: int, start_pos: int, n: int) -> tuple[float, list[int]]:
-    """n greedy steps from start_pos, each argmax fed back: (seconds, token ids)."""
-    out, t0 = [], time.perf_counter()
-    for i in range(n):
-        out.append(token := int(np.argmax(engine.forward(np.array([token]), start_pos + i))))
-    return time.perf_counter() - t0, out
-
-
-def timed(fn, *args) -> dict:
-    t0 = time.perf_counter()
-    fn(*args)
-    return {"seconds": time.perf_counter() - t0}
-
-
-class Session:
-    """One engine on one model, measured a call at a time so that bench.py can interleave the engines."""
-
-    def __init__(self, engine: str, spec: dict, cfg: dict):
-        self.engine, self.cfg = {"npllama": Npllama, "torch": Torch}[engine](spec, cfg), cfg
-
-    def load(self) -> dict:
-        """Seconds, and whether the load made or mapped npllama's int16 copy of the streamed matrices."""
-        self.engine.model = None  # the last round's model, freed before this one is timed
-        gc.collect()
-        before = int16_copies(self.engine.spec)
-        reply = timed(self.engine.load)
-        if "int16" in getattr(self.engine.model, "streamed_as", ""):
-            reply["int16_copy"] = "made" if len(int16_copies(self.engine.spec)) > len(before) else "mapped"
-        return reply
-
-    def setup(self) -> dict:
-        """The KV cache, the prompts, and an untimed warm-up (thread pools, page faults in new buffers)."""
-        cfg, engine, vocab = self.cfg, self.engine, self.engine.model.args.vocab_size
-        engine.new_cache()
-        rng = np.random.default_rng(1)
-        self.prompt = rng.integers(0, vocab, max(cfg["prefill"] + [cfg["decode_prompt"]]))
-        self.context_prompt = rng.integers(0, vocab, max(cfg["contexts"]))
-        decode_steps(engine, int(np.argmax(engine.forward(self.prompt[:cfg["decode_prompt"]], 0))), cfg["decode_prompt"], 2)
-        return {"info": engine.describe(), "model_args": dataclasses.asdict(engine.model.args)}
-
-    def prefill(self, n: int) -> dict:
-        return timed(self.engine.forward, self.prompt[:n], 0)
-
-    def decode(self, prompt: int, n: int) -> dict:
-        first = int(np.argmax(self.engine.forward(self.prompt[:prompt], 0)))  # untimed
-        seconds, ids = decode_steps(self.engine, first, prompt, n)
-        return {"seconds": seconds, "tokens": [first] + ids}
-
-    def fill(self, start: int, end: int) -> dict:
-        """Positions [start, end) in chunks of 512 (bounding the [H, T, S] attention temporaries)."""
-        chunk, tokens = 512, self.context_prompt
-        return timed(lambda: [self.engine.forward(tokens[s:min(s + chunk, end)], s) for s in range(start, end, chunk)])
-
-    def decode_at(self, ctx: int, steps: int) -> dict:
-        """Steps at positions ctx.. (the next fill overwrites them)."""
-        return {"seconds": decode_steps(self.engine, int(self.context_prompt[ctx - 1]), ctx, steps)[0]}
 
 
 class Probe:

@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.append(str(ROOT))  # npllama and oracle, installed or not (last: batch.py puts another tree first)
 MB = 2**20
+SPIN = "import os\nos.sched_setaffinity(0, {%d})\nprint(flush=True)\nwhile os.getppid() == %d: sum(range(9999))"
 
 
 def progress(tag: str, msg: str) -> None:
@@ -99,41 +100,32 @@ def cpu_seconds(pids, own: bool = False) -> float:
     return total
 
 
-class ForeignLoad:
-    """Cores that processes other than the benchmark's kept busy since it was made: the machine's busy
-    time (as npllama.threads reads it) less the benchmark's own, a wall second."""
+def foreign_load(own=()):
+    """A function giving the cores that processes other than the benchmark's kept busy since this call: the
+    machine's busy time (as npllama.threads reads it) less the benchmark's own, a wall second."""
+    from npllama.threads import machine_busy_seconds
+    read = lambda: (time.perf_counter(), machine_busy_seconds(), cpu_seconds(own, own=True))  # noqa: E731
+    t0, busy0, own0 = read()
 
-    def __init__(self, own=()):
-        self.own = list(own)
-        self.start = self.read()
-
-    def read(self):
-        from npllama.threads import machine_busy_seconds
-        return time.perf_counter(), machine_busy_seconds(), cpu_seconds(self.own, own=True)
-
-    def cores(self) -> float:
-        (t0, busy0, own0), (t1, busy1, own1) = self.start, self.read()
+    def cores() -> float:
+        t1, busy1, own1 = read()
         return max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0) if busy0 is not None else 0.0
+    return cores
 
 
-class Spinner:
-    """A busy loop pinned to the last core, as a browser or a build holds one; it ends with its parent."""
-
-    CODE = "import os\nos.sched_setaffinity(0, {%d})\nprint(flush=True)\nwhile os.getppid() == %d: sum(range(9999))"
-
-    def __enter__(self):
-        code = self.CODE % (max(os.sched_getaffinity(0)), os.getpid())
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
-        self.proc.stdout.readline()  # spinning from here on
-        self.pid, self.t0 = self.proc.pid, time.perf_counter()
-        return self
-
-    def cores(self) -> float:
-        return cpu_seconds([self.pid]) / (time.perf_counter() - self.t0)
-
-    def __exit__(self, *exc):
-        self.proc.kill()
-        self.proc.wait()
+@contextlib.contextmanager
+def spinner():
+    """A busy loop pinned to the last core, as a browser or a build holds one (it ends with its parent):
+    its pid, and a function giving the cores it took since it started."""
+    code = SPIN % (max(os.sched_getaffinity(0)), os.getpid())
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    proc.stdout.readline()  # spinning from here on
+    t0 = time.perf_counter()
+    try:
+        yield proc.pid, lambda: cpu_seconds([proc.pid]) / (time.perf_counter() - t0)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def settle(own) -> None:
@@ -150,11 +142,11 @@ def settle(own) -> None:
 def measure(call, own=(), busy: bool = False) -> dict | None:
     """call()'s reply, with the cores other processes used meanwhile (and the busy loop's, when `busy`)."""
     settle(own)
-    with Spinner() if busy else contextlib.nullcontext() as spinner:
-        load = ForeignLoad([*own, *([spinner.pid] if spinner else [])])
+    with spinner() if busy else contextlib.nullcontext((None, None)) as (pid, spun):
+        cores = foreign_load([*own, *([pid] if busy else [])])
         reply = call()
         if reply is not None:
-            reply.update(foreign_cores=load.cores(), **({"spinner_cores": spinner.cores()} if spinner else {}))
+            reply.update(foreign_cores=cores(), **({"spinner_cores": spun()} if busy else {}))
     return reply
 
 
@@ -187,7 +179,7 @@ class Worker:
 
     def __init__(self, tag: str, module: str):
         self.tag, self.error, self.peak, self.last = tag, None, {}, {}
-        self.t0, self.load0 = time.perf_counter(), os.getloadavg()[0]
+        self.t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, __file__, module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         self.pid = self.proc.pid
@@ -223,7 +215,7 @@ class Worker:
         self.sampler.join()
         return {"status": "error" if self.error else "ok", **({"error": self.error} if self.error else {}),
                 "peak_memory_mb": dict(self.peak, VmHWM=self.last.get("peak_rss_mb")), "cpu_s": cpu,
-                "wall_s": time.perf_counter() - self.t0, "loadavg_1min": [self.load0, os.getloadavg()[0]]}
+                "wall_s": time.perf_counter() - self.t0}
 
 
 def run_once(module: str, fn: str, launcher=(), **kwargs) -> dict:
@@ -261,27 +253,10 @@ def listed(kind=str):
     return lambda text: [kind(v) for v in text.split(",")]
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with presets: an option that, given, sets other options' defaults first (bench.py --quick)."""
-
-    def preset(self, flag: str, defaults: dict, help: str, **kwargs) -> None:
-        shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in defaults.items())
-        self.add_argument(flag, help=f"{help}; its defaults: {shown}", **kwargs)
-        self.presets[flag] = defaults
-
-    def parse_args(self, argv=None, namespace=None):
-        argv = sys.argv[1:] if argv is None else argv
-        for flag, defaults in self.presets.items():
-            if any(arg.split("=")[0] == flag for arg in argv):
-                self.set_defaults(**defaults)  # strings pass through each option's type, as typed ones do
-        return super().parse_args(argv, namespace)
-
-
 def parser(doc: str, name: str, loads: str = "idle", n_rounds: int = 3, models: str | None = None,
-           tokens: int | None = None) -> Parser:
+           tokens: int | None = None) -> argparse.ArgumentParser:
     """The options every suite has, and --models and --tokens where it gives their defaults."""
-    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.presets = {}
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", "--repeats", type=int, default=n_rounds, help="measurements of each case (median, min-max)")
     p.add_argument("--loads", type=listed(), default=loads.split(","),
                    help=f"idle, busy (beside a busy loop on one core) or both [default: {loads}]")
@@ -292,6 +267,14 @@ def parser(doc: str, name: str, loads: str = "idle", n_rounds: int = 3, models: 
     if tokens:
         p.add_argument("--tokens", type=int, default=tokens, help="tokens decoded a measurement [%(default)s]")
     return p
+
+
+def preset(p: argparse.ArgumentParser, flag: str, defaults: dict, help: str, argv=None, **kwargs) -> None:
+    """An option that, given, sets other options' defaults (bench.py --quick): typed as if typed in."""
+    p.add_argument(flag, help=f"{help}; its defaults: " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                                                                    for k, v in defaults.items()), **kwargs)
+    if any(arg.split("=")[0] == flag for arg in (sys.argv[1:] if argv is None else argv)):
+        p.set_defaults(**defaults)
 
 
 def write(out: Path, title: str, body: str, results: dict) -> dict:

@@ -1,9 +1,6 @@
-"""`npllama serve` on SmolLM2 over HTTP (benchmarks/README.md says how each figure is read). Throughput
-(results/serve): aggregate tok/s and median time to first token with 1-16 concurrent streaming clients, idle and
-beside a busy core, all on one `--parallel 16 -c 512` server. --soak (results/serve_load): --requests requests
-from --clients clients, every tenth a bad one, every fiftieth a hang-up, every answer checked against the prompt's
-answer alone, and the server's RSS read idle after the first 100 and at the end, which must be no larger (else
-exit status 1).
+"""`npllama serve` on SmolLM2 over HTTP (benchmarks/README.md says how each figure is read): aggregate tok/s and
+median time to first token with 1-16 concurrent streaming clients, idle and beside a busy core, on one
+`--parallel 16 -c 512` server (results/serve); --soak, the load run (results/serve_load).
 
     python benchmarks/serve.py [--clients 1,4,8,16] [--tokens 64] [--requests 2] [--rounds 2]
     python benchmarks/serve.py --soak [--requests 2000] [--clients 16] [--tokens 8]
@@ -21,7 +18,7 @@ import time
 
 import httpx
 from npllama.server import IDLE_SECONDS
-from harness import HERE, ROOT, cell, listed, memory_mb, parser, rounds, stat, summary, table, write
+from harness import HERE, ROOT, cell, listed, memory_mb, parser, preset, rounds, stat, summary, table, write
 
 COMPLETIONS = "/v1/completions"
 CONTEXT = 512  # positions a row: the prompts and --tokens fit many times over
@@ -35,6 +32,7 @@ PROMPTS = ["The history of the printing press began", "My favourite recipe for a
 SOAK = dict(requests=2000, clients="16", tokens=8, out=HERE / "results" / "serve_load")
 SOAK_CONTEXT = 128
 FIRST = 100  # requests before the RSS the end is held to
+# Answers that end on a stop token and answers cut at --tokens, so that rows leave the batch at every step.
 SOAK_PROMPTS = [f"Question {i}: what is {i} plus {i * 3}? Answer:" for i in range(8)] + [
     "The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at",
     "The quick brown fox", "A haiku about the sea:", "To be or not to be,", "Dear diary, today I"]
@@ -45,8 +43,7 @@ BAD = [(b"{not json", 400), (b'{"prompt": 42}', 400), (b'{"prompt": "hi", "max_t
 
 @contextlib.contextmanager
 def server(*args: str):
-    """`npllama serve ARGS` on a free port, killed at the end: (process, address). It prints the address
-    once it listens, so a request sent from then on waits for it."""
+    """`npllama serve ARGS` on a free port: (process, address), once it listens (a request then waits for it)."""
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen([sys.executable, "-m", "npllama", "serve", "--port", "0", *args], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=log, text=True)
@@ -94,8 +91,8 @@ async def run_clients(url: str, clients: int, requests: int, tokens: int) -> dic
             "ttft_ms": [d["ttft"] * 1e3 for d in done]}
 
 
-def throughput(a) -> int:
-    """Every client count under every load, --rounds times, on one server: tok/s and TTFT."""
+def throughput(a) -> None:
+    """Every client count under every load, --rounds times, on one server: tok/s and TTFT, each x 1 client's."""
     server_args = ["--parallel", str(a.parallel), "-c", str(CONTEXT)]
     cases = [{"clients": n, "load": load} for n in a.clients for load in a.loads]
     with server(*server_args) as (proc, url):
@@ -106,26 +103,23 @@ def throughput(a) -> int:
         c.update(tok_s=stat(c, "tok/s", "tok_s"), ttft_ms=summary([t for x in c["runs"] for t in x["ttft_ms"]], "ms"))
     one, rows = {c["load"]: c for c in cases if c["clients"] == 1}, {n: [n] for n in a.clients}
     for c in cases:  # client count by client count, each load in turn: the columns' order
-        base = one.get(c["load"])  # "x 1 client": the median over 1 client's, under the same load
-        vs_one = {k: f"{c[k]['median'] / base[k]['median']:.2f}" if base else "-" for k in ("tok_s", "ttft_ms")}
-        rows[c["clients"]] += [cell(c["tok_s"]), vs_one["tok_s"], f"{c['ttft_ms']['median']:.0f}", vs_one["ttft_ms"]]
+        x1 = {k: f"{c[k]['median'] / one[c['load']][k]['median']:.2f}" if one else "-" for k in ("tok_s", "ttft_ms")}
+        rows[c["clients"]] += [cell(c["tok_s"]), x1["tok_s"], f"{c['ttft_ms']['median']:.0f}", x1["ttft_ms"]]
     headers = [h for load in a.loads for h in (f"tok/s {load}", "x 1 client", f"TTFT {load} (ms)", "x 1 client")]
     write(a.out, f"Server: SmolLM2 over HTTP, {a.tokens} tokens x {a.requests} requests a client, median (min-max) of "
           f"{a.rounds} rounds", f"`npllama serve {' '.join(server_args)}`; busy = beside a busy loop on one core.\n\n"
           f"{table(['clients', *headers], rows.values())}\n\nllama-server: not built here.",
           {"server_args": server_args, "tokens": a.tokens, "requests": a.requests, "rounds": a.rounds, "runs": cases})
-    return 0
 
 
 async def answer(http: httpx.AsyncClient, prompt, tokens: int) -> str:
-    """A greedy completion's text."""
     r = await http.post(COMPLETIONS, json={"model": "m", "prompt": prompt, "max_tokens": tokens, "temperature": 0})
     r.raise_for_status()
     return r.json()["choices"][0]["text"]
 
 
 async def request(http: httpx.AsyncClient, i: int, tokens: int, alone: dict) -> str:
-    """Request number i, of its kind; the outcome."""
+    """Request number i: every tenth a bad one, every fiftieth a hang-up, the others greedy; its outcome."""
     if i % 10 == 9:
         body, status = BAD[i // 10 % len(BAD)]
         r = await http.post(COMPLETIONS, content=body)
@@ -139,8 +133,8 @@ async def request(http: httpx.AsyncClient, i: int, tokens: int, alone: dict) -> 
 
 
 async def soak(a) -> int:
-    """The load run: exit status 0 (PASS) if every good request was answered correctly, every bad one refused,
-    and the server's RSS at the end is no larger than after the first FIRST requests; else 1 (FAIL)."""
+    """--requests requests from --clients clients: exit status 0 (PASS) if every good one was answered as its prompt
+    alone is, every bad one refused, and the server's RSS at the end, idle, is no larger than after the first FIRST."""
     clients, outcomes, rss, seconds = max(a.clients), collections.Counter(), {}, 0.0
     server_args = ["--parallel", str(clients), "--queue", str(4 * clients), "-c", str(SOAK_CONTEXT), "--alias", "m"]
     with server(*server_args) as (proc, url):
@@ -148,23 +142,20 @@ async def soak(a) -> int:
             alone = {prompt: await answer(http, prompt, a.tokens) for prompt in SOAK_PROMPTS}
             await asyncio.gather(*(answer(http, [1] * (SOAK_CONTEXT - 4), 4) for _ in range(clients)))
 
-        async def client(numbers) -> None:
-            """Sends the next request of `numbers` (an iterator the clients share) until none is left."""
+        async def client(numbers) -> None:  # the next request of `numbers`, an iterator the clients share
             async with async_client(url) as http:  # connections of its own
                 for i in numbers:
                     if i % 250 == 100:
                         rss[f"after {i} requests"] = memory_mb(proc.pid)["VmRSS"]
                     outcomes[await request(http, i, a.tokens, alone)] += 1
-        for numbers, when in ((range(FIRST), f"after the first {FIRST}, idle"),
-                              (range(FIRST, a.requests), "at the end, idle")):
-            numbers, t0 = iter(numbers), time.perf_counter()
+        for start, end, when in ((0, FIRST, f"after the first {FIRST}, idle"), (FIRST, a.requests, "at the end, idle")):
+            numbers, t0 = iter(range(start, end)), time.perf_counter()
             await asyncio.gather(*(client(numbers) for _ in range(clients)))
             seconds += time.perf_counter() - t0
             await asyncio.sleep(IDLE_SECONDS + 1)  # idle as a server between bursts is: long enough to give memory back
             rss[when] = memory_mb(proc.pid)["VmRSS"]
         ended = httpx.get(url + "/health").json()["ended"]
-    ok = not any("WRONG" in outcome for outcome in outcomes) and (
-        rss["at the end, idle"] <= rss[f"after the first {FIRST}, idle"])
+    ok = not any("WRONG" in o for o in outcomes) and rss["at the end, idle"] <= rss[f"after the first {FIRST}, idle"]
     write(a.out, "Load run of `npllama serve`", "\n".join([
         f"{a.requests} requests from {clients} concurrent clients ({a.tokens} tokens each) in {seconds:.0f} s; "
         f"server --parallel {clients}.\n", table(["outcome", "requests"], sorted(outcomes.items())) + "\n",
@@ -181,7 +172,7 @@ def main() -> None:
     p.add_argument("--clients", type=listed(int), default="1,4,8,16", help="concurrent clients (--soak: the largest)")
     p.add_argument("--requests", type=int, default=2, help="requests a client sends one after another (--soak: in all)")
     p.add_argument("--parallel", type=int, default=16, help="the server's --parallel: rows decoding at once")
-    p.preset("--soak", SOAK, "the load run", action="store_true")
+    preset(p, "--soak", SOAK, "the load run", action="store_true")
     a = p.parse_args()
     sys.exit(asyncio.run(soak(a)) if a.soak else throughput(a))
 

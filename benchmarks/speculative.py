@@ -1,7 +1,6 @@
-"""Speculative decoding on SmolLM2 and the 8B shape (streamed), idle and beside a busy core: the cost of a pass
-over T = 1-16 new positions (x T = 1, after a 256-token prefill), and decode tok/s plain against prompt lookup, a
-random 1B-shaped draft model (8B: what failing guesses cost) and "replay" (the plain output as guesses: the
-ceiling), on a copying and an open-ended task. Every speculative output must equal the plain one.
+"""Speculative decoding on SmolLM2 and the 8B shape (streamed), idle and beside a busy core: what a pass over T = 1-16
+new positions costs, and decode tok/s plain against prompt lookup, a random 1B-shaped draft model (8B: what failing
+guesses cost) and "replay" (the plain output as guesses: the ceiling), on a copying and an open-ended task.
 
     python benchmarks/speculative.py [--models smollm2,8b] [--tokens 64] [--rounds 2] [--8b-tokens 32] [--8b-rounds 1]
 """
@@ -30,8 +29,8 @@ TASKS = {"copying": PASSAGE + "\n\n" + PASSAGE[:60].rsplit(" ", 1)[0],
 class Replay(Drafter):
     """Guesses from a known greedy output: every guess right."""
 
-    def __init__(self, sequence: list[int], draft_max: int = 8):
-        self.sequence, self.draft_max, self.cost = sequence, draft_max, PASS_COST
+    def __init__(self, sequence: list[int]):
+        self.sequence, self.draft_max, self.cost = sequence, 8, PASS_COST
 
     def guess(self, rows, wanted):
         return [Guesses(self.sequence[row.pos + 1:row.pos + 1 + k]) for row, k in zip(rows, wanted)]
@@ -47,7 +46,7 @@ class Speculation:
         self.draft = npllama.load(prepare("1b")["path"], weights_budget=0) if name == "8b" else None
 
     def pass_costs(self, reps: int) -> dict:
-        """Seconds of a pass over each width of new positions (the best of `reps`), and as a multiple of one's."""
+        """Seconds of a pass over each width of new positions after the prefill (the best of `reps`), and x one's."""
         model, end = self.model, PREFILL + max(PASS_WIDTHS)
         cache = model.new_cache(end)
         tokens = np.random.default_rng(0).integers(0, model.args.vocab_size, (1, end))
@@ -59,8 +58,7 @@ class Speculation:
                 "pass_cost": {width: {"seconds": s, "ratio": s / seconds["1"]} for width, s in seconds.items()}}
 
     def greedy(self, prompt: list[int], n: int, replay: list[int] | None = None, **speculation) -> tuple[Row, float]:
-        """n greedy tokens after `prompt`, guessed by replaying `replay` or by drafter_for(**speculation) (by
-        default not at all): the row, and tok/s after the prefill (as GenerationStats.decode_tok_s)."""
+        """n greedy tokens after `prompt`, guessed from `replay` or drafter_for(**speculation): the row, tok/s."""
         cache, row = self.model.new_cache(len(prompt) + n), Row(prompt, n, Sampler(), set())
         drafter = Replay(replay) if replay else drafter_for(self.model, cache, **speculation)
         steps = decode(self.model, [row], cache, drafter)
@@ -70,7 +68,7 @@ class Speculation:
         return row, (n - 1) / (time.perf_counter() - t0)
 
     def compare(self, task: str, tokens: int) -> dict:
-        """A plain decode, then each method's right after it: tok/s and guesses kept."""
+        """A plain decode, then each method's right after it, which must give the same tokens: tok/s, guesses kept."""
         prompt = self.model.tokenizer.encode(TASKS[task])
         plain, plain_tok_s = self.greedy(prompt, tokens)
         methods = {"lookup": {"lookup": True}, "replay": {"replay": prompt + plain.done.tokens},

@@ -1,10 +1,8 @@
-"""The torch baseline: Llama 3 with a KV cache as Meta's reference writes it, without fairscale.
-
-Not oracle.reference.Oracle, which is built to be checked, not timed: it computes every position's
-logits and copies each key/value head for its query heads every step, a baseline slow enough to
-flatter npllama. This one multiplies by the checkpoint's [out, in] weights in place (a mapped bf16
-state dict stays mapped), keeps a heads-first cache [KV, max_seq_len, hd] as npllama does, and
-attends with SDPA's enable_gqa rather than Meta's copies; logits of the last position only.
+"""The torch baseline: Llama 3 with a KV cache as Meta's reference writes it, without fairscale. Not
+oracle.reference.Oracle, built to be checked, not timed (every position's logits, each key/value head
+copied for its query heads every step): a baseline slow enough to flatter npllama. This one multiplies by
+the checkpoint's [out, in] weights in place (a mapped bf16 state dict stays mapped), keeps a heads-first
+cache [KV, max_seq_len, hd] as npllama does, attends with SDPA's enable_gqa, and gives the last logits only.
 """
 
 from __future__ import annotations
