@@ -2,10 +2,11 @@
 process a measurement (the 8b models: model.generate alone, a quarter of --tokens). --base REV:
 the same with the npllama of a git revision beside the working tree's, interleaved (results/commits)."""
 
+import gc
 import subprocess
 import sys
 import tempfile
-import time
+import timeit
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ AGAINST_BASE = dict(batches="16", tokens=64, loads="idle,busy", out=HERE / "resu
 
 def decode_rate(model_path: str, rows: int, tokens: int, budget: int | None, tree: str) -> dict:
     """Decode tok/s after 16-token random prompts, in npllama from `tree`: model.generate's (rows 0), or
-    generate_batch's, rows x (n - 1) tokens over the time of n tokens less that of 1 (the prefill)."""
+    generate_batch's, rows x (n - 1) tokens over the time of n tokens less that of 1 (the prefill), each
+    the fastest of 3 runs: one run each, a few steps apart, could take a hiccup as a negative rate."""
     sys.path.insert(0, tree)
     import npllama
     assert Path(npllama.__file__).resolve().is_relative_to(Path(tree).resolve()), npllama.__file__
@@ -29,12 +31,9 @@ def decode_rate(model_path: str, rows: int, tokens: int, budget: int | None, tre
         list(model.generate(prompts[0], tokens + 1, stop_ids=(), stats=stats))
         return {"tok_s": stats.decode_tok_s}
     model.generate_batch(prompts, 2, stop_ids=())  # warm-up
-    seconds = []
-    for n in (1, tokens):
-        t0 = time.perf_counter()
-        model.generate_batch(prompts, n, stop_ids=())
-        seconds.append(time.perf_counter() - t0)
-    return {"tok_s": rows * (tokens - 1) / (seconds[1] - seconds[0])}
+    one, n = (min(timeit.repeat(lambda n=n: model.generate_batch(prompts, n, stop_ids=()), setup=gc.enable, number=1,
+                                repeat=3)) for n in (1, tokens))  # garbage collected as in a user's run
+    return {"tok_s": rows * (tokens - 1) / (n - one)}
 
 
 def export(rev: str, into: str) -> str:
