@@ -32,7 +32,7 @@ PROMPTS = ["The history of the printing press began", "My favourite recipe for a
 SOAK = dict(requests=2000, clients="16", tokens=8, out=HERE / "results" / "serve_load")
 SOAK_CONTEXT = 128
 FIRST = 100  # requests before the RSS the end is held to
-# Answers that end on a stop token and answers cut at --tokens, so that rows leave the batch at every step.
+# Answers that end on a stop token and answers cut at --tokens, so that rows leave the batch at different steps.
 SOAK_PROMPTS = [f"Question {i}: what is {i} plus {i * 3}? Answer:" for i in range(8)] + [
     "The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at",
     "The quick brown fox", "A haiku about the sea:", "To be or not to be,", "Dear diary, today I"]
