@@ -391,6 +391,37 @@ def test_every_dtype_and_weight_mode_serves_what_generate_gives(random_checkpoin
     assert got == alone
 
 
+ARENAS = """
+import ctypes, sys, threading
+import numpy as np
+from npllama.server import one_malloc_arena
+if sys.argv[1] == "one":
+    one_malloc_arena()
+thread = threading.Thread(target=lambda: [np.ones(1000) for _ in range(100)])  # 8 kB each: malloc's, not mmap's
+thread.start()
+thread.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+out = ctypes.c_void_p(libc.fopen(sys.argv[2].encode(), b"w"))
+libc.malloc_info(0, out)
+libc.fclose(out)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "glibc" not in " ".join(__import__("platform").libc_ver()),
+                    reason="glibc's arenas")
+def test_serve_keeps_the_engine_thread_on_the_main_malloc_arena(tmp_path):
+    """Issue 21's RSS: a thread started after one_malloc_arena (serve calls it before loading)
+    allocates from glibc's main arena, the one whose free top malloc_trim gives back; without
+    it, the thread gets an arena of its own (malloc_info lists each as a <heap>)."""
+    heaps = {}
+    for case in ("default", "one"):
+        info = tmp_path / f"{case}.xml"
+        subprocess.run([sys.executable, "-c", ARENAS, case, str(info)], check=True)
+        heaps[case] = info.read_text().count("<heap nr=")
+    assert heaps == {"default": 2, "one": 1}
+
+
 def test_an_idle_engine_gives_free_memory_back_once_per_idle_spell(model, monkeypatch):
     """Issue 21's RSS: after IDLE_SECONDS with nothing to do the engine trims the C heap once
     (malloc_trim), not during a burst of requests and not again until it has worked."""

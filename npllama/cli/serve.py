@@ -54,7 +54,8 @@ def run(args) -> int:
         raise ArgumentError(f"cannot listen on {args.host}:{args.port}: {e.strerror}; choose another --port "
                             "(0: a free one)") from None
 
-    from ..server import Engine, Requests, make_app
+    from ..server import Engine, Requests, make_app, one_malloc_arena
+    one_malloc_arena()
     model = load_model(args)
     context = args.max_seq_len or min(model.args.max_seq_len, DEFAULT_CONTEXT)
     model.verbose = False  # no progress lines per request
