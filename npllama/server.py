@@ -24,7 +24,6 @@ import asyncio
 import collections
 import ctypes
 import ctypes.util
-import gc
 import hmac
 import json
 import math
@@ -294,11 +293,8 @@ def one_malloc_arena() -> None:
 
 
 def release_free_memory() -> None:
-    """Once each time the engine has been idle IDLE_SECONDS (a burst of requests pays nothing):
-    collect Python's cyclic garbage, which would otherwise hold its pages until the next full
-    collection (~20 ms with SmolLM2 served), then hand the C heap's free pages back to the OS
-    (glibc's malloc_trim)."""
-    gc.collect()
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim), once each time the
+    engine has been idle IDLE_SECONDS (a burst of requests pays nothing)."""
     glibc("malloc_trim", 0)
 
 
