@@ -155,15 +155,16 @@ async def soak(a) -> int:
             await asyncio.sleep(IDLE_SECONDS + 1)  # idle as a server between bursts is: long enough to give memory back
             rss[when] = memory_mb(proc.pid)["VmRSS"]
         ended = httpx.get(url + "/health").json()["ended"]
-    ok = not any("WRONG" in o for o in outcomes) and rss["at the end, idle"] <= rss[f"after the first {FIRST}, idle"]
+    grew_kb = 1024 * (rss["at the end, idle"] - rss[f"after the first {FIRST}, idle"])
+    ok = not any("WRONG" in o for o in outcomes) and grew_kb <= 0
     write(a.out, "Load run of `npllama serve`", "\n".join([
         f"{a.requests} requests from {clients} concurrent clients ({a.tokens} tokens each) in {seconds:.0f} s; "
         f"server --parallel {clients}.\n", table(["outcome", "requests"], sorted(outcomes.items())) + "\n",
         *(f"- server RSS {when}: {mb:,.1f} MB" for when, mb in rss.items()),
         f"- requests ended, by reason (the server's /health): {ended}",
         f"- {'PASS' if ok else 'FAIL'}: every good request answered correctly, every bad one refused, RSS no larger "
-        f"than after the first {FIRST} requests"]), {"requests": a.requests, "clients": clients, "tokens": a.tokens,
-        "seconds": seconds, "outcomes": outcomes, "rss_mb": rss, "ended": ended, "pass": ok})
+        f"than after the first {FIRST} requests ({grew_kb:+,.0f} kB)"]), {"requests": a.requests, "clients": clients,
+        "tokens": a.tokens, "seconds": seconds, "outcomes": outcomes, "rss_mb": rss, "ended": ended, "pass": ok})
     return 0 if ok else 1
 
 
