@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import json
+import platform
 import re
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -346,6 +348,18 @@ def test_text_arrives_in_whole_characters_and_stops_before_a_stop_string(model):
         assert got == text[:first] and out.stopped
 
 
+HEAP_MAX = 64 << 20  # glibc reserves a thread arena's heap as this many bytes, aligned to as many
+
+
+def thread_arenas(pid: int) -> int:
+    """glibc thread arenas in a process's maps: a read-write mapping at a 64 MB boundary, the rest
+    of its 64 MB reserved (---p)."""
+    maps = re.findall(r"^([0-9a-f]+)-([0-9a-f]+) (\S+)", Path(f"/proc/{pid}/maps").read_text(), re.M)
+    spans = [(int(start, 16), int(end, 16), perms) for start, end, perms in maps]
+    return sum(start % HEAP_MAX == 0 and perms == "rw-p" and end == next_start and rest == "---p"
+               and next_end == start + HEAP_MAX for (start, end, perms), (next_start, next_end, rest) in zip(spans, spans[1:]))
+
+
 @pytest.mark.slow
 def test_the_serve_command_prints_where_it_listens_and_a_line_per_request(default_model_path):
     proc = subprocess.Popen([sys.executable, "-m", "npllama", "serve", "--port", "0", "-c", "128", "--parallel", "2",
@@ -355,6 +369,8 @@ def test_the_serve_command_prints_where_it_listens_and_a_line_per_request(defaul
         line = proc.stdout.readline()
         url = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", line)[1]
         assert complete(url, "Hello", n=3).usage.completion_tokens == 3
+        if sys.platform.startswith("linux"):
+            assert thread_arenas(proc.pid) == 0  # its engine's thread allocates from the main arena
     finally:
         proc.terminate()
         err = proc.communicate(timeout=30)[1]
@@ -408,8 +424,7 @@ libc.fclose(out)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or "glibc" not in " ".join(__import__("platform").libc_ver()),
-                    reason="glibc's arenas")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's arenas")
 def test_serve_keeps_the_engine_thread_on_the_main_malloc_arena(tmp_path):
     """Issue 21's RSS: a thread started after one_malloc_arena (serve calls it before loading)
     allocates from glibc's main arena, the one whose free top malloc_trim gives back; without
