@@ -357,7 +357,8 @@ def thread_arenas(pid: int) -> int:
     maps = re.findall(r"^([0-9a-f]+)-([0-9a-f]+) (\S+)", Path(f"/proc/{pid}/maps").read_text(), re.M)
     spans = [(int(start, 16), int(end, 16), perms) for start, end, perms in maps]
     return sum(start % HEAP_MAX == 0 and perms == "rw-p" and end == next_start and rest == "---p"
-               and next_end == start + HEAP_MAX for (start, end, perms), (next_start, next_end, rest) in zip(spans, spans[1:]))
+               and next_end == start + HEAP_MAX
+               for (start, end, perms), (next_start, next_end, rest) in zip(spans, spans[1:]))
 
 
 @pytest.mark.slow
