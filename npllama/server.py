@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import ctypes
-import ctypes.util
 import hmac
 import json
 import math
@@ -35,6 +34,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from .chat import chat_format_for
+from .engine import REUSED_ROWS
 from .errors import NpllamaError, shown
 from .generate import Batch, Completion, Row, Sampler
 from .speculative import drafter_for
@@ -277,10 +277,9 @@ M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 def glibc(function: str, *args) -> None:
     """Call one of glibc's malloc functions; a no-op elsewhere (musl, macOS)."""
-    try:
-        getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), function)(*args)
-    except (OSError, AttributeError):
-        pass
+    call = getattr(ctypes.CDLL(None), function, None)  # the process's own symbols: no search, no ldconfig run
+    if call is not None:
+        call(*args)
 
 
 def one_malloc_arena() -> None:
@@ -308,6 +307,8 @@ class Engine:
         # batch_size: prompt tokens a prefill pass (llama.cpp's -b)
         self.model, self.max_waiting = model, max_waiting
         self.cache = model.new_cache(context, rows=parallel)
+        for buffer in model.buffers(REUSED_ROWS).values():  # written whole now: a pass of more rows than
+            buffer.fill(0)  # any before would otherwise take new pages mid-run, the idle RSS creeping up
         self.drafter = drafter_for(model, self.cache, lookup, draft, draft_max)
         self.batch_size = batch_size
         self.batch = self.new_batch()

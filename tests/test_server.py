@@ -438,6 +438,38 @@ def test_serve_keeps_the_engine_thread_on_the_main_malloc_arena(tmp_path):
     assert heaps == {"default": 2, "one": 1}
 
 
+def resident_pages(array: np.ndarray) -> float:
+    """The share of an array's pages in RAM (/proc/self/pagemap's present bit)."""
+    first, last = array.ctypes.data // 4096, (array.ctypes.data + array.nbytes - 1) // 4096
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = np.frombuffer(f.read((last - first + 1) * 8), np.uint64)
+    return float(np.mean(entries >> np.uint64(63)))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/pagemap")
+def test_the_engine_takes_its_reused_buffers_whole_before_serving(default_model_path):
+    """Issue 21's RSS: the buffers of a pass of up to REUSED_ROWS token rows are written whole when
+    the engine is made, so that a pass of more rows than any before takes no new pages mid-run (in
+    the load run, 23 of the 38 pages that came after request 100 were theirs)."""
+    model = npllama.load(default_model_path)
+    assert model.buffers.reused == {}  # a model made alone takes them at its first pass
+    server.Engine(model, parallel=2, context=32, max_waiting=0)
+    assert {name: a.shape for name, a in model.buffers.reused.items()} == {
+        name: (npllama.engine.REUSED_ROWS, width) for name, width in model.buffers.widths.items()}
+    assert [resident_pages(a) for a in model.buffers.reused.values()] == [1.0] * len(model.buffers.widths)
+
+
+def test_the_c_heap_is_trimmed_without_running_a_program(monkeypatch):
+    """release_free_memory calls glibc through the process's own symbols: ctypes.util.find_library
+    would run `ldconfig -p` in a subprocess at every idle spell."""
+    def no_program(args, *_, **__):
+        raise AssertionError(f"ran {args}")
+    monkeypatch.setattr(subprocess, "Popen", no_program)
+    server.release_free_memory()
+    server.one_malloc_arena()
+
+
 def test_an_idle_engine_gives_free_memory_back_once_per_idle_spell(model, monkeypatch):
     """Issue 21's RSS: after IDLE_SECONDS with nothing to do the engine trims the C heap once
     (malloc_trim), not during a burst of requests and not again until it has worked."""
