@@ -276,9 +276,12 @@ M_ARENA_MAX = -8  # glibc's mallopt parameter
 
 
 def glibc(function: str, *args) -> None:
-    """Call one of glibc's malloc functions; a no-op elsewhere (musl, macOS)."""
-    call = getattr(ctypes.CDLL(None), function, None)  # the process's own symbols: no search, no ldconfig run
-    if call is not None:
+    """Call one of glibc's malloc functions; a no-op elsewhere (musl, macOS, Windows)."""
+    try:
+        process = ctypes.CDLL(None)  # the process's own symbols: no library search, no `ldconfig -p` run
+    except (OSError, TypeError):  # Windows
+        return
+    if (call := getattr(process, function, None)) is not None:
         call(*args)
 
 
