@@ -210,7 +210,6 @@ def test_models_that_write_multi_gb_files_need_with_8b():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command, results", [("batch.py", "batch"), ("batch.py --base HEAD", "commits"),
-                                               ("storage.py", "storage"),
                                                ("serve.py", "serve"), ("serve.py --soak", "serve_load")])
 def test_merged_suites_keep_their_results_files(command, results):
     """commits.py in batch.py (--base), serve_load.py in serve.py (--soak): each writes the results file it
